@@ -1,0 +1,70 @@
+"""The backend contract: the primitive ops every backend implements, and the conv-level ops built from them."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class BackendUnsupportedError(RuntimeError):
+    """A backend named explicitly cannot run a call (device, dtype, missing build)."""
+
+
+class Backend:
+    """Primitive ops, with the semantics of the same-named functions in `fastresnet.reference`.
+
+    Subclasses implement the four primitives (`batch_stats`, `bn_relu`, `bn_relu_backward`, `add_stats`). The
+    conv-level ops default to "tier A": the primitives around cuDNN/ATen convolution; a backend that owns the conv
+    (tier B) overrides them.
+    """
+
+    name = "base"
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None if this backend can run on this machine at all, else why not (missing build, no GPU, ...)."""
+        return None
+
+    def why_not(self, x: Tensor) -> Optional[str]:
+        """None if this backend supports an op on x, else the reason (used by "auto" and explicit requests)."""
+        return self.unavailable_reason()
+
+    # -- primitives ------------------------------------------------------------------------------------------------
+    def batch_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def bn_relu(self, x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def bn_relu_backward(
+        self, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, training: bool,
+        dres: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def add_stats(self, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    # -- conv level (tier A by default) ----------------------------------------------------------------------------
+    def bn_relu_conv(
+        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
+        residual: Optional[Tensor] = None,
+    ) -> Tensor:
+        """y = conv2d(relu(x·scale + shift), weight) (+ residual); the activation is a temporary, never saved."""
+        a = self.bn_relu(x, scale, shift, weight.dtype)
+        y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
+        return y if residual is None else y.add_(residual)
+
+    def bn_relu_conv_backward(
+        self, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+        stride, padding, training: bool, need_weight_grad: bool = True,
+    ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+        """Returns (dx, dweight, Σdz, Σdz·x̂): the activation is recomputed from x for wgrad, the ReLU mask from x."""
+        a = self.bn_relu(x, scale, shift, weight.dtype)
+        da, dweight, _ = torch.ops.aten.convolution_backward(
+            dy, a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+            [True, need_weight_grad, False],
+        )
+        del a
+        dx, sum_dz, sum_dz_xhat = self.bn_relu_backward(da, x, scale, shift, mean, rstd, training)
+        return dx, dweight, sum_dz, sum_dz_xhat

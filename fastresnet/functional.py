@@ -1,0 +1,165 @@
+"""Functional fused layers: input checks, backend resolution, BN statistics and running-statistics updates, then
+the custom ops of `fastresnet.ops`.
+
+Autocast: under `torch.autocast` the conv weight is cast to the autocast dtype and the activation is written in it;
+the BN input x keeps its own dtype (the residual stream may stay fp32) and statistics are always fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastresnet import ops, reference
+from fastresnet.backends import resolve
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, name: str) -> Tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i >= 0 for i in pair):
+        raise ValueError(f"{name}: expected a non-negative int or a pair of them, got {v!r}")
+    return pair
+
+
+def check_bn_input(
+    x: Tensor, num_features: int, training: bool, params: Sequence[Tuple[str, Optional[Tensor]]] = ()
+) -> None:
+    """Validate the BN input x [N, C, H, W] and per-channel tensors, with errors that name the argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[1] != num_features:
+        raise ValueError(f"x: expected {num_features} channels (dim 1), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if training and x.numel() // max(num_features, 1) <= 1:
+        raise ValueError(
+            f"x: batch-norm training needs more than one value per channel, got shape {tuple(x.shape)} "
+            "(N·H·W = 1); use a larger batch or eval mode")
+    for name, t in params:
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+        if t.dim() == 1 and t.shape[0] != num_features:
+            raise ValueError(f"{name}: expected {num_features} elements, got shape {tuple(t.shape)}")
+
+
+def bn_statistics(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    backend: str,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(mean, rstd) for BN of x, fp32. Training (or no running buffers): this batch's statistics — taken from
+    `stats` if a producer (e.g. `add_stats`) already computed them — and the running buffers updated once.
+    Eval: the running statistics."""
+    use_batch = training or running_mean is None
+    if use_batch:
+        mean, var = stats if stats is not None else ops.batch_stats(x, backend)
+        if training and running_mean is not None:
+            reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                           x.numel() // x.shape[1], momentum)
+    else:
+        mean, var = running_mean, running_var
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return mean.to(acc), torch.rsqrt(var.to(acc) + eps)
+
+
+def _conv_weight(weight: Tensor, x: Tensor) -> Tensor:
+    """The weight in the conv's compute dtype: the autocast dtype when autocast is on for x's device."""
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return weight.to(torch.get_autocast_dtype(x.device.type))
+    return weight
+
+
+def bn_relu(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """relu(batch_norm(x)) with PyTorch's BatchNorm2d semantics; saves x (not the output) for backward.
+
+    x: [N, C, H, W], any float dtype, NCHW or channels_last. Returns the activation in x's dtype and layout.
+    """
+    check_bn_input(x, x.shape[1] if bn_weight is None else bn_weight.shape[0], training,
+                   [("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)])
+    name = resolve(x, backend)
+    mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
+                               stats)
+    return ops.bn_relu(x, mean, rstd, bn_weight, bn_bias, training or running_mean is None, name)
+
+
+def bn_relu_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """conv2d(relu(batch_norm(x)), weight): pre-activation conv, one autograd node, activation never stored.
+
+    x: [N, C_in, H, W]; weight: [C_out, C_in, kh, kw] (groups 1, dilation 1, no bias); zero padding applies to the
+    activation. BN uses PyTorch's BatchNorm2d semantics (batch statistics and one running update in training,
+    running statistics in eval). `stats`: this batch's (mean, biased var) of x if already known.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    check_bn_input(x, weight.shape[1], training,
+                   [("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)])
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected values >= 1, got {stride}")
+    for d in (2, 3):
+        if x.shape[d] + 2 * padding[d - 2] < weight.shape[d]:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
+                             f"kernel {tuple(weight.shape[2:])}")
+    name = resolve(x, backend)
+    mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
+                               stats)
+    return ops.bn_relu_conv(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, stride, padding,
+                            training or running_mean is None, name)
+
+
+def add_stats(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(a + b, mean, var): a residual add that also returns the per-channel batch statistics of its output (fp32),
+    so the next BN need not read the tensor again. Gradients flow to a and b; mean/var are not differentiable."""
+    if a.shape != b.shape:
+        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"b: expected device {a.device} (the device of a), got {b.device}")
+    if a.dim() != 4:
+        raise ValueError(f"a: expected a 4-D tensor [N, C, H, W], got shape {tuple(a.shape)}")
+    return ops.add_stats(a, b.to(a.dtype), resolve(a, backend))

@@ -1,0 +1,6 @@
+"""The model zoo: every network and ablation of the paper behind one registry."""
+from fastresnet.models import resnet  # noqa: F401  (registers the models)
+from fastresnet.models.registry import create_model, list_models, register_model
+from fastresnet.models.resnet import ResNet
+
+__all__ = ["ResNet", "create_model", "list_models", "register_model"]

@@ -1,0 +1,77 @@
+"""`BNReLU2d` and `PreActConv2d`: drop-in fused replacements for BatchNorm2d → ReLU (→ Conv2d).
+
+State-dict mapping (both directions, no conversion needed):
+
+| fused                      | unfused equivalent                                                    |
+|----------------------------|-----------------------------------------------------------------------|
+| `BNReLU2d` (a BatchNorm2d) | `BatchNorm2d`: weight, bias, running_mean, running_var, num_batches_tracked |
+| `PreActConv2d.bn.*`        | `nn.Sequential(OrderedDict(bn=BatchNorm2d, relu=ReLU, conv=Conv2d))` `bn.*` |
+| `PreActConv2d.conv.weight` | the same Sequential's `conv.weight`                                   |
+
+So `PreActConv2d(...).load_state_dict(seq.state_dict())` works for such a Sequential, and vice versa.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor, nn
+
+from fastresnet import functional as FF
+
+
+class BNReLU2d(nn.BatchNorm2d):
+    """relu(BatchNorm2d(x)) in one fused op that saves x, not its output, for backward.
+
+    A subclass of `nn.BatchNorm2d` (same arguments, parameters and buffers), so BatchNorm2d checkpoints load as they
+    are. `backend`: None follows `fastresnet.set_backend` / `FASTRESNET_BACKEND`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        return FF.bn_relu(x, self.running_mean, self.running_var, self.weight, self.bias, self.num_batches_tracked,
+                          self.training, self.momentum, self.eps, stats, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.backend is None else f", backend={self.backend!r}")
+
+
+class PreActConv2d(nn.Module):
+    """BN → ReLU → conv as one fused op (`functional.bn_relu_conv2d`): stores only the BN input for backward.
+
+    Holds a real `nn.BatchNorm2d` (`bn`) and `nn.Conv2d` (`conv`, bias-free, groups 1, dilation 1) as parameter
+    containers, so its state dict has the keys of `Sequential(bn=BatchNorm2d, relu=ReLU, conv=Conv2d)`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, device=device,
+                              dtype=dtype)
+        if self.conv.padding_mode != "zeros" or isinstance(self.conv.padding, str):
+            raise ValueError(f"padding: expected explicit zero padding (int or pair), got {padding!r}")
+        self.backend = backend
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        bn = self.bn
+        return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 bn.num_batches_tracked, self.training, bn.momentum, bn.eps,
+                                 self.conv.stride, self.conv.padding, stats, self.backend)
+
+    def extra_repr(self) -> str:
+        c = self.conv
+        s = f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}, padding={c.padding}"
+        return s + ("" if self.backend is None else f", backend={self.backend!r}")

@@ -1,0 +1,154 @@
+"""Residual units of every form and activation placement in the paper (PAPER.md §1–3).
+
+A unit computes x_{l+1} = after( merge(h(x_l), F(x_l)) ). F is a chain of weight layers W1 … Wk (k = 1 for the
+1-layer-skip unit, 2 for basic, 3 for bottleneck). Inside F, every layer after the first is preceded by BN → ReLU,
+so those layers are fused `PreActConv2d`s in all five variants; the variants differ only in what comes before W1,
+after Wk, and after the addition (Fig. 4):
+
+| variant            | Fig. | before W1 | after Wk  | after the addition |
+|--------------------|------|-----------|-----------|--------------------|
+| `original`         | 4(a) | –         | BN        | ReLU               |
+| `bn_after_add`     | 4(b) | –         | –         | BN → ReLU          |
+| `relu_before_add`  | 4(c) | –         | BN → ReLU | –                  |
+| `relu_only_preact` | 4(d) | ReLU      | BN        | –                  |
+| `full_preact`      | 4(e) | BN → ReLU | –         | –                  |
+
+`share_preact` (full pre-activation only): the unit's first BN → ReLU runs once, before the split, and feeds both
+F and the shortcut — the paper's first unit after conv1 and its pre-activated projection shortcuts (§1.2–1.3).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from torch import Tensor, nn
+
+from fastresnet.nn.layers import BNReLU2d, PreActConv2d
+from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
+
+# variant -> (before W1, after Wk, after the addition)
+VARIANTS = {
+    "original": (None, "bn", "relu"),
+    "bn_after_add": (None, None, "bn_relu"),
+    "relu_before_add": (None, "bn_relu", None),
+    "relu_only_preact": ("relu", "bn", None),
+    "full_preact": ("bn_relu", None, None),
+}
+FORMS = ("single", "basic", "bottleneck")
+SHORTCUTS = ("identity", "A", "B", "conv")
+MERGES = ("add", "scale", "exclusive_gate", "shortcut_gate", "dropout")
+
+
+def _layer_specs(form: str, in_ch: int, out_ch: int, stride: int, stride_on: str) -> List[Tuple[int, int, int, int]]:
+    """(in, out, kernel, stride) of W1 … Wk."""
+    if form == "single":
+        return [(in_ch, out_ch, 3, stride)]
+    if form == "basic":
+        return [(in_ch, out_ch, 3, stride), (out_ch, out_ch, 3, 1)]
+    if form == "bottleneck":
+        if out_ch % 4:
+            raise ValueError(f"out_channels: a bottleneck unit needs a multiple of 4, got {out_ch}")
+        b = out_ch // 4
+        s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        return [(in_ch, b, 1, s1), (b, b, 3, s3), (b, out_ch, 1, 1)]
+    raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+
+
+def _activation(kind: Optional[str], channels: int, backend: Optional[str]) -> Optional[nn.Module]:
+    if kind is None:
+        return None
+    return {"relu": lambda: nn.ReLU(inplace=False), "bn": lambda: nn.BatchNorm2d(channels),
+            "bn_relu": lambda: BNReLU2d(channels, backend=backend)}[kind]()
+
+
+class ResidualUnit(nn.Module):
+    """One residual unit; see the module docstring for the variants.
+
+    Args:
+        form: "single" (one 3×3), "basic" (two 3×3) or "bottleneck" (1×1, 3×3, 1×1 with width out/4).
+        variant: activation placement, a key of `VARIANTS`.
+        shortcut: "identity" (needs in == out and stride 1), "A" (zero-pad), "B" (1×1 projection when the shape
+            changes, identity otherwise) or "conv" (1×1 conv in every unit, Table 1).
+        shortcut_bn: BN after projection/conv shortcuts.
+        share_preact: full_preact only — pre-activate once before the split (see module docstring).
+        stride_on: bottleneck stride on the first "1x1" (MSRA/[PA]) or on the "3x3" (fb.resnet.torch / timm).
+        merge: "add" or a Table 1 variant: "scale" (shortcut_scale·h + residual_scale·F), "exclusive_gate",
+            "shortcut_gate" (gate_bias = initial b_g), "dropout" (dropout_p on h).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, form: str = "basic",
+                 variant: str = "full_preact", shortcut: str = "B", shortcut_bn: bool = False,
+                 share_preact: bool = False, stride_on: str = "1x1", merge: str = "add",
+                 shortcut_scale: float = 0.5, residual_scale: float = 1.0, gate_bias: float = -6.0,
+                 dropout_p: float = 0.5, backend: Optional[str] = None):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut: expected one of {SHORTCUTS}, got {shortcut!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge: expected one of {MERGES}, got {merge!r}")
+        if stride_on not in ("1x1", "3x3"):
+            raise ValueError(f"stride_on: expected '1x1' or '3x3', got {stride_on!r}")
+        before, after_last, after_add = VARIANTS[variant]
+        if share_preact and before != "bn_relu":
+            raise ValueError("share_preact: only the full_preact variant has a pre-activation to share")
+        self.form, self.variant, self.merge_kind = form, variant, merge
+        specs = _layer_specs(form, in_channels, out_channels, stride, stride_on)
+
+        # before W1
+        self.preact = _activation(before, in_channels, backend) if (share_preact or before == "relu") else None
+        self.share_preact = share_preact
+        # W1 … Wk
+        cin, cout, k, s = specs[0]
+        fuse_first = before == "bn_relu" and not share_preact
+        self.conv1 = (PreActConv2d(cin, cout, k, s, k // 2, backend=backend) if fuse_first
+                      else nn.Conv2d(cin, cout, k, s, k // 2, bias=False))
+        for i, (cin, cout, k, s) in enumerate(specs[1:], start=2):
+            self.add_module(f"conv{i}", PreActConv2d(cin, cout, k, s, k // 2, backend=backend))
+        self.num_layers = len(specs)
+        self.post = _activation(after_last, out_channels, backend)
+        # shortcut
+        changes_shape = stride != 1 or in_channels != out_channels
+        if shortcut == "conv" or (shortcut == "B" and changes_shape):
+            self.shortcut = Projection(in_channels, out_channels, stride, shortcut_bn)
+        elif shortcut == "A" and changes_shape:
+            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+        elif changes_shape:
+            raise ValueError(f"shortcut: identity needs in == out and stride 1, got {in_channels} -> "
+                             f"{out_channels}, stride {stride}; use 'A' or 'B'")
+        else:
+            self.shortcut = nn.Identity()
+        # merge
+        self.shortcut_scale, self.residual_scale = shortcut_scale, residual_scale
+        self.gate = (ExclusiveGate(in_channels, out_channels, stride, gate_bias, merge == "exclusive_gate")
+                     if merge.endswith("gate") else None)
+        self.shortcut_dropout = ShortcutDropout(dropout_p) if merge == "dropout" else None
+        self.after = _activation(after_add, out_channels, backend)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """F(x) for the (already pre-activated, if shared) input x."""
+        y = self.conv1(x)
+        for i in range(2, self.num_layers + 1):
+            y = getattr(self, f"conv{i}")(y)
+        return y if self.post is None else self.post(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.preact is not None:
+            a = self.preact(x)
+            branch_in, shortcut_in = a, (a if self.share_preact else x)
+        else:
+            branch_in = shortcut_in = x
+        f = self.residual(branch_in)
+        h = self.shortcut(shortcut_in)
+        if self.merge_kind == "add":
+            out = h + f
+        elif self.merge_kind == "scale":
+            out = self.shortcut_scale * h + self.residual_scale * f
+        elif self.gate is not None:
+            out = self.gate(x, h, f)
+        else:
+            out = self.shortcut_dropout(h) + f
+        return out if self.after is None else self.after(out)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, variant={self.variant!r}, merge={self.merge_kind!r}"

@@ -1,0 +1,9 @@
+"""`torch.library` custom ops (namespace `fastresnet`) with fake implementations and hand-written backward passes.
+
+Each op takes the concrete backend name as its last argument, so a traced graph records which kernels it runs.
+Statistics (mean, rstd) enter the BN ops as constants: in training they are this batch's statistics, and the
+backward formula already contains their dependence on x (DESIGN.md §2), so no gradient flows through them.
+"""
+from fastresnet.ops.bn_ops import add_stats, batch_stats, bn_relu, bn_relu_conv
+
+__all__ = ["add_stats", "batch_stats", "bn_relu", "bn_relu_conv"]
