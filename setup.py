@@ -9,6 +9,7 @@ setup(
     packages=find_packages(include=["fastresnet", "fastresnet.*"]) + ["fastresnet.kernels"],
     package_dir={"fastresnet.kernels": "kernels"},
     install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy"],
+    entry_points={"console_scripts": ["fastresnet=fastresnet.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "scikit-learn", "matplotlib"],
         "train": ["scikit-learn", "matplotlib"],

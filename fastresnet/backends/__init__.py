@@ -8,12 +8,13 @@ backend that cannot run the call raises `BackendUnsupportedError` naming the rea
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Dict, List, Optional
 
 from torch import Tensor
 
-from fastresnet.backends.base import Backend, BackendUnsupportedError
+from fastresnet.backends.base import Backend, BackendUnsupportedError, UnavailableBackend
 from fastresnet.backends.torch_backend import TorchBackend
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {}
@@ -39,7 +40,10 @@ def get_backend_impl(name: str) -> Backend:
     if name not in _FACTORIES:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
     if name not in _INSTANCES:
-        _INSTANCES[name] = _FACTORIES[name]()
+        try:
+            _INSTANCES[name] = _FACTORIES[name]()
+        except ImportError as e:  # optional dependency or build missing: the backend reports it, nothing raises
+            _INSTANCES[name] = UnavailableBackend(name, f"cannot import: {e}")
     return _INSTANCES[name]
 
 
@@ -75,7 +79,7 @@ def resolve(x: Tensor, requested: Optional[str] = None) -> str:
     name = requested or get_backend()
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if get_backend_impl(candidate).why_not(x) is None:
+            if get_backend_impl(candidate).auto_ok(x):
                 return candidate
         return "torch"
     why = get_backend_impl(name).why_not(x)
@@ -84,4 +88,13 @@ def resolve(x: Tensor, requested: Optional[str] = None) -> str:
     return name
 
 
+def _lazy(module: str, cls: str) -> Callable[[], Backend]:
+    """A factory importing module.cls on first use, so optional dependencies (triton, the extension) load late."""
+    return lambda: getattr(importlib.import_module(module), cls)()
+
+
 register_backend("torch", TorchBackend)
+# "auto" preference: the C++/CUDA extension, then Triton tier B (own conv), then Triton tier A, then "torch".
+register_backend("triton", _lazy("fastresnet.backends.triton_backend", "TritonBackend"), auto_rank=0)
+register_backend("triton_conv", _lazy("fastresnet.backends.triton_conv_backend", "TritonConvBackend"), auto_rank=0)
+register_backend("cuda", _lazy("fastresnet.backends.cuda_backend", "CudaBackend"), auto_rank=0)

@@ -29,6 +29,10 @@ class Backend:
         """None if this backend supports an op on x, else the reason (used by "auto" and explicit requests)."""
         return self.unavailable_reason()
 
+    def auto_ok(self, x: Tensor) -> bool:
+        """Whether "auto" may pick this backend for x (stricter than why_not: e.g. never the Triton interpreter)."""
+        return self.why_not(x) is None
+
     # -- primitives ------------------------------------------------------------------------------------------------
     def batch_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -68,3 +72,13 @@ class Backend:
         del a
         dx, sum_dz, sum_dz_xhat = self.bn_relu_backward(da, x, scale, shift, mean, rstd, training)
         return dx, dweight, sum_dz, sum_dz_xhat
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a backend whose module could not be imported; every call is refused with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self._reason = name, reason
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self._reason
