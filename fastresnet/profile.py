@@ -43,7 +43,8 @@ def count_params(model: nn.Module) -> Tuple[int, int]:
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 32, 32)) -> int:
-    """Conv + FC multiply-accumulates for one image, from a shape-only forward of `model` on the meta device."""
+    """Conv + FC multiply-accumulates for one image, from a forward of one image on the model's device (shape-only
+    if the model lives on the meta device, as `profile` builds it)."""
     macs = 0
 
     def conv_hook(module, inputs, output):
@@ -62,12 +63,15 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 32, 32))
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()  # batch-norm of a single image needs running statistics
     try:
         with torch.no_grad():
-            model(torch.empty((1, *input_size), device="meta"))
+            model(torch.zeros((1, *input_size), device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return macs
 
 
@@ -80,7 +84,6 @@ def profile(name: str, num_classes: Optional[int] = None, input_size=None, **kw)
     """Profile a registered model (built on the meta device: no memory for weights)."""
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **kw)
-    model.eval()
     w, wb = count_params(model)
     return Profile(name, w, wb, count_macs(model, input_size or default_input_size(name)))
 
