@@ -1,5 +1,70 @@
-"""Build and install fastresnet. The top-level kernels/ folder installs as the subpackage fastresnet.kernels."""
+"""Build and install fastresnet. The top-level kernels/ folder installs as the subpackage fastresnet.kernels.
+
+The C++/CUDA extension `fastresnet._C` (csrc/) is built with torch.utils.cpp_extension, so install with
+`pip install --no-build-isolation -e .` (setup.py imports the installed torch). It holds the C++ CPU kernels always
+and the CUDA kernels when torch has CUDA and nvcc is found; otherwise the CPU part alone is built, with a warning.
+A failed compile is reported as a warning and the package installs without the extension: the "cuda" backend then
+reports why in `fastresnet.available_backends()` and "auto" uses the other backends.
+
+Environment flags:
+  FASTRESNET_SKIP_EXT=1        pure-Python install (no extension, torch not imported here)
+  FASTRESNET_SKIP_CUDA=1       build only the C++ CPU kernels
+  FASTRESNET_CUDA_ARCH="80;90" compute capabilities of the CUDA kernels (sm_80 and sm_90 by default)
+"""
+import os
+import shutil
+import warnings
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for fastresnet._C, or ([], {}) when FASTRESNET_SKIP_EXT is set."""
+    if _flag("FASTRESNET_SKIP_EXT"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp"]
+    cxx = ["-O3"]
+    nvcc_path = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    with_cuda = (not _flag("FASTRESNET_SKIP_CUDA") and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None and nvcc_path and os.path.exists(nvcc_path))
+    if with_cuda:
+        archs = [a.strip() for a in os.environ.get("FASTRESNET_CUDA_ARCH", "80;90").split(";") if a.strip()]
+        nvcc = ["-O3", "-lineinfo"]
+        for a in archs:
+            nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        ext = cpp_extension.CUDAExtension(
+            "fastresnet._C", sources + ["csrc/bn_cuda.cpp", "csrc/cuda/bn_kernels.cu"],
+            extra_compile_args={"cxx": cxx + ["-DFASTRESNET_WITH_CUDA"], "nvcc": nvcc})
+    else:
+        why = ("FASTRESNET_SKIP_CUDA is set" if _flag("FASTRESNET_SKIP_CUDA") else
+               "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA_HOME not found")
+        warnings.warn(f"fastresnet: building the C++ CPU kernels only ({why}); the CUDA kernels are not built")
+        ext = cpp_extension.CppExtension("fastresnet._C", sources, extra_compile_args={"cxx": cxx})
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """BuildExtension that turns a failed compile into a warning: the package still installs without _C."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as e:  # noqa: BLE001 — compiler/linker errors come as several exception types
+                warnings.warn(f"fastresnet: building {extension.name} failed ({e}); installing without it — the "
+                              "'cuda' backend will be unavailable. Rebuild with `pip install --no-build-isolation "
+                              "-e .` to see the compiler output.")
+
+    return [ext], {"build_ext": BuildExt}
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     name="fastresnet",
@@ -14,4 +79,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "scikit-learn", "matplotlib"],
         "train": ["scikit-learn", "matplotlib"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

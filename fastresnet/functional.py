@@ -60,16 +60,23 @@ def bn_statistics(
     eps: float,
     backend: str,
     stats: Optional[Tuple[Tensor, Tensor]] = None,
+    process_group=None,
 ) -> Tuple[Tensor, Tensor]:
     """(mean, rstd) for BN of x, fp32. Training (or no running buffers): this batch's statistics — taken from
     `stats` if a producer (e.g. `add_stats`) already computed them — and the running buffers updated once.
-    Eval: the running statistics."""
+    Eval: the running statistics. `process_group` (training only): the batch is split across its ranks and the
+    statistics are those of the global batch (`fastresnet.distributed.combine_batch_stats`); this synchronises the
+    forward only — use the layers' `process_group` (or `fastresnet.distributed`) for the matching backward."""
     use_batch = training or running_mean is None
     if use_batch:
         mean, var = stats if stats is not None else ops.batch_stats(x, backend)
+        count = x.numel() // x.shape[1]
+        if process_group is not None and training:
+            from fastresnet.distributed import combine_batch_stats  # imports this module: resolved at call time
+            mean, var, count = combine_batch_stats(mean, var, count, process_group)
         if training and running_mean is not None:
-            reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                           x.numel() // x.shape[1], momentum)
+            reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                           momentum)
     else:
         mean, var = running_mean, running_var
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -153,6 +160,14 @@ def bn_relu_conv2d(
                             training or running_mean is None, name)
 
 
+def batch_stats(x: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased var) of x [N, C, H, W] in fp32 (deterministic); not differentiable."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor [N, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return ops.batch_stats(x, resolve(x, backend))
+
+
 def add_stats(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(a + b, mean, var): a residual add that also returns the per-channel batch statistics of its output (fp32),
     so the next BN need not read the tensor again. Gradients flow to a and b; mean/var are not differentiable."""
@@ -163,3 +178,43 @@ def add_stats(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tuple[Tens
     if a.dim() != 4:
         raise ValueError(f"a: expected a 4-D tensor [N, C, H, W], got shape {tuple(a.shape)}")
     return ops.add_stats(a, b.to(a.dtype), resolve(a, backend))
+
+
+def bn_relu_conv2d_stats(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var) with y = conv2d(relu(batch_norm(x)), weight) (+ residual): `bn_relu_conv2d` that also returns
+    the per-channel batch statistics (fp32, biased var) of y, for chaining into the next BN (`stats=`) of a residual
+    unit. Tier B ("triton_conv") adds the residual and computes the statistics in the conv epilogue; other backends
+    run a separate statistics pass. residual: [N, C_out, H_out, W_out]; it receives dy as its gradient."""
+    from fastresnet.ops import unit_ops  # not re-exported by fastresnet.ops
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    check_bn_input(x, weight.shape[1], training,
+                   [("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)])
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    out_shape = ops.bn_ops.conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
+    if residual is not None and (tuple(residual.shape) != tuple(out_shape) or residual.device != x.device):
+        raise ValueError(f"residual: expected shape {tuple(out_shape)} on {x.device}, got "
+                         f"{tuple(residual.shape)} on {residual.device}")
+    name = resolve(x, backend)
+    mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
+                               stats)
+    return unit_ops.bn_relu_conv_stats(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, residual,
+                                           stride, padding, training or running_mean is None, name)

@@ -1,2 +1,11 @@
-"""Triton kernels (installed as `fastresnet.kernels`). Importing this package needs triton; the backends import
-it lazily so that fastresnet works without it."""
+"""Triton kernels (installed as `fastresnet.kernels`). Importing this package's modules needs triton; the backends
+import them lazily so that fastresnet works without it.
+
+Tier A primitives (`fastresnet.backends.triton_backend.TritonBackend`), each a kernel + host launcher with the
+semantics of the same-named function in `fastresnet.reference`:
+- `stats.batch_stats`: per-channel (mean, biased var), per-tile Chan partials + fixed-order merge (deterministic);
+- `bn_relu.bn_relu_forward`: a = max(x·scale + shift, 0);
+- `bn_relu.bn_relu_backward`: ReLU mask from x, Σdz and Σdz·x̂, dx (+ optional fused shortcut gradient);
+- `add_stats.add_stats`: y = a + b with the statistics of y.
+Tensors are dense NHWC (channels_last, the fast path) or dense NCHW; statistics are fp32 (fp64 for fp64 input).
+"""

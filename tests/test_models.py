@@ -172,3 +172,22 @@ def test_option_a_shortcut_zero_pads_after_subsampling():
     assert y.shape == (2, 5, 3, 3)
     torch.testing.assert_close(y[:, :3], x[:, :, ::2, ::2])
     assert torch.all(y[:, 3:] == 0)
+
+
+@pytest.mark.parametrize("name", ["preact_resnet20", "preact_resnet164", "preact_resnet110_1layer", "preact_resnet18"])
+def test_chained_training_forward_equals_unit_by_unit(name):
+    # The chain hands each conv's output statistics to the next BN; values must not change (float64, torch backend).
+    import copy
+    m = fastresnet.create_model(name, backend="torch").double()
+    assert m.chained
+    ref = copy.deepcopy(m)
+    ref.chained = False
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y, y_ref = m(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (n, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=n)
+    for (n, b), b_ref in zip(m.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-12, msg=n)

@@ -59,6 +59,23 @@ class Backend:
         y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
         return y if residual is None else y.add_(residual)
 
+    def bn_relu_conv_stats(
+        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
+        residual: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(y, mean, var): y = bn_relu_conv(...) (+ residual) and y's batch statistics for the next BN.
+
+        Tier A: the conv, then the fused add + statistics kernel (a statistics pass when there is no residual), so
+        y is read once more; a tier-B backend computes them in the conv epilogue instead. y is stored in the conv's
+        dtype (weight.dtype); the residual is added in fp32 before that single rounding.
+        """
+        a = self.bn_relu(x, scale, shift, weight.dtype)
+        y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
+        del a
+        if residual is None:
+            return (y,) + tuple(self.batch_stats(y))
+        return self.add_stats(y, residual)
+
     def bn_relu_conv_backward(
         self, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
         stride, padding, training: bool, need_weight_grad: bool = True,

@@ -89,6 +89,8 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
         self.num_features = in_ch
+        self.chained = variant == "full_preact" and all(
+            u.chainable for u in self.modules() if isinstance(u, ResidualUnit))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,8 +105,19 @@ class ResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """[N, 3, H, W] -> [N, num_features, H', W'] (after the head activation, before pooling)."""
-        return self.head_act(self.stages(self.stem(x)))
+        """[N, 3, H, W] -> [N, num_features, H', W'] (after the head activation, before pooling).
+
+        Training a full pre-activation net runs the units as one chain (`ResidualUnit.forward_chained`): each fused
+        conv hands its output's batch statistics to the next BN, so none is computed by re-reading a tensor.
+        """
+        x = self.stem(x)
+        if not (self.training and self.chained):
+            return self.head_act(self.stages(x))
+        stats = None
+        for stage in self.stages:
+            for unit in stage:
+                x, stats = unit.forward_chained(x, stats)
+        return self.head_act(x, stats)
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from fastresnet import functional as FF
+from fastresnet.distributed import sync_bn_relu, sync_bn_relu_conv2d
 
 
 class BNReLU2d(nn.BatchNorm2d):
@@ -30,8 +31,13 @@ class BNReLU2d(nn.BatchNorm2d):
                  track_running_stats: bool = True, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.backend = backend
+        self.process_group = None  # set by fastresnet.distributed.convert_sync_batchnorm: synchronised BN
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        if self.process_group is not None and self.training:
+            return sync_bn_relu(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.num_batches_tracked, self.momentum, self.eps, self.process_group, stats,
+                                self.backend)
         return FF.bn_relu(x, self.running_mean, self.running_var, self.weight, self.bias, self.num_batches_tracked,
                           self.training, self.momentum, self.eps, stats, self.backend)
 
@@ -56,6 +62,7 @@ class PreActConv2d(nn.Module):
         if self.conv.padding_mode != "zeros" or isinstance(self.conv.padding, str):
             raise ValueError(f"padding: expected explicit zero padding (int or pair), got {padding!r}")
         self.backend = backend
+        self.process_group = None  # set by fastresnet.distributed.convert_sync_batchnorm: synchronised BN
 
     @property
     def in_channels(self) -> int:
@@ -67,9 +74,28 @@ class PreActConv2d(nn.Module):
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         bn = self.bn
+        if self.process_group is not None and self.training:
+            return sync_bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       bn.num_batches_tracked, bn.momentum, bn.eps, self.conv.stride,
+                                       self.conv.padding, self.process_group, stats, self.backend)
         return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                  bn.num_batches_tracked, self.training, bn.momentum, bn.eps,
                                  self.conv.stride, self.conv.padding, stats, self.backend)
+
+    def forward_stats(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None,
+                      residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(y, mean, var): the forward (+ residual, added before the single rounding of y) that also returns y's
+        per-channel batch statistics (fp32, biased), for the next BN's `stats=` (DESIGN.md §3 chaining).
+        With a process group (synchronised BN) the layer runs its synchronised forward and the statistics come
+        from the add + statistics op: local statistics, which the next synchronised BN combines across ranks."""
+        bn = self.bn
+        if self.process_group is not None and self.training:
+            y = self.forward(x, stats)
+            return FF.add_stats(y, residual, self.backend) if residual is not None else \
+                (y,) + FF.batch_stats(y, self.backend)
+        return FF.bn_relu_conv2d_stats(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       bn.num_batches_tracked, self.training, bn.momentum, bn.eps,
+                                       self.conv.stride, self.conv.padding, stats, residual, self.backend)
 
     def extra_repr(self) -> str:
         c = self.conv

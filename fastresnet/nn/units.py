@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from fastresnet import functional as FF
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
 
@@ -149,6 +150,35 @@ class ResidualUnit(nn.Module):
         else:
             out = self.shortcut_dropout(h) + f
         return out if self.after is None else self.after(out)
+
+    @property
+    def chainable(self) -> bool:
+        """Whether `forward_chained` applies: full pre-activation units with a plain addition."""
+        return self.variant == "full_preact" and self.merge_kind == "add"
+
+    def forward_chained(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
+                        ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """Training forward of a full pre-activation unit as a chain of fused kernels (DESIGN.md §3).
+
+        `stats`: the batch statistics of x if its producer computed them. Each conv returns its output's statistics
+        for the next BN, and the last conv adds the shortcut and returns the statistics of x_{l+1}, so no kernel
+        reads a tensor only to compute statistics. Returns (x_{l+1}, its (mean, var)); same values as `forward`.
+        """
+        if self.share_preact:  # conv1 is a plain conv on the shared activation: its output statistics are unknown
+            a = self.preact(x, stats)
+            h = self.shortcut(a)
+            y, y_stats, fused = self.conv1(a), None, range(2, self.num_layers + 1)
+        else:
+            h = self.shortcut(x)
+            y, y_stats, fused = x, stats, range(1, self.num_layers + 1)
+        if not fused:  # a shared single-conv unit: only the addition is left
+            out, mean, var = FF.add_stats(y, h)
+            return out, (mean, var)
+        for i in fused[:-1]:
+            y, mean, var = getattr(self, f"conv{i}").forward_stats(y, y_stats)
+            y_stats = (mean, var)
+        out, mean, var = getattr(self, f"conv{fused[-1]}").forward_stats(y, y_stats, residual=h)
+        return out, (mean, var)
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, variant={self.variant!r}, merge={self.merge_kind!r}"

@@ -1,0 +1,360 @@
+// C++ CPU kernels of the four tier-A primitives (fastresnet/reference.py semantics), registered for the CPU key of
+// the fastresnet_ext library (schemas in ops.cpp).
+//
+// Layouts: NHWC (channels_last) and NCHW (contiguous); any other strided view is first copied to NCHW. Dtypes: x in
+// float32 / float64 / bfloat16 / float16; arithmetic in float32 (float64 for float64), outputs rounded once.
+//
+// Determinism: every reduction is split into tiles whose boundaries depend on the shape only (never on the thread
+// count); each tile writes its partial to a [tiles, C] buffer, and the partials are merged per channel in tile
+// order. Results are bitwise identical for any number of threads.
+//   * statistics: per tile (count, mean, M2) of the data shifted by a per-channel pivot (the channel's first value,
+//     so tile means are small even when |mean| ≫ std), by two passes over the (cache-resident) tile, merged with
+//     Chan's formula: n = na + nb, δ = mb − ma, mean = ma + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n; var = M2 / M,
+//     mean = pivot + merged mean.
+//   * backward sums: per tile Σdz and Σdz·(x − mean), summed in tile order; Σdz·x̂ = rstd·Σdz·(x − mean).
+// Tiles: NHWC — kTileElems/C rows × all C channels (inner loops run over contiguous channels and vectorise);
+//        NCHW — one channel, a run of at most kTileElems contiguous elements of one (n, c) plane (reduced with
+//        kLanes independent accumulators, so the compiler vectorises without reassociating).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+#include "bn_common.h"
+
+namespace fastresnet_ext {
+namespace {
+
+constexpr int64_t kTileElems = 8192;  // elements per reduction tile (≈ 32 KiB fp32: stays in L1/L2)
+constexpr int64_t kLanes = 8;         // independent accumulators of the NCHW reductions
+
+using NHWC = std::true_type;
+using NCHW = std::false_type;
+
+// The fixed tiling of a reduction over M = N·H·W per channel.
+struct Tiling {
+  int64_t rows;      // NHWC: rows (of C channels) per tile
+  int64_t chunk;     // NCHW: elements per tile within one (n, c) plane
+  int64_t chunks;    // NCHW: tiles per plane
+  int64_t tiles;     // tiles per channel (rows of the [tiles, C] partial buffer)
+  int64_t tasks;     // independent work items: NHWC one per tile, NCHW one per (tile, channel)
+};
+
+Tiling tiling(const Geometry& g) {
+  Tiling t{};
+  if (g.nhwc) {
+    t.rows = std::max<int64_t>(1, kTileElems / g.C);
+    t.tiles = (g.M + t.rows - 1) / t.rows;
+    t.tasks = t.tiles;
+  } else {
+    t.chunk = std::min<int64_t>(g.HW, kTileElems);
+    t.chunks = (g.HW + t.chunk - 1) / t.chunk;
+    t.tiles = g.N * t.chunks;
+    t.tasks = t.tiles * g.C;
+  }
+  return t;
+}
+
+// Runs body(tag, tile, start, len, c) for every tile, in parallel. NHWC: elements [start, start + len·C) are `len`
+// rows of all channels (c = 0). NCHW: [start, start + len) is one run of channel c. The partial slot of a tile is
+// [tile·C + c] (NHWC: [tile·C, tile·C + C)).
+template <typename F>
+void for_each_tile(const Geometry& g, const Tiling& t, const F& body) {
+  at::parallel_for(0, t.tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      if (g.nhwc) {
+        const int64_t r0 = q * t.rows;
+        body(NHWC{}, q, r0 * g.C, std::min(t.rows, g.M - r0), int64_t{0});
+      } else {
+        // q enumerates (n, c, k) with k fastest, i.e. memory order; the tile index is n·chunks + k.
+        const int64_t k = q % t.chunks, plane = q / t.chunks, n = plane / g.C, c = plane % g.C;
+        const int64_t off = k * t.chunk;
+        body(NCHW{}, n * t.chunks + k, plane * g.HW + off, std::min(t.chunk, g.HW - off), c);
+      }
+    }
+  });
+}
+
+// Runs body(tag, start, len, c) over every element, in parallel, for elementwise kernels. NHWC: one row of C
+// channels (c = 0, the channel of element j is j); NCHW: one (n, c) plane of HW elements of channel c.
+template <typename F>
+void for_each_row(const Geometry& g, const F& body) {
+  if (g.nhwc) {
+    at::parallel_for(0, g.M, std::max<int64_t>(1, kTileElems / g.C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) body(NHWC{}, r * g.C, g.C, int64_t{0});
+    });
+  } else {
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kTileElems / g.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) body(NCHW{}, p * g.HW, g.HW, p % g.C);
+    });
+  }
+}
+
+// Sum of f(i) for i in [0, len) with kLanes accumulators (fixed order: lane-wise, then lanes 0..kLanes-1).
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t len, const F& f) {
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += f(i + l);
+  for (; i < len; ++i) lane[i % kLanes] += f(i);
+  acc_t s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  return s;
+}
+
+// (mean, M2) of one tile of the dense tensor y, shifted by the channel's pivot (mean of y − pivot), into its slot of
+// pmean/pm2 [tiles, C] (two passes: the tile is in cache). Arguments as passed to for_each_tile's body; the count is
+// the tile's rows (NHWC) or run length (NCHW).
+template <typename scalar_t, typename acc_t, typename Tag>
+inline void tile_moments(const Geometry& g, Tag, int64_t tile, int64_t start, int64_t len, int64_t c,
+                         const scalar_t* y, const acc_t* pivot, acc_t* pmean, acc_t* pm2) {
+  const scalar_t* p = y + start;
+  if constexpr (Tag::value) {  // NHWC: len rows × C channels, accumulators per channel
+    acc_t* mean = pmean + tile * g.C;
+    acc_t* m2 = pm2 + tile * g.C;
+    std::fill(mean, mean + g.C, acc_t(0));
+    std::fill(m2, m2 + g.C, acc_t(0));
+    for (int64_t r = 0; r < len; ++r)
+      for (int64_t j = 0; j < g.C; ++j) mean[j] += static_cast<acc_t>(p[r * g.C + j]) - pivot[j];
+    for (int64_t j = 0; j < g.C; ++j) mean[j] /= static_cast<acc_t>(len);
+    for (int64_t r = 0; r < len; ++r)
+      for (int64_t j = 0; j < g.C; ++j) {
+        const acc_t d = static_cast<acc_t>(p[r * g.C + j]) - pivot[j] - mean[j];
+        m2[j] += d * d;
+      }
+  } else {  // NCHW: one contiguous run of channel c
+    const acc_t k = pivot[c];
+    const acc_t mean =
+        lane_sum<acc_t>(len, [&](int64_t i) { return static_cast<acc_t>(p[i]) - k; }) / static_cast<acc_t>(len);
+    pmean[tile * g.C + c] = mean;
+    pm2[tile * g.C + c] = lane_sum<acc_t>(len, [&](int64_t i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - k - mean;
+      return d * d;
+    });
+  }
+}
+
+// Chan's merge of the tile partials, per channel in tile order: mean = pivot + merged mean [C], biased
+// var = M2 / M [C].
+template <typename acc_t>
+void merge_moments(const Geometry& g, const Tiling& t, const acc_t* pivot, const acc_t* pmean, const acc_t* pm2,
+                   acc_t* mean, acc_t* var) {
+  at::parallel_for(0, g.C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t n = 0, m = 0, m2 = 0;
+      for (int64_t tile = 0; tile < t.tiles; ++tile) {
+        // count of this tile: NHWC rows (the last tile may be short); NCHW run length (last run of a plane short)
+        const int64_t nb_i = g.nhwc ? std::min(t.rows, g.M - tile * t.rows)
+                                    : std::min(t.chunk, g.HW - (tile % t.chunks) * t.chunk);
+        const acc_t nb = static_cast<acc_t>(nb_i), tot = n + nb;
+        const acc_t delta = pmean[tile * g.C + c] - m;
+        m += delta * (nb / tot);
+        m2 += pm2[tile * g.C + c] + delta * delta * (n * nb / tot);
+        n = tot;
+      }
+      mean[c] = pivot[c] + m;
+      var[c] = m2 / n;
+    }
+  });
+}
+
+// Element offset of the first element (n = h = w = 0) of channel c.
+inline int64_t first_of(const Geometry& g, int64_t c) { return g.nhwc ? c : c * g.HW; }
+
+// Per-channel (mean, biased var) of the dense tensor y. Every channel is shifted by a pivot, pivot(i) = the value y
+// will hold at its first element i, so tile means are small and Chan's merge keeps full precision even when
+// |mean| ≫ std. produce(tag, start, len) runs first on each tile (it may write the tile, e.g. add_stats computing
+// y = a + b), so the tile is read back while still in cache.
+template <typename scalar_t, typename acc_t, typename P, typename F>
+std::tuple<at::Tensor, at::Tensor> moments(const Geometry& g, const scalar_t* y, const at::TensorOptions& opts,
+                                           const P& pivot_at, const F& produce) {
+  const Tiling t = tiling(g);
+  auto part = at::empty({2, t.tiles, g.C}, opts), pivots = at::empty({g.C}, opts);
+  auto mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);  // separate storages: outputs must not alias
+  acc_t* pivot = pivots.data_ptr<acc_t>();
+  acc_t* pmean = part.data_ptr<acc_t>();
+  acc_t* pm2 = pmean + t.tiles * g.C;
+  for (int64_t c = 0; c < g.C; ++c) pivot[c] = static_cast<acc_t>(pivot_at(first_of(g, c)));
+  for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
+    produce(tag, start, len);
+    tile_moments<scalar_t, acc_t>(g, tag, tile, start, len, c, y, pivot, pmean, pm2);
+  });
+  merge_moments<acc_t>(g, t, pivot, pmean, pm2, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+  return {mean, var};
+}
+
+// ---- ops ----------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x_in) {
+  const at::Tensor x = prepare_batch_stats(x_in);
+  const Geometry g = geometry(x, is_nhwc(x_in));
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    out = moments<scalar_t, acc_t>(g, xp, x.options().dtype(acc_dtype(x.scalar_type())),
+                                   [&](int64_t i) { return xp[i]; }, [](auto, int64_t, int64_t) {});
+  });
+  return out;
+}
+
+at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
+                       at::ScalarType out_dtype) {
+  const at::Tensor x = prepare_bn_relu(x_in, scale, shift);
+  const bool nhwc = is_nhwc(x_in);
+  const Geometry g = geometry(x, nhwc);
+  auto a = at::empty(x.sizes(), x.options().dtype(out_dtype).memory_format(memory_format(nhwc)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_cpu", [&] {
+    using in_t = scalar_t;
+    using acc_t = at::opmath_type<in_t>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "bn_relu_cpu_out", [&] {
+      const in_t* xp = x.data_ptr<in_t>();
+      scalar_t* ap = a.data_ptr<scalar_t>();
+      const acc_t* sp = scale.data_ptr<acc_t>();
+      const acc_t* tp = shift.data_ptr<acc_t>();
+      for_each_row(g, [&](auto tag, int64_t start, int64_t len, int64_t c) {
+        constexpr bool kNHWC = decltype(tag)::value;
+        const acc_t* s = sp + c;
+        const acc_t* t = tp + c;
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t v = static_cast<acc_t>(xp[start + j]) * s[kNHWC ? j : 0] + t[kNHWC ? j : 0];
+          ap[start + j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        }
+      });
+    });
+  });
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& rstd, bool training, const c10::optional<at::Tensor>& dres_in) {
+  const BackwardArgs args = prepare_bn_relu_backward(dy_in, x_in, scale, shift, mean, rstd, dres_in);
+  const at::Tensor &x = args.x, &dy = args.dy, &dres = args.dres;
+  const bool nhwc = is_nhwc(x_in);
+  const auto acc_type = acc_dtype(x.scalar_type()), gtype = dy.scalar_type();
+  const Geometry g = geometry(x, nhwc);
+  const Tiling t = tiling(g);
+  const auto opts = x.options().dtype(acc_type);
+  auto dx = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
+  auto part = at::empty({2, t.tiles, g.C}, opts);
+  auto sum_dz_t = at::empty({g.C}, opts), sum_dzxhat_t = at::empty({g.C}, opts);  // outputs must not alias
+  auto coef = at::empty({3, g.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
+    using x_t = scalar_t;
+    using acc_t = at::opmath_type<x_t>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gtype, "bn_relu_backward_cpu_grad", [&] {
+      using g_t = scalar_t;
+      const x_t* xp = x.data_ptr<x_t>();
+      const g_t* dyp = dy.data_ptr<g_t>();
+      const g_t* drp = dres.defined() ? dres.data_ptr<g_t>() : nullptr;
+      const acc_t* sp = scale.data_ptr<acc_t>();
+      const acc_t* tp = shift.data_ptr<acc_t>();
+      const acc_t* mp = mean.data_ptr<acc_t>();
+      const acc_t* rp = rstd.data_ptr<acc_t>();
+      acc_t* p_dz = part.data_ptr<acc_t>();
+      acc_t* p_dzxc = p_dz + t.tiles * g.C;
+      // Pass 1: per-tile Σdz and Σdz·(x − mean), dz = dy·[x·scale + shift > 0].
+      for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
+        if constexpr (decltype(tag)::value) {
+          acc_t* sdz = p_dz + tile * g.C;
+          acc_t* sdzx = p_dzxc + tile * g.C;
+          std::fill(sdz, sdz + g.C, acc_t(0));
+          std::fill(sdzx, sdzx + g.C, acc_t(0));
+          for (int64_t r = 0; r < len; ++r)
+            for (int64_t j = 0; j < g.C; ++j) {
+              const int64_t i = start + r * g.C + j;
+              const acc_t xv = static_cast<acc_t>(xp[i]);
+              const acc_t dz = xv * sp[j] + tp[j] > acc_t(0) ? static_cast<acc_t>(dyp[i]) : acc_t(0);
+              sdz[j] += dz;
+              sdzx[j] += dz * (xv - mp[j]);
+            }
+        } else {
+          const acc_t s = sp[c], sh = tp[c], m = mp[c];
+          auto dz_at = [&](int64_t i) {
+            return static_cast<acc_t>(xp[start + i]) * s + sh > acc_t(0) ? static_cast<acc_t>(dyp[start + i])
+                                                                          : acc_t(0);
+          };
+          p_dz[tile * g.C + c] = lane_sum<acc_t>(len, dz_at);
+          p_dzxc[tile * g.C + c] =
+              lane_sum<acc_t>(len, [&](int64_t i) { return dz_at(i) * (static_cast<acc_t>(xp[start + i]) - m); });
+        }
+      });
+      // Merge in tile order; dx = A·dz + B·(x − μ) + C per channel (centred at μ: B·x and C would cancel when
+      // |μ| ≫ σ). Training: A = s, B = −s·rstd²·Σdz(x−μ)/M, C = −s·Σdz/M (from dx = s·(dz − Σdz/M − x̂·Σdz·x̂/M)).
+      // Eval: A = s, B = C = 0.
+      acc_t* sum_dz = sum_dz_t.data_ptr<acc_t>();
+      acc_t* sum_dzxhat = sum_dzxhat_t.data_ptr<acc_t>();
+      acc_t* A = coef.data_ptr<acc_t>();
+      acc_t* B = A + g.C;
+      acc_t* Cc = B + g.C;
+      const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.M);
+      for (int64_t c = 0; c < g.C; ++c) {
+        acc_t a = 0, b = 0;
+        for (int64_t tile = 0; tile < t.tiles; ++tile) {
+          a += p_dz[tile * g.C + c];
+          b += p_dzxc[tile * g.C + c];
+        }
+        sum_dz[c] = a;
+        sum_dzxhat[c] = b * rp[c];
+        A[c] = sp[c];
+        B[c] = training ? -sp[c] * rp[c] * rp[c] * b * inv_m : acc_t(0);
+        Cc[c] = training ? -sp[c] * a * inv_m : acc_t(0);
+      }
+      // Pass 2: dx (+ dres), rounded once to x's dtype.
+      x_t* dxp = dx.data_ptr<x_t>();
+      for_each_row(g, [&](auto tag, int64_t start, int64_t len, int64_t c) {
+        constexpr bool kNHWC = decltype(tag)::value;
+        const acc_t *s = sp + c, *sh = tp + c, *m = mp + c, *a = A + c, *b = B + c, *cc = Cc + c;
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = kNHWC ? j : 0, i = start + j;
+          const acc_t xv = static_cast<acc_t>(xp[i]);
+          const acc_t dz = xv * s[k] + sh[k] > acc_t(0) ? static_cast<acc_t>(dyp[i]) : acc_t(0);
+          acc_t v = a[k] * dz + b[k] * (xv - m[k]) + cc[k];
+          if (drp != nullptr) v += static_cast<acc_t>(drp[i]);
+          dxp[i] = static_cast<x_t>(v);
+        }
+      });
+    });
+  });
+  return {dx, sum_dz_t, sum_dzxhat_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const auto ab = prepare_add_stats(a_in, b_in);
+  const at::Tensor &a = ab.first, &b = ab.second;
+  const bool nhwc = is_nhwc(a_in);
+  const Geometry g = geometry(a, nhwc);
+  auto y = at::empty(a.sizes(), a.options().memory_format(memory_format(nhwc)));
+  std::tuple<at::Tensor, at::Tensor> st;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "add_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    // y = a + b, tile by tile, each tile's statistics taken from the rounded y right after it is written.
+    auto add = [&](int64_t i) { return static_cast<scalar_t>(static_cast<acc_t>(ap[i]) + static_cast<acc_t>(bp[i])); };
+    st = moments<scalar_t, acc_t>(g, yp, a.options().dtype(acc_dtype(a.scalar_type())), add,
+                                  [&](auto tag, int64_t start, int64_t len) {
+                                    const int64_t n = decltype(tag)::value ? len * g.C : len;
+                                    for (int64_t i = start; i < start + n; ++i) yp[i] = add(i);
+                                  });
+  });
+  return {y, std::get<0>(st), std::get<1>(st)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastresnet_ext, CPU, m) {
+  m.impl("batch_stats", &batch_stats_cpu);
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu_backward", &bn_relu_backward_cpu);
+  m.impl("add_stats", &add_stats_cpu);
+}
+
+}  // namespace fastresnet_ext

@@ -1,0 +1,206 @@
+"""The "triton_conv" backend (tier B, DESIGN.md §3): BN-ReLU-conv forward and backward as Triton implicit-GEMM
+kernels that own the conv (`fastresnet.kernels.conv`): the BN-ReLU activation is recomputed in the conv's prologue
+(forward and wgrad) and never stored; dgrad's epilogue recomputes the ReLU mask and reduces Σdz, Σdz·x̂.
+
+Primitives (`batch_stats`, `bn_relu`, `bn_relu_backward`, `add_stats`) are delegated: to the tier-A Triton backend
+(`TritonBackend`) when it imports and supports the tensor, else to the plain-PyTorch reference (`TorchBackend`) —
+a named fallback, chosen per call by `primitive_backend(x)`.
+
+Conv geometry the own kernels run: square 1×1 or 3×3 kernels, equal strides 1 or 2, padding k//2, groups 1,
+dilation 1; x fp32/fp16/bf16 (fp64 is refused: no fp64 `tl.dot`), weight fp32/fp16/bf16 (its dtype is the compute
+dtype). Any memory layout works (strided addressing); channels_last is the fast one, NCHW is read in place (no
+conversion copy) with uncoalesced channel loads.
+
+Which conv runs (`select`, from `FASTRESNET_TRITON_CONV`, default "measure"):
+- CPU tensors under the Triton interpreter (tests): always the own kernels; an unsupported geometry raises
+  `BackendUnsupportedError` naming it.
+- CUDA, "always": the own kernels; an unsupported geometry raises.
+- CUDA, "measure": per layer shape, the faster of the own kernels and the tier-A path (cuDNN conv around the
+  primitives), timed once (forward + backward) and cached by (shapes, strides, dtypes, layout, device) in
+  `self.choices` ("own" or "tier_a"); unsupported geometries take the tier-A path (recorded as "tier_a"). During
+  CUDA-graph capture an unmeasured shape runs the own kernels without timing.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastresnet.backends.base import Backend, BackendUnsupportedError
+from fastresnet.backends.torch_backend import TorchBackend
+
+try:
+    import triton  # noqa: F401  (capability flag; the kernels import lazily)
+    _TRITON_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
+    _TRITON_ERROR = f"triton is not importable: {e}"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SELECT = ("measure", "always")
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tier_a() -> Optional[Backend]:
+    """The tier-A Triton backend if its module imports, else None."""
+    try:
+        from fastresnet.backends.triton_backend import TritonBackend
+    except ImportError:
+        return None
+    return TritonBackend()
+
+
+class TritonConvBackend(Backend):
+    """Tier B: own implicit-GEMM conv kernels with fused BN-ReLU prologue / reduction epilogues (module docstring)."""
+
+    name = "triton_conv"
+
+    def __init__(self, select: Optional[str] = None):
+        self.select = select or os.environ.get("FASTRESNET_TRITON_CONV", "measure")
+        if self.select not in _SELECT:
+            raise ValueError(f"FASTRESNET_TRITON_CONV / select: expected one of {_SELECT}, got {self.select!r}")
+        self._tier_a = _tier_a()
+        self._torch = TorchBackend()
+        self.choices: Dict[tuple, str] = {}
+
+    # -- capability ------------------------------------------------------------------------------------------------
+    def unavailable_reason(self) -> Optional[str]:
+        if _TRITON_ERROR is not None:
+            return _TRITON_ERROR
+        if not (torch.cuda.is_available() or _interpreter()):
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU in the Triton interpreter)"
+        return None
+
+    def why_not(self, x: Tensor) -> Optional[str]:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
+        if x.device.type == "cpu" and not _interpreter():
+            return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+        if x.device.type not in ("cpu", "cuda"):
+            return f"device {x.device} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
+        return None
+
+    def auto_ok(self, x: Tensor) -> bool:
+        # "auto" never picks the interpreter: compiled kernels on CUDA tensors only
+        return x.is_cuda and not _interpreter() and self.why_not(x) is None
+
+    @staticmethod
+    def conv_why_not(weight: Tensor, stride, padding) -> Optional[str]:
+        """None if the own kernels run this conv geometry, else the reason."""
+        c_out, c_in, kh, kw = weight.shape
+        if kh != kw or kh not in (1, 3):
+            return f"kernel size {kh}×{kw} is not supported (1×1 or 3×3)"
+        if stride[0] != stride[1] or stride[0] not in (1, 2):
+            return f"stride {tuple(stride)} is not supported (1 or 2, equal in both dimensions)"
+        if tuple(padding) != (kh // 2, kh // 2):
+            return f"padding {tuple(padding)} is not supported (kernel_size // 2 = {kh // 2})"
+        if weight.dtype not in _DTYPES:
+            return f"weight dtype {weight.dtype} is not supported (float32, float16, bfloat16)"
+        return None
+
+    def primitive_backend(self, x: Tensor) -> Backend:
+        """Tier-A Triton if available for x, else the torch reference (fallback)."""
+        if self._tier_a is not None and self._tier_a.why_not(x) is None:
+            return self._tier_a
+        return self._torch
+
+    # -- primitives (delegated) ------------------------------------------------------------------------------------
+    def batch_stats(self, x):
+        return self.primitive_backend(x).batch_stats(x)
+
+    def bn_relu(self, x, scale, shift, out_dtype):
+        return self.primitive_backend(x).bn_relu(x, scale, shift, out_dtype)
+
+    def bn_relu_backward(self, dy, x, scale, shift, mean, rstd, training, dres=None):
+        return self.primitive_backend(x).bn_relu_backward(dy, x, scale, shift, mean, rstd, training, dres)
+
+    def add_stats(self, a, b):
+        return self.primitive_backend(a).add_stats(a, b)
+
+    # -- conv level ------------------------------------------------------------------------------------------------
+    def _key(self, x: Tensor, weight: Tensor, stride, padding) -> tuple:
+        return (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
+                weight.dtype, tuple(stride), tuple(padding), str(x.device))
+
+    def uses_own_conv(self, x: Tensor, weight: Tensor, stride, padding) -> bool:
+        """Whether this call runs the own kernels (True) or the tier-A path (False); see the module docstring."""
+        reason = self.conv_why_not(weight, stride, padding)
+        if not x.is_cuda or self.select == "always":
+            if reason is not None:
+                raise BackendUnsupportedError(f"backend 'triton_conv' cannot run this conv: {reason}")
+            return True
+        key = self._key(x, weight, stride, padding)
+        if reason is not None:
+            self.choices[key] = "tier_a"
+        elif key not in self.choices:
+            if torch.cuda.is_current_stream_capturing():
+                return True
+            self.choices[key] = self._measure(x, weight, stride, padding)
+        return self.choices[key] == "own"
+
+    def _measure(self, x: Tensor, weight: Tensor, stride, padding, reps: int = 5) -> str:
+        """Time forward + backward of both conv paths on this shape (median of CUDA-event timings after warm-up)."""
+        from fastresnet.kernels import conv as K
+        c = x.shape[1]
+        scale = torch.ones(c, device=x.device)
+        shift = torch.zeros(c, device=x.device)
+        mean, rstd = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+        s, p = int(stride[0]), int(padding[0])
+
+        def own():
+            y, _, _ = K.conv_forward(x, scale, shift, weight, s, p)
+            K.conv_backward(y, x, scale, shift, mean, rstd, weight, s, p, True)
+
+        def tier_a():
+            y = Backend.bn_relu_conv(self, x, scale, shift, weight, stride, padding)
+            Backend.bn_relu_conv_backward(self, y, x, scale, shift, mean, rstd, weight, stride, padding, True)
+
+        times = {}
+        for name, fn in (("own", own), ("tier_a", tier_a)):
+            fn()
+            fn()
+            samples = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            times[name] = statistics.median(samples)
+        return min(times, key=times.get)
+
+    def bn_relu_conv(self, x, scale, shift, weight, stride, padding, residual=None):
+        if not self.uses_own_conv(x, weight, stride, padding):
+            return super().bn_relu_conv(x, scale, shift, weight, stride, padding, residual)
+        from fastresnet.kernels.conv import conv_forward
+        y, _, _ = conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual)
+        return y
+
+    def bn_relu_conv_stats(
+        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
+        residual: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(y, mean, var): `bn_relu_conv` plus the per-channel batch statistics (fp32, biased var) of the stored y,
+        from the conv epilogue (own kernels) or the tier-A conv + add/statistics kernels."""
+        if not self.uses_own_conv(x, weight, stride, padding):
+            return super().bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual)
+        from fastresnet.kernels.conv import conv_forward
+        return conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual, stats=True)
+
+    def bn_relu_conv_backward(self, dy, x, scale, shift, mean, rstd, weight, stride, padding, training,
+                              need_weight_grad=True):
+        if not self.uses_own_conv(x, weight, stride, padding):
+            return super().bn_relu_conv_backward(dy, x, scale, shift, mean, rstd, weight, stride, padding,
+                                                 training, need_weight_grad)
+        from fastresnet.kernels.conv import conv_backward
+        return conv_backward(dy, x, scale, shift, mean, rstd, weight, int(stride[0]), int(padding[0]), training,
+                             need_weight_grad)

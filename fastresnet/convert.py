@@ -1,0 +1,463 @@
+"""Drop-in conversion of existing PyTorch models to fused fastresnet layers, and back.
+
+`convert(model)` finds BatchNorm2d → ReLU → Conv2d chains and replaces each with one `PreActConv2d`; a
+BatchNorm2d → ReLU whose activation has other readers (e.g. a pre-activated projection shortcut and the residual
+branch) becomes one `BNReLU2d`. Chains are found with torch.fx: each module that holds a BatchNorm2d (directly or in
+nn.Sequential children) is traced with every non-Sequential child as a leaf, so chains in forward code
+(`self.conv(F.relu(self.bn(x)))`, `torch.relu`, `x.relu()`, `nn.ReLU` modules) and in Sequentials are both found.
+
+What changes in a converted module (its "owner"):
+- the conv's slot holds the `PreActConv2d`, whose `.bn` and `.conv` are the original BatchNorm2d and Conv2d objects
+  (so with `inplace=True` an optimizer built before conversion still holds the right Parameters); the BN's slot holds
+  None (nn.Identity inside an nn.Sequential), a Sequential ReLU slot nn.Identity;
+- a BN fused alone is replaced in its own slot by a `BNReLU2d` (a BatchNorm2d subclass, same keys) sharing its tensors;
+- a non-Sequential owner gets a subclass of its class whose `forward` is the rewritten FX code, so its other methods
+  and attributes stay; `unconvert` restores the original class;
+- state-dict hooks on the owner translate keys, so `state_dict()` has exactly the original keys in the original order
+  and `load_state_dict` accepts them: `fused.load_state_dict(original.state_dict())` and the reverse both work.
+  `named_parameters()` shows the fused layout (`conv1.bn.weight` for `bn1.weight`).
+
+Why BN → ReLU alone is fused too: `BNReLU2d` is one kernel (read x, write a) instead of two (BN writes z, ReLU reads z
+and writes a), half the memory traffic of that step, with the same saved tensors and the same state-dict keys.
+
+Chains that cannot be proved equivalent are left alone and listed in the report with the reason. Limitations: only
+`forward` is rewritten (other methods that call a fused BN see None); whole-module pickling (`torch.save(model)`) of a
+converted non-Sequential owner is unsupported (save the state dict); a forward that branches on `self.training` or
+that torch.fx cannot trace is left alone and reported.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fastresnet.backends import BACKEND_NAMES
+from fastresnet.nn.layers import BNReLU2d, PreActConv2d
+
+__all__ = ["ConversionReport", "ConversionResult", "FusedChain", "SkippedChain", "convert", "unconvert"]
+
+_RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
+_RELU_METHODS = ("relu", "relu_")
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+@dataclass
+class FusedChain:
+    """One replaced chain; paths are relative to the converted model ("" = the model itself)."""
+    module: str                 # the owner whose forward holds the chain
+    bn: str                     # the BatchNorm2d's path
+    relu: str                   # how the ReLU was written: "nn.ReLU layer1.relu", "F.relu", "x.relu()", ...
+    conv: Optional[str]         # the Conv2d's path (None for a BN → ReLU fused alone)
+    replacement: str            # "PreActConv2d" or "BNReLU2d"
+
+
+@dataclass
+class SkippedChain:
+    """A BatchNorm2d left alone, and why."""
+    module: str
+    bn: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` did: fused chains, BNs it left alone (with reasons), modules it could not trace."""
+    fused: List[FusedChain] = field(default_factory=list)
+    skipped: List[SkippedChain] = field(default_factory=list)
+    untraced: Dict[str, str] = field(default_factory=dict)   # owner path -> why torch.fx could not rewrite it
+
+    @property
+    def num_preact(self) -> int:
+        return sum(c.replacement == "PreActConv2d" for c in self.fused)
+
+    @property
+    def num_bn_relu(self) -> int:
+        return sum(c.replacement == "BNReLU2d" for c in self.fused)
+
+    def __str__(self) -> str:
+        if not (self.fused or self.skipped or self.untraced):
+            return "convert: no BatchNorm2d → ReLU (→ Conv2d) chain found; the model is unchanged"
+        lines = [f"convert: {self.num_preact} PreActConv2d, {self.num_bn_relu} BNReLU2d, "
+                 f"{len(self.skipped)} BatchNorm2d left alone, {len(self.untraced)} module(s) not traceable"]
+        lines += [f"  fused  {c.bn} → {c.relu}" + (f" → {c.conv}" if c.conv else "") + f"  => {c.replacement}"
+                  for c in self.fused]
+        lines += [f"  kept   {s.bn}: {s.reason}" for s in self.skipped]
+        lines += [f"  untraced {p or '<model>'}: {r}" for p, r in self.untraced.items()]
+        return "\n".join(lines)
+
+
+class ConversionResult(NamedTuple):
+    """`model, report = convert(...)`, or `.model` / `.report`."""
+    model: nn.Module
+    report: ConversionReport
+
+
+# ---- bookkeeping on a converted owner ------------------------------------------------------------------------------
+class _KeyMap:
+    """State-dict hooks of an owner: fused local keys <-> the original local keys (and module metadata paths)."""
+
+    def __init__(self):
+        self.fused_to_plain: Dict[str, str] = {}
+        self.plain_to_fused: Dict[str, str] = {}
+        self.module_paths: Dict[str, Optional[str]] = {}   # fused module path -> original path (None: drop)
+
+    def add(self, fused_prefix: str, plain_prefix: str, local_keys) -> None:
+        for k in local_keys:
+            self.fused_to_plain[f"{fused_prefix}.{k}"] = f"{plain_prefix}.{k}"
+            self.plain_to_fused[f"{plain_prefix}.{k}"] = f"{fused_prefix}.{k}"
+        self.module_paths[fused_prefix] = plain_prefix
+
+    def save(self, module, state_dict, prefix, local_metadata) -> None:
+        """state_dict post-hook: rename this owner's fused keys in place, keeping the order."""
+        items = list(state_dict.items())
+        state_dict.clear()
+        for k, v in items:
+            if k.startswith(prefix):
+                k = prefix + self.fused_to_plain.get(k[len(prefix):], k[len(prefix):])
+            state_dict[k] = v
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:
+            entries = list(meta.items())
+            meta.clear()
+            for k, v in entries:
+                local = k[len(prefix):] if k.startswith(prefix) else None
+                if local is not None and local in self.module_paths:
+                    if self.module_paths[local] is None:
+                        continue
+                    k = prefix + self.module_paths[local]
+                meta[k] = v
+
+    def load(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+             error_msgs) -> None:
+        """load_state_dict pre-hook: original keys -> fused keys before this owner's children load."""
+        for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in self.plain_to_fused]:
+            state_dict[prefix + self.plain_to_fused[k[len(prefix):]]] = state_dict.pop(k)
+
+
+@dataclass
+class _Conversion:
+    """Stored on a converted owner as `_fastresnet_conversion`; what `unconvert` needs to undo it."""
+    original_class: type
+    preact: List[Tuple[str, str, Optional[str], Optional[nn.Module]]] = field(default_factory=list)
+    bn_relu: List[Tuple[str, Optional[str], Optional[nn.Module]]] = field(default_factory=list)
+    keymap: _KeyMap = field(default_factory=_KeyMap)
+    handles: list = field(default_factory=list)
+
+
+# ---- module-tree helpers -------------------------------------------------------------------------------------------
+def _split(path: str) -> Tuple[str, str]:
+    parent, _, name = path.rpartition(".")
+    return parent, name
+
+
+def _set(owner: nn.Module, path: str, module: Optional[nn.Module]) -> None:
+    """Put module (or None) in the existing slot `path` of owner, keeping the slot's position."""
+    parent, name = _split(path)
+    owner.get_submodule(parent)._modules[name] = module
+
+
+def _vacate(owner: nn.Module, path: str) -> None:
+    """Empty a slot whose work moved into a fused layer: nn.Identity inside a Sequential, else None (a later call
+    of the old attribute fails loudly instead of silently skipping BN)."""
+    parent, _ = _split(path)
+    _set(owner, path, nn.Identity() if isinstance(owner.get_submodule(parent), nn.Sequential) else None)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _bn_relu_from(bn: nn.BatchNorm2d, backend: Optional[str]) -> BNReLU2d:
+    """A BNReLU2d sharing bn's Parameter and buffer objects (built on the meta device, then re-pointed)."""
+    new = BNReLU2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend,
+                   device="meta")
+    new._parameters.update(bn._parameters)
+    new._buffers.update(bn._buffers)
+    return new.train(bn.training)
+
+
+def _bn_from(layer: BNReLU2d) -> nn.BatchNorm2d:
+    """The inverse of `_bn_relu_from`: a plain BatchNorm2d sharing layer's tensors."""
+    bn = nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+                        device="meta")
+    bn._parameters.update(layer._parameters)
+    bn._buffers.update(layer._buffers)
+    return bn.train(layer.training)
+
+
+def _float_tensors(m: nn.Module) -> List[torch.Tensor]:
+    return [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t.is_floating_point()]
+
+
+def _conv_problem(conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"next layer is {type(conv).__name__}, not nn.Conv2d"
+    if conv.bias is not None:
+        return "conv has a bias (PreActConv2d convs are bias-free)"
+    if conv.groups != 1:
+        return f"conv groups={conv.groups} (only 1 is supported)"
+    if tuple(conv.dilation) != (1, 1):
+        return f"conv dilation={conv.dilation} (only 1 is supported)"
+    if isinstance(conv.padding, str):
+        return f"conv padding={conv.padding!r} (string padding is unsupported; give explicit ints)"
+    if conv.padding_mode != "zeros":
+        return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
+# ---- tracing ---------------------------------------------------------------------------------------------------------
+class _ChildTracer(fx.Tracer):
+    """Every module except the root and nn.Sequential containers is a leaf: the graph shows the owner's own code."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not isinstance(m, nn.Sequential)
+
+
+def _leaves(owner: nn.Module, prefix: str = ""):
+    """(path, module) of the tracer's leaves under owner: children, looking inside nn.Sequential children."""
+    for name, child in owner._modules.items():
+        if child is None:
+            continue
+        if isinstance(child, nn.Sequential):
+            yield from _leaves(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", child
+
+
+def _trace(owner: nn.Module) -> fx.Graph:
+    """The owner's forward graph, checked to be the same in train and eval mode (else it branches on the mode)."""
+    modes = {m: m.training for m in owner.modules()}
+    try:
+        codes, graphs = [], []
+        for training in (True, False):
+            owner.train(training)
+            graph = _ChildTracer().trace(owner)
+            graphs.append(graph)
+            codes.append(graph.python_code("self").src)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if codes[0] != codes[1]:
+        raise _Untraceable("forward differs between train and eval mode (it branches on self.training)")
+    return graphs[0]
+
+
+class _Untraceable(Exception):
+    pass
+
+
+def _relu_kind(node: fx.Node, owner: nn.Module, full) -> Optional[str]:
+    """How node applies a ReLU to its first argument, or None if it is not a plain ReLU."""
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS and len(node.args) == 1:
+        if set(node.kwargs) <= {"inplace"}:
+            return _RELU_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs:
+        return f"x.{node.target}()"
+    if node.op == "call_module" and type(owner.get_submodule(node.target)) is nn.ReLU and len(node.args) == 1:
+        return f"nn.ReLU {full(node.target)}"
+    return None
+
+
+def _describe(node: fx.Node, owner: nn.Module) -> str:
+    if node.op == "call_module":
+        return f"{type(owner.get_submodule(node.target)).__name__} {node.target}"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    return "the module output" if node.op == "output" else node.op
+
+
+# ---- the rewrite of one owner -------------------------------------------------------------------------------------
+def _rewrite(owner: nn.Module, graph: fx.Graph, path: str, backend: Optional[str], report: ConversionReport,
+             registrations: Dict[int, int]) -> None:
+    """Fuse the chains of owner's traced forward `graph`, mutating owner (see the module docstring)."""
+    calls: Dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    is_seq = isinstance(owner, nn.Sequential)
+    record = _Conversion(type(owner))
+    full = (lambda p: f"{path}.{p}" if path else p)
+
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(owner.get_submodule(node.target)) is not nn.BatchNorm2d:
+            continue
+        bn_path, bn = node.target, owner.get_submodule(node.target)
+
+        def skip(reason: str) -> None:
+            report.skipped.append(SkippedChain(path, full(bn_path), reason))
+
+        users = list(node.users)
+        if len(node.args) != 1 or node.kwargs:
+            skip("BatchNorm2d called with extra arguments"); continue
+        if calls[bn_path] > 1 or registrations[id(bn)] > 1:
+            skip("BatchNorm2d module is shared (called or registered more than once)"); continue
+        if _has_hooks(bn):
+            skip("BatchNorm2d has forward/backward hooks, which a fused layer would bypass"); continue
+        if len(users) != 1:
+            skip(f"BN output has {len(users)} users (the fused layer does not expose it)"); continue
+        relu = users[0]
+        kind = _relu_kind(relu, owner, full)
+        if kind is None:
+            skip(f"BN output goes to {_describe(relu, owner)}, not a ReLU"); continue
+        relu_mod = owner.get_submodule(relu.target) if relu.op == "call_module" else None
+        relu_in_seq = relu_mod is not None and isinstance(owner.get_submodule(_split(relu.target)[0]), nn.Sequential)
+        if relu_mod is not None and (_has_hooks(relu_mod) or (relu_in_seq and calls[relu.target] > 1)):
+            skip("the ReLU module has hooks or is a Sequential slot called more than once"); continue
+
+        relu_users = list(relu.users)
+        conv_node = relu_users[0] if len(relu_users) == 1 else None
+        conv = owner.get_submodule(conv_node.target) if conv_node is not None and conv_node.op == "call_module" \
+            else None
+        why_not_conv = None
+        if conv_node is None:
+            why_not_conv = f"ReLU output has {len(relu_users)} users"
+        elif conv is None:
+            why_not_conv = "ReLU output does not go to a Conv2d module"
+        else:
+            why_not_conv = _conv_problem(conv)
+            if why_not_conv is None and (len(conv_node.args) != 1 or conv_node.kwargs):
+                why_not_conv = "conv called with extra arguments"
+            elif why_not_conv is None and (calls[conv_node.target] > 1 or registrations[id(conv)] > 1):
+                why_not_conv = "conv module is shared (called or registered more than once)"
+            elif why_not_conv is None and _has_hooks(conv):
+                why_not_conv = "conv has hooks, which a fused layer would bypass"
+            elif why_not_conv is None and conv.training != bn.training:
+                skip(f"train/eval mismatch: BN training={bn.training}, conv training={conv.training}"); continue
+            elif why_not_conv is None and {(t.dtype, t.device) for t in _float_tensors(bn)} - {
+                    (conv.weight.dtype, conv.weight.device)}:
+                why_not_conv = "BN and conv tensors differ in dtype or device"
+        relu_slot = relu.target if relu_in_seq else None
+
+        if why_not_conv is None:
+            fused = PreActConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                 bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend,
+                                 device="meta")
+            fused.bn, fused.conv = bn, conv
+            fused.train(conv.training)
+            conv_path = conv_node.target
+            _set(owner, conv_path, fused)
+            _vacate(owner, bn_path)
+            if relu_slot is not None:
+                _set(owner, relu_slot, nn.Identity())
+            record.preact.append((conv_path, bn_path, relu_slot, relu_mod if relu_slot else None))
+            record.keymap.add(f"{conv_path}.bn", bn_path, bn.state_dict().keys())
+            record.keymap.add(f"{conv_path}.conv", conv_path, conv.state_dict().keys())
+            record.keymap.module_paths[conv_path] = None
+            conv_node.args = (node.args[0],)
+            graph.erase_node(relu)
+            graph.erase_node(node)
+            report.fused.append(FusedChain(path, full(bn_path), kind, full(conv_path), "PreActConv2d"))
+        else:
+            _set(owner, bn_path, _bn_relu_from(bn, backend))
+            if relu_slot is not None:
+                _set(owner, relu_slot, nn.Identity())
+            record.bn_relu.append((bn_path, relu_slot, relu_mod if relu_slot else None))
+            relu.replace_all_uses_with(node)
+            graph.erase_node(relu)
+            report.fused.append(FusedChain(path, full(bn_path), f"{kind} ({why_not_conv}: BN → ReLU fused alone)",
+                                           None, "BNReLU2d"))
+
+    if not (record.preact or record.bn_relu):
+        return
+    graph.lint()
+    if not is_seq:  # a Sequential's own forward already runs the new slots; any other owner gets the new code
+        code = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+        cls = type(owner)
+        owner.__class__ = type(cls.__name__, (cls,), {"forward": type(code).forward, "__module__": cls.__module__,
+                                                      "__doc__": cls.__doc__})
+    if record.preact:
+        # partials, not bound methods: torch tags public-API hooks with an attribute
+        record.handles = [owner.register_state_dict_post_hook(functools.partial(_KeyMap.save, record.keymap)),
+                          owner.register_load_state_dict_pre_hook(functools.partial(_KeyMap.load, record.keymap))]
+    owner._fastresnet_conversion = record
+
+
+def _eligible(m: nn.Module) -> bool:
+    """Worth tracing: has its own forward, is user code or a Sequential, and holds a BatchNorm2d leaf."""
+    if type(m).forward is nn.Module.forward or hasattr(m, "_fastresnet_conversion"):
+        return False
+    if not isinstance(m, nn.Sequential) and type(m).__module__.startswith("torch."):
+        return False
+    return any(type(leaf) is nn.BatchNorm2d for _, leaf in _leaves(m))
+
+
+def _walk(m: nn.Module, path: str, backend, report: ConversionReport, registrations, covered: bool) -> None:
+    traced = covered
+    if not covered and _eligible(m):
+        try:
+            graph = _trace(m)
+        except _Untraceable as e:
+            report.untraced[path] = str(e)
+        except Exception as e:  # noqa: BLE001  torch.fx raises many types; the module stays as it is
+            report.untraced[path] = f"torch.fx cannot trace forward: {type(e).__name__}: {str(e).splitlines()[0]}"
+        else:
+            _rewrite(m, graph, path, backend, report, registrations)
+            traced = True
+    for name, child in list(m._modules.items()):
+        if child is None or isinstance(child, (PreActConv2d, BNReLU2d)):
+            continue
+        child_path = f"{path}.{name}" if path else name
+        # Sequentials inlined into a traced owner's graph were rewritten with it.
+        _walk(child, child_path, backend, report, registrations, traced and isinstance(child, nn.Sequential))
+
+
+def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = False) -> ConversionResult:
+    """Replace BatchNorm2d → ReLU → Conv2d chains of `model` by fused `PreActConv2d`s (and BatchNorm2d → ReLU whose
+    activation has other readers by `BNReLU2d`); see the module docstring for what changes and what is kept.
+
+    Args:
+        model: any nn.Module (NCHW or channels_last inputs, any float dtype the fused layers accept).
+        backend: pinned backend of the new layers ("auto", "torch", "triton", ...); None follows
+            `fastresnet.set_backend` / FASTRESNET_BACKEND at call time.
+        inplace: modify `model` itself (its Parameter objects stay the same, so existing optimizers keep
+            working); False converts a deep copy.
+
+    Returns:
+        `ConversionResult(model, report)`: unpack it or use `.model` / `.report`; `print(report)` lists every fused
+        chain, every BatchNorm2d left alone with the reason, and modules torch.fx could not trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, got {backend!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    registrations: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        registrations[id(m)] = registrations.get(id(m), 0) + 1
+    report = ConversionReport()
+    _walk(model, "", backend, report, registrations, False)
+    return ConversionResult(model, report)
+
+
+def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of `convert`: plain BatchNorm2d / ReLU / Conv2d modules and the original classes and forwards,
+    holding the converted model's current parameters and running statistics (shared when inplace=True)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for owner in [m for m in model.modules() if hasattr(m, "_fastresnet_conversion")]:
+        record: _Conversion = owner.__dict__.pop("_fastresnet_conversion")
+        for handle in record.handles:
+            handle.remove()
+        for conv_path, bn_path, relu_slot, relu_mod in reversed(record.preact):
+            fused = owner.get_submodule(conv_path)
+            _set(owner, bn_path, fused.bn)
+            _set(owner, conv_path, fused.conv)
+            if relu_slot is not None:
+                _set(owner, relu_slot, relu_mod)
+        for bn_path, relu_slot, relu_mod in reversed(record.bn_relu):
+            _set(owner, bn_path, _bn_from(owner.get_submodule(bn_path)))
+            if relu_slot is not None:
+                _set(owner, relu_slot, relu_mod)
+        owner.__class__ = record.original_class
+    return model

@@ -1,0 +1,682 @@
+"""The trainer: PAPER.md §5's recipe end to end, with exact resume, plots and multi-GPU through torchrun.
+
+    python -m fastresnet.train                       # the embedded job: preact_resnet20 on scikit-learn digits
+    python -m fastresnet.train --preset cifar10 --data-dir ~/data --warmup-iters 400
+    torchrun --nproc_per_node=2 -m fastresnet.train --preset cifar10 --data-dir ~/data --sync-bn
+
+Configuration: `TrainConfig` (every field is a flag, `--batch-size` for `batch_size`), resolved as dataclass defaults <
+`--preset` < `--config file.json` < explicit flags, and saved as `config.json` beside the checkpoints.
+
+The default job (preset "digits"): preact_resnet20 (0.27M parameters, the smallest CIFAR net of the paper) on the
+1437 training images of scikit-learn's 8×8 digits at their native 8×8 size (the nets pool adaptively; stages run at
+8×8, 4×4, 2×2), batch 64, 300 iterations (≈13 epochs), SGD momentum 0.9, weight decay 5e-4, lr 0.1 with a cosine
+decay to 0 (few iterations: a cosine needs no milestone tuning), ±1-pixel translation and no flip (digits are not
+mirror-symmetric). It reaches ~97–98% test accuracy (> 95% required) in well under a minute on two CPU cores.
+
+Outputs in `out_dir`: config.json, last.pt (and prev.pt, the one before), metrics.csv, metrics.json, curves.png
+(training loss, train and test error vs iterations, like the paper's figures).
+
+Exact resume (`--resume auto` or a path): the checkpoint holds the iteration, model, optimizer (momentum buffers),
+AMP scaler, RNG states and the metric history; the data order and augmentation of iteration i are pure functions of
+(seed, i) (`fastresnet.data`), and the LR is a function of i, so a resumed run computes the same iterations as an
+uninterrupted one (bitwise on CPU). SIGINT/SIGTERM finish the current iteration, save a checkpoint and exit with
+128 + signal number (in a torchrun job the ranks agree on the stop every 10 iterations).
+
+Distributed (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK): DistributedDataParallel with NCCL on GPUs, gloo on CPUs;
+`batch_size` is the global batch, split evenly; BN statistics are per device unless `--sync-bn`
+(`fastresnet.distributed`). Rank 0 writes all files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastresnet
+from fastresnet import checkpoint, data
+from fastresnet.distributed import convert_sync_batchnorm
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
+
+
+@dataclass
+class TrainConfig:
+    """Every field is a command-line flag (underscores become dashes). Defaults: the embedded digits job."""
+
+    preset: str = "digits"            # digits | cifar10 | cifar100 | imagenet: a recipe applied before the overrides
+    config: str = ""                  # a JSON file of field values (applied after the preset, before flags)
+    dataset: str = "digits"           # digits | cifar10 | cifar100 | imagenet (image folder) | synthetic
+    data_dir: str = "./data"          # CIFAR: folder with the python batches or the .tar.gz; ImageNet: has train/, val/
+    download: bool = False            # CIFAR: fetch the archive if missing (needs a network)
+    image_size: int = 0               # 0: native (digits 8, CIFAR/synthetic 32, ImageNet 224)
+    synthetic_size: int = 10000       # images in the synthetic training set
+    model: str = "preact_resnet20"
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # JSON, passed to create_model
+    num_classes: int = 0              # 0: the dataset's
+    batch_size: int = 64              # global batch (all ranks together)
+    iterations: int = 300
+    epochs: float = 0.0               # > 0: overrides iterations (ceil(epochs · iterations per epoch))
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"          # step (÷ 1/lr_decay at each milestone) | cosine (to 0) | constant
+    milestones: List[float] = field(default_factory=list)
+    milestone_unit: str = "iter"      # iter | epoch
+    lr_decay: float = 0.1
+    warmup_iters: int = 0             # lr = warmup_lr for the first warmup_iters iterations (PAPER.md §5.1: 400, 0.01)
+    warmup_lr: float = 0.01
+    pad: int = 1                      # translation augmentation: zero-pad and random crop (CIFAR: 4)
+    flip: bool = False                # random horizontal flip (CIFAR: on)
+    amp: str = "none"                 # none | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    channels_last: bool = False
+    cuda_graph: bool = False          # capture the whole step (forward, backward, SGD) as one CUDA graph
+    compile: bool = False             # torch.compile the model
+    backend: str = "auto"             # fastresnet.set_backend
+    device: str = "auto"              # auto (cuda if available) | cpu | cuda
+    sync_bn: bool = False             # synchronised BN across ranks (torchrun)
+    seed: int = 0
+    runs: int = 1                     # > 1: repeat with seeds seed, seed+1, ...; report median and mean±std
+    out_dir: str = "runs/digits"
+    log_every: int = 50
+    eval_every: int = 0               # 0: evaluate at the end only
+    ckpt_every: int = 0               # 0: checkpoint at the end (and on SIGINT/SIGTERM) only
+    resume: str = ""                  # "auto" (out_dir/last.pt) or a checkpoint path
+    stop_at: int = 0                  # > 0: stop after this iteration as a kill would (checkpoint, exit)
+    workers: int = 4                  # image-folder loader processes
+    plot: bool = True
+
+
+_CIFAR_RECIPE = dict(model="preact_resnet110", batch_size=128, iterations=64000, lr=0.1, momentum=0.9,
+                     weight_decay=1e-4, schedule="step", milestones=[32000, 48000], milestone_unit="iter",
+                     pad=4, flip=True, log_every=100, eval_every=2000, ckpt_every=2000)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "digits": {},
+    "cifar10": dict(_CIFAR_RECIPE, dataset="cifar10", out_dir="runs/cifar10"),
+    "cifar100": dict(_CIFAR_RECIPE, dataset="cifar100", out_dir="runs/cifar100"),
+    # PAPER.md §5.4: lr 0.1 ÷10 at epochs 30 and 60, batch 256; 90 epochs (fb.resnet.torch's default)
+    "imagenet": dict(dataset="imagenet", model="preact_resnet200", batch_size=256, epochs=90, lr=0.1,
+                     weight_decay=1e-4, schedule="step", milestones=[30, 60], milestone_unit="epoch", pad=0,
+                     flip=True, log_every=100, eval_every=5000, ckpt_every=1000, out_dir="runs/imagenet"),
+}
+
+
+# ---- configuration ------------------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per `TrainConfig` field; every default is suppressed so only given flags override."""
+    p = argparse.ArgumentParser(prog="fastresnet train", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
+    defaults = TrainConfig()
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f"default: {getattr(defaults, f.name)!r}"
+        if f.type == "bool":
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "milestones":
+            p.add_argument(_flag(f.name), type=float, nargs="*", help=help_text)
+        elif f.name == "model_kwargs":
+            p.add_argument(_flag(f.name), type=json.loads, help="JSON object; " + help_text)
+        else:
+            p.add_argument(_flag(f.name), type=kinds[f.type], help=help_text)
+    return p
+
+
+def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Defaults < preset < JSON config file < explicit flags (module docstring)."""
+    given = vars(build_parser().parse_args(argv))
+    from_file: Dict[str, Any] = {}
+    if given.get("config"):
+        with open(given["config"]) as f:
+            from_file = json.load(f)
+        if not isinstance(from_file, dict):
+            raise ValueError(f"config: {given['config']} must hold a JSON object of TrainConfig fields")
+    preset = given.get("preset", from_file.get("preset", "digits"))
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **from_file, **given, "preset": preset}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config: unknown fields {unknown}; see `fastresnet train --help`")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Clear errors for bad values, naming the flag."""
+    checks = [
+        (cfg.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
+        (cfg.amp in AMP_DTYPES, "amp", f"one of {tuple(AMP_DTYPES)}"),
+        (cfg.schedule in ("step", "cosine", "constant"), "schedule", "step, cosine or constant"),
+        (cfg.milestone_unit in ("iter", "epoch"), "milestone_unit", "iter or epoch"),
+        (cfg.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
+        (cfg.batch_size > 0, "batch_size", "a positive integer"),
+        (cfg.iterations > 0 or cfg.epochs > 0, "iterations", "a positive integer (or epochs > 0)"),
+        (cfg.lr > 0, "lr", "a positive number"),
+        (cfg.log_every > 0, "log_every", "a positive integer"),
+        (cfg.runs > 0, "runs", "a positive integer"),
+        (cfg.pad >= 0, "pad", "a non-negative integer"),
+        (cfg.backend in fastresnet.backends.BACKEND_NAMES, "backend", f"one of {fastresnet.backends.BACKEND_NAMES}"),
+    ]
+    for ok, name, expected in checks:
+        if not ok:
+            raise ValueError(f"{_flag(name)}: expected {expected}, got {getattr(cfg, name)!r}")
+    if cfg.cuda_graph and cfg.amp == "fp16":
+        raise ValueError("--cuda-graph: not with --amp fp16 (the GradScaler's inf check syncs the host); use bf16")
+    if cfg.cuda_graph and cfg.compile:
+        raise ValueError("--cuda-graph: not with --compile (torch.compile(mode='reduce-overhead') makes its own graphs)")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+def lr_at(cfg: TrainConfig, it: int, total: int, steps_per_epoch: int) -> float:
+    """The learning rate of iteration `it` (0-based): warm-up, then the step / cosine / constant schedule."""
+    if it < cfg.warmup_iters:
+        return cfg.warmup_lr
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * it / total))
+    if cfg.schedule == "step":
+        scale = steps_per_epoch if cfg.milestone_unit == "epoch" else 1
+        return cfg.lr * cfg.lr_decay ** sum(it >= m * scale for m in cfg.milestones)
+    return cfg.lr
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG the step may use (dropout-style layers), as uint8 tensors so weights_only loading works."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---- the trainer --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Sets up data, model, optimizer, AMP, CUDA graph and DDP from a `TrainConfig`; `fit()` runs the job."""
+
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available")
+        self.device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise RuntimeError("--cuda-graph: needs a CUDA device (this run is on the CPU)")
+        if cfg.cuda_graph and self.world > 1:
+            raise RuntimeError("--cuda-graph: single-process runs only (DDP capture is not supported here)")
+        if want_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if want_cuda else "gloo")
+        fastresnet.set_backend(cfg.backend)
+        torch.manual_seed(cfg.seed)
+
+        self._setup_data()
+        self.total = cfg.iterations if cfg.epochs <= 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
+        self._setup_model()
+        self.history: Dict[str, List[Any]] = {"loss": [], "wrong": [], "log": [], "eval": []}
+        self.iteration = 0
+        self._stop_signal: Optional[int] = None
+        self._graph = None
+        if self.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            _write_text_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2) + "\n")
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.folder = None
+        if cfg.dataset == "digits":
+            train, test = data.load_digits(cfg.image_size or 8)
+        elif cfg.dataset in ("cifar10", "cifar100"):
+            train, test = data.load_cifar(cfg.data_dir, 10 if cfg.dataset == "cifar10" else 100, cfg.download)
+        elif cfg.dataset == "synthetic":
+            n_cls = cfg.num_classes or 10
+            train = data.synthetic(cfg.synthetic_size, n_cls, cfg.image_size or 32, seed=1)
+            test = data.synthetic(max(cfg.batch_size, 1000), n_cls, cfg.image_size or 32, seed=2)
+        else:
+            size = cfg.image_size or 224
+            self.folder = (data.ImageFolder(os.path.join(cfg.data_dir, "train"), size, True, cfg.seed),
+                           data.ImageFolder(os.path.join(cfg.data_dir, "val"), size, False))
+            train = test = None
+        if train is not None:
+            if cfg.image_size and cfg.dataset != "digits" and cfg.image_size != train.images.shape[-1]:
+                raise ValueError(f"--image-size: {cfg.dataset} images are {train.images.shape[-1]} pixels, "
+                                 f"got {cfg.image_size}")
+            self.train_data, self.test_data = train.to(self.device), test.to(self.device)
+            n_train, self.num_classes = len(train), train.num_classes
+        else:
+            n_train, self.num_classes = len(self.folder[0]), len(self.folder[0].classes)
+            self.norm = data.IMAGENET_MEAN_STD
+        self.sampler = data.IterationSampler(n_train, cfg.batch_size, cfg.seed, self.world, self.rank)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        model = fastresnet.create_model(cfg.model, num_classes=cfg.num_classes or self.num_classes,
+                                        **cfg.model_kwargs).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.world > 1:
+            model = convert_sync_batchnorm(model)
+        self.model = model                                  # the parameters' owner: checkpoints, evaluation
+        lr = torch.tensor(cfg.lr, device=self.device) if cfg.cuda_graph else cfg.lr
+        # fused SGD takes the LR as a device tensor, so a captured graph reads the current LR at every replay
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                                         fused=True if cfg.cuda_graph else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        net = torch.compile(model) if cfg.compile else model
+        self.eval_net = net
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = net
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def batches(self, start: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        """(images fp32 [B/world, C, H, W], labels [B/world]) on the device for iterations start, start+1, ..."""
+        cfg, part = self.cfg, self.sampler.rank_slice()
+        if self.folder is not None:
+            yield from self._folder_batches(start)
+            return
+        for i in range(start, self.total):
+            idx = self.sampler.indices(i)[part].to(self.device, non_blocking=True)
+            x = self.train_data.normalise(self.train_data.images[idx])
+            if cfg.pad or cfg.flip:
+                params = data.draw_augment(cfg.batch_size, cfg.pad, cfg.flip, cfg.seed, i)[part]
+                x = data.augment_batch(x, cfg.pad, params)
+            yield self._prepare(x), self.train_data.labels[idx]
+
+    def _folder_batches(self, start: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        part, sampler = self.sampler.rank_slice(), self.sampler
+        keyed = [[(int(j), i * 2 ** 20 + k) for k, j in enumerate(sampler.indices(i)[part])]
+                 for i in range(start, self.total)]
+        loader = torch.utils.data.DataLoader(self.folder[0], batch_sampler=keyed, num_workers=self.cfg.workers,
+                                             collate_fn=data.collate_uint8, pin_memory=self.device.type == "cuda")
+        mean, std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in self.norm)
+        for x, y in loader:
+            x = (x.to(self.device, non_blocking=True).float() / 255 - mean) / std
+            yield self._prepare(x), y.to(self.device, non_blocking=True)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = AMP_DTYPES[self.cfg.amp]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _step(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """Forward, backward, SGD on one batch; returns (loss, number misclassified) as device scalars."""
+        self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
+        with self._autocast():
+            out = self.net(x)
+            loss = F.cross_entropy(out.float(), y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach(), (out.argmax(1) != y).sum()
+
+    def _capture(self, x: Tensor, y: Tensor) -> None:
+        """Capture `_step` as one CUDA graph on static input buffers (DESIGN.md §4). Three warm-up steps on a side
+        stream allocate the gradients and momentum buffers; the model and optimizer state is restored afterwards,
+        so capturing changes no result (a zero momentum buffer gives the same first SGD step as none)."""
+        saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
+        saved_opt = {id(p): s["momentum_buffer"].clone() for p, s in self.optimizer.state.items()
+                     if s.get("momentum_buffer") is not None}
+        self._static = (x.clone(), y.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(*self._static)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(saved_model[k])
+            for p, s in self.optimizer.state.items():
+                buf = s["momentum_buffer"]
+                buf.copy_(saved_opt[id(p)]) if id(p) in saved_opt else buf.zero_()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_out = self._step(*self._static)
+
+    def train_step(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        if not self.cfg.cuda_graph:
+            return self._step(x, y)
+        if self._graph is None:
+            self._capture(x, y)
+        self._static[0].copy_(x)
+        self._static[1].copy_(y)
+        self._graph.replay()
+        return self._static_out[0].clone(), self._static_out[1].clone()
+
+    def set_lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Test error (%) and loss of the eval-mode model on the whole test set (sharded over ranks)."""
+        self.model.eval()
+        wrong = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum, count = torch.zeros_like(wrong), torch.zeros_like(wrong)
+        for x, y in self._test_batches():
+            with self._autocast():
+                out = self.eval_net(self._prepare(x)).float()
+            wrong += (out.argmax(1) != y).sum()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            count += y.numel()
+        if self.world > 1:
+            stats = torch.stack([wrong, loss_sum, count])
+            dist.all_reduce(stats)
+            wrong, loss_sum, count = stats
+        self.model.train()
+        return {"test_err": 100.0 * float(wrong / count), "test_loss": float(loss_sum / count)}
+
+    def _test_batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        bs = max(self.cfg.batch_size // self.world, 1) * 2
+        if self.folder is not None:
+            shard = torch.utils.data.Subset(self.folder[1], range(self.rank, len(self.folder[1]), self.world))
+            loader = torch.utils.data.DataLoader(shard, batch_size=bs, num_workers=self.cfg.workers,
+                                                 collate_fn=data.collate_uint8)
+            mean, std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in self.norm)
+            for x, y in loader:
+                yield (x.to(self.device).float() / 255 - mean) / std, y.to(self.device)
+            return
+        idx = torch.arange(self.rank, len(self.test_data), self.world, device=self.device)
+        for s in range(0, idx.numel(), bs):
+            part = idx[s:s + bs]
+            yield self.test_data.normalise(self.test_data.images[part]), self.test_data.labels[part]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {"version": 1, "iteration": self.iteration, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": rng_state(), "config": asdict(self.cfg), "history": self.history, "world_size": self.world}
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Rank 0 writes out_dir/last.pt atomically, keeping the previous one as prev.pt; all ranks wait for it."""
+        path = None
+        if self.rank == 0:
+            path = os.path.join(self.cfg.out_dir, "last.pt")
+            if os.path.exists(path):
+                os.replace(path, os.path.join(self.cfg.out_dir, "prev.pt"))
+            checkpoint.save(self.state(), path)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything `state()` saved; the job then continues exactly where the checkpoint was taken."""
+        if path == "auto":
+            last = os.path.join(self.cfg.out_dir, "last.pt")
+            prev = os.path.join(self.cfg.out_dir, "prev.pt")
+            path = last if os.path.exists(last) or not os.path.exists(prev) else prev
+        ckpt = checkpoint.load(path, map_location=self.device)
+        saved = ckpt.get("config", {})
+        for key in ("batch_size", "seed", "model", "dataset"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path}: was trained with {key}={saved[key]!r}, this run has "
+                    f"{key}={getattr(self.cfg, key)!r}; an exact resume needs the same value")
+        self.model.load_state_dict(ckpt["model"])
+        lr_tensors = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lr_tensors):
+            group["lr"] = lr                                 # keep our own (possibly device-tensor) LR
+        if self.scaler is not None and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state({k: (v.cpu() if isinstance(v, Tensor) else [t.cpu() for t in v])
+                       for k, v in ckpt["rng"].items()})
+        self.history = ckpt["history"]
+        self.iteration = int(ckpt["iteration"])
+        if self.rank == 0:
+            _log(f"resumed from {path} at iteration {self.iteration}")
+
+    # -- outputs ---------------------------------------------------------------------------------------------------
+    def write_metrics(self) -> None:
+        """metrics.json (everything, per-iteration losses included) and metrics.csv (one row per logged or
+        evaluated iteration); rank 0 only."""
+        if self.rank != 0:
+            return
+        out = self.cfg.out_dir
+        rows: Dict[int, Dict[str, Any]] = {}
+        for r in self.history["log"]:
+            rows.setdefault(r["iteration"], {}).update(r)
+        for r in self.history["eval"]:
+            rows.setdefault(r["iteration"], {}).update(r)
+        fields = ["iteration", "epoch", "lr", "train_loss", "train_err", "test_err", "test_loss", "images_per_s",
+                  "elapsed_s"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for it in sorted(rows):
+            w.writerow({"iteration": it, **rows[it]})
+        _write_text_atomic(os.path.join(out, "metrics.csv"), buf.getvalue())
+        _write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(
+            {"config": asdict(self.cfg), "log": self.history["log"], "eval": self.history["eval"],
+             "iteration_loss": self.history["loss"]}) + "\n")
+
+    def plot(self) -> Optional[str]:
+        """curves.png: train error (dashed) and test error (bold) in % vs iterations, and the training loss."""
+        if self.rank != 0 or not self.cfg.plot or not self.history["log"]:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            _log("plot skipped: matplotlib is not installed (pip install 'fastresnet[train]')")
+            return None
+        log, ev = self.history["log"], self.history["eval"]
+        fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+        ax_err.plot([r["iteration"] for r in log], [r["train_err"] for r in log], "--", label="train error")
+        if ev:
+            ax_err.plot([r["iteration"] for r in ev], [r["test_err"] for r in ev], "-o", lw=2, ms=3,
+                        label="test error")
+        ax_err.set(xlabel="iterations", ylabel="error (%)", title=f"{self.cfg.model} on {self.cfg.dataset}")
+        ax_err.legend()
+        ax_loss.plot(range(1, len(self.history["loss"]) + 1), self.history["loss"], lw=0.5, alpha=0.5,
+                     label="per iteration")
+        ax_loss.plot([r["iteration"] for r in log], [r["train_loss"] for r in log], label="window mean")
+        ax_loss.set(xlabel="iterations", ylabel="training loss", yscale="log")
+        ax_loss.legend()
+        fig.tight_layout()
+        path = os.path.join(self.cfg.out_dir, "curves.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _should_stop(self, it: int) -> bool:
+        """Whether a signal asked to stop; in a torchrun job the ranks agree (MAX all-reduce) every 10 iterations."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        if it % 10 and it != self.total:
+            return False
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to `total` iterations (from the checkpoint if `resume`); returns the final metrics."""
+        cfg = self.cfg
+        if cfg.resume:
+            self.load_checkpoint(cfg.resume)
+        handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no signal handling
+            handlers = {}
+        try:
+            return self._loop()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _loop(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        window: List[Tuple[Tensor, Tensor]] = []
+        t0 = t_win = time.perf_counter()
+        start = self.iteration
+        stopped = None
+        for x, y in self.batches(self.iteration):
+            it = self.iteration
+            self.set_lr(lr_at(cfg, it, self.total, self.steps_per_epoch))
+            window.append(self.train_step(x, y))
+            self.iteration = it + 1
+            done = self.iteration
+            if done % cfg.log_every == 0 or done == self.total:
+                self._flush(window, t_win, t0, start)
+                window, t_win = [], time.perf_counter()
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == self.total:
+                self.history["eval"].append({"iteration": done, **self.evaluate()})
+                if self.rank == 0:
+                    e = self.history["eval"][-1]
+                    _log(f"eval it {done}: test error {e['test_err']:.2f}%  test loss {e['test_loss']:.4f}")
+            if self._should_stop(done):
+                stopped = f"signal {self._stop_signal}"
+            elif cfg.stop_at and done == cfg.stop_at and done < self.total:
+                stopped = f"stop_at {done}"
+            if stopped or (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == self.total:
+                self._flush(window, t_win, t0, start)
+                window, t_win = [], time.perf_counter()
+                path = self.save_checkpoint()
+                self.write_metrics()
+                if stopped or done == self.total:
+                    self.plot()
+                if stopped:
+                    if self.rank == 0:
+                        _log(f"stopped after iteration {done} ({stopped}); checkpoint {path}; "
+                             f"continue with --resume auto")
+                    if self._stop_signal is not None:
+                        raise SystemExit(128 + self._stop_signal)
+                    break
+        final = self.history["eval"][-1] if self.history["eval"] and not stopped else {}
+        return {"iteration": self.iteration, "stopped": bool(stopped), **final,
+                "test_acc": 100.0 - final["test_err"] if final else None, "time_s": time.perf_counter() - t0}
+
+    def _flush(self, window: List[Tuple[Tensor, Tensor]], t_win: float, t0: float, start: int) -> None:
+        """Move the window's losses to the host (one sync), record them, log a progress line."""
+        if not window:
+            return
+        vals = torch.stack([torch.stack([l.float(), w.float()]) for l, w in window]).tolist()
+        self.history["loss"].extend(v[0] for v in vals)
+        self.history["wrong"].extend(int(v[1]) for v in vals)
+        now = time.perf_counter()
+        per_rank = self.cfg.batch_size // self.world
+        ips = len(window) * self.cfg.batch_size / max(now - t_win, 1e-9)
+        row = {"iteration": self.iteration, "epoch": round(self.sampler.epoch_of(self.iteration), 3),
+               "lr": lr_at(self.cfg, self.iteration - 1, self.total, self.steps_per_epoch),
+               "train_loss": sum(v[0] for v in vals) / len(vals),
+               "train_err": 100.0 * sum(v[1] for v in vals) / (len(vals) * per_rank),
+               "images_per_s": round(ips, 1), "elapsed_s": round(now - t0, 2)}
+        self.history["log"].append(row)
+        if self.rank == 0:
+            eta = (self.total - self.iteration) * (now - t0) / max(self.iteration - start, 1)
+            _log(f"it {self.iteration}/{self.total} | loss {row['train_loss']:.4f} | train err "
+                 f"{row['train_err']:.1f}% | lr {row['lr']:.4g} | {ips:.0f} img/s | ETA {_fmt_time(eta)}")
+
+
+# ---- entry point --------------------------------------------------------------------------------------------------
+def run(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train `cfg.runs` times (seeds seed, seed+1, ...; out_dir/run<k> when runs > 1); returns the final metrics,
+    and for several runs the median and mean ± std of the test error, as the paper reports."""
+    if cfg.runs == 1:
+        return Trainer(cfg).fit()
+    results = []
+    for k in range(cfg.runs):
+        sub = dataclasses.replace(cfg, seed=cfg.seed + k, runs=1, out_dir=os.path.join(cfg.out_dir, f"run{k}"))
+        results.append(Trainer(sub).fit())
+    errs = [r["test_err"] for r in results if r.get("test_err") is not None]
+    summary = {"runs": results, "test_err": errs, "median": statistics.median(errs),
+               "mean": statistics.fmean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else 0.0}
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_text_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = resolve_config(argv)
+    try:
+        result = run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        if "median" in result:
+            print(f"test error over {cfg.runs} runs: median {result['median']:.2f}%, mean "
+                  f"{result['mean']:.2f} ± {result['std']:.2f}%")
+        elif result.get("test_acc") is not None:
+            print(f"final test accuracy {result['test_acc']:.2f}% (test error {result['test_err']:.2f}%) after "
+                  f"{result['iteration']} iterations in {result['time_s']:.1f} s")
+        else:
+            print(f"stopped at iteration {result['iteration']}; resume with --resume auto")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Fused BN-apply + ReLU, forward and hand-written backward (DESIGN.md §2), on x viewed as [M = N·H·W, C].
+
+Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), batch mean μ and rstd.
+
+Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = max(x·s + t, 0) in fp32 (fp64 for
+fp64 x), one rounding to out_dtype at the store.
+
+Backward, given dy = dL/da, in three launches:
+1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = dy·[x·s + t > 0] (mask recomputed from x, never
+   stored), per-tile partial sums Σdz and Σdz·x̂ (x̂ = (x − μ)·rstd) into a [2, T, C] buffer;
+2. `_bn_relu_bwd_merge_kernel`: sums the T partials in tile order (deterministic, no atomics) and folds the
+   training-mode BN backward into per-channel coefficients k1 = −s·rstd·Σdz·x̂/M, k0 = −s·Σdz/M;
+3. `_bn_relu_bwd_dx_kernel` (elementwise): dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e. s·(dz − Σdz/M − x̂·Σdz·x̂/M);
+   eval mode (running statistics are constants): dx = s·dz (+ dres). The affine form is kept in (x − μ) rather than
+   expanded to A·dz + B·x + C, which would cancel when |μ| ≫ σ.
+
+Layouts: dense NHWC (channels_last; the fast path, C innermost) or dense NCHW; dy and dres must share x's layout
+(the backend copies strided views and mismatched layouts to x's layout first). dtypes: x, dy, dres any of
+fp16/bf16/fp32/fp64 (each upcast right after its load; DESIGN.md §6), scale/shift/mean/rstd [C] floating, dx in
+x's dtype, sums in fp32 (fp64 for fp64 x).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastresnet.kernels.stats import (
+    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, tile_config, tile_indices, tile_offsets, tl_dtype,
+)
+
+
+@triton.jit
+def _bn_relu_fwd_kernel(
+    x_ptr,      # [N, C, H, W] dense NHWC/NCHW, any float dtype: BN input
+    a_ptr,      # [N, C, H, W] same layout, out dtype: activation
+    scale_ptr,  # [C]: s
+    shift_ptr,  # [C]: t
+    M, C, HW,
+    ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols = tile_indices(tl.program_id(0), tl.program_id(1), 0, 1, BLOCK_M, BLOCK_C, INT64)
+    cmask = cols < C
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = tile_offsets(rows, cols, C, HW, NHWC)
+    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    a = tl.maximum(x * s[None, :] + t[None, :], 0.0)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_relu_bwd_partial_kernel(
+    dy_ptr,     # [N, C, H, W] layout of x, any float dtype: dL/da
+    x_ptr,      # [N, C, H, W] dense NHWC/NCHW: BN input
+    scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # [C] each: s, t, μ, rstd
+    part_ptr,   # [2, T, C] ACC out: per-tile (Σdz, Σdz·x̂)
+    M, C, HW, T, ITERS,
+    ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for it in range(ITERS):
+        rows, cols_i = tile_indices(pid_t, pid_c, it, ITERS, BLOCK_M, BLOCK_C, INT64)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = tile_offsets(rows, cols_i, C, HW, NHWC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dz = tl.where(mask & (x * s[None, :] + t[None, :] > 0), dy, 0.0)
+        sum_dz += tl.sum(dz, axis=0)
+        sum_dz_xhat += tl.sum(dz * ((x - mu[None, :]) * r[None, :]), axis=0)
+    tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
+    tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
+
+
+@triton.jit
+def _bn_relu_bwd_merge_kernel(
+    part_ptr,   # [2, T, C] ACC: per-tile (Σdz, Σdz·x̂)
+    scale_ptr, rstd_ptr,  # [C]: s, rstd
+    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] ACC out: Σdz, Σdz·x̂
+    coef_ptr,   # [2, C] ACC out: (k1, k0) of dx = s·dz + k1·(x − μ) + k0 (zero in eval)
+    C, T, inv_m,
+    ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for t in range(T):  # fixed order: deterministic
+        sum_dz += tl.load(part_ptr + t * C + cols, mask=cmask, other=0.0)
+        sum_dz_xhat += tl.load(part_ptr + (T + t) * C + cols, mask=cmask, other=0.0)
+    tl.store(sum_dz_ptr + cols, sum_dz, mask=cmask)
+    tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cmask)
+    if TRAINING:
+        s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat * inv_m, mask=cmask)
+        tl.store(coef_ptr + C + cols, -s * sum_dz * inv_m, mask=cmask)
+
+
+@triton.jit
+def _bn_relu_bwd_dx_kernel(
+    dy_ptr,     # [N, C, H, W] layout of x: dL/da
+    x_ptr,      # [N, C, H, W] dense NHWC/NCHW: BN input
+    dres_ptr,   # HAS_RES only: [N, C, H, W] layout of x: shortcut gradient added to dx
+    dx_ptr,     # [N, C, H, W] layout and dtype of x, out
+    scale_ptr, shift_ptr, mean_ptr,  # [C]: s, t, μ
+    coef_ptr,   # TRAINING only: [2, C] ACC: (k1, k0)
+    M, C, HW,
+    ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols = tile_indices(tl.program_id(0), tl.program_id(1), 0, 1, BLOCK_M, BLOCK_C, INT64)
+    cmask = cols < C
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = tile_offsets(rows, cols, C, HW, NHWC)
+    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dx = tl.where(x * s + t > 0, s * dy, 0.0)
+    if TRAINING:
+        mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+        k0 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
+        dx += k1 * (x - mu) + k0
+    if HAS_RES:
+        dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _elementwise_grid(cfg: dict) -> Tuple[int, int]:
+    return triton.cdiv(cfg["M"], cfg["BLOCK_M"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"])
+
+
+def _layout_of(nhwc: bool) -> torch.memory_format:
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def bn_relu_forward(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """a = max(x·scale + shift, 0) [N, C, H, W] in out_dtype (default x.dtype) and x's layout (dense NCHW or
+    channels_last); scale, shift [C]. Semantics of `fastresnet.reference.bn_relu`."""
+    nhwc = check_tensor(x, "x")
+    check_channel_vector(scale, "scale", x)
+    check_channel_vector(shift, "shift", x)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
+    a = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=_layout_of(nhwc))
+    if x.numel() == 0:
+        return a
+    cfg = tile_config(x)
+    _bn_relu_fwd_kernel[_elementwise_grid(cfg)](
+        x, a, scale, shift, cfg["M"], cfg["C"], cfg["HW"], ACC=tl_dtype(acc_dtype(x.dtype)), NHWC=nhwc,
+        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
+    return a
+
+
+def bn_relu_backward(
+    dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, training: bool,
+    dres: Optional[Tensor] = None, *, block_m: Optional[int] = None, tiles: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of a = relu(BN(x)): returns (dx, Σdz, Σdz·x̂), dx [N, C, H, W] in x's dtype and layout, the sums
+    [C] in fp32 (fp64 for fp64 x); dγ = Σdz·x̂, dβ = Σdz. dy, dres: x's shape and layout. Semantics of
+    `fastresnet.reference.bn_relu_backward`."""
+    nhwc = check_tensor(x, "x")
+    check_tensor(dy, "dy", like=x)
+    if dres is not None:
+        check_tensor(dres, "dres", like=x)
+    for name, v in (("scale", scale), ("shift", shift), ("mean", mean), ("rstd", rstd)):
+        check_channel_vector(v, name, x)
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    cfg = tile_config(x, block_m, tiles)
+    acc = acc_dtype(x.dtype)
+    c, t = cfg["C"], cfg["T"]
+    part = torch.empty((2, t, c), dtype=acc, device=x.device)
+    # separate [C] outputs (the custom ops forbid outputs that alias each other)
+    sum_dz = torch.empty(c, dtype=acc, device=x.device)
+    sum_dz_xhat = torch.empty(c, dtype=acc, device=x.device)
+    coef = torch.empty((2, c), dtype=acc, device=x.device) if training else part  # unused in eval
+    dx = torch.empty_like(x, memory_format=_layout_of(nhwc))
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    common = dict(ACC=tl_dtype(acc), BLOCK_C=cfg["BLOCK_C"])
+    _bn_relu_bwd_partial_kernel[(t, c_blocks)](
+        dy, x, scale, shift, mean, rstd, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"], NHWC=nhwc,
+        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["NUM_WARPS"], **common)
+    _bn_relu_bwd_merge_kernel[(c_blocks,)](
+        part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, 1.0 / cfg["M"], TRAINING=training, **common)
+    _bn_relu_bwd_dx_kernel[_elementwise_grid(cfg)](
+        dy, x, x if dres is None else dres, dx, scale, shift, mean, coef, cfg["M"], c, cfg["HW"],
+        TRAINING=training, HAS_RES=dres is not None, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
+        num_warps=cfg["NUM_WARPS"], **common)
+    return dx, sum_dz, sum_dz_xhat

@@ -1,0 +1,447 @@
+"""Tier-B Triton kernels: implicit-GEMM convolution with the BN-ReLU prologue and add+statistics epilogue
+(DESIGN.md §2–3), its dgrad with the ReLU-mask / BN-reduction epilogue, and its wgrad with the recompute prologue.
+
+Shapes (logical NCHW as in PyTorch; the kernels address memory through strides, so NHWC = channels_last, the fast
+layout, and NCHW both work without a copy; the GEMM K loop runs over (kh, kw, C) with C innermost, which is the
+contiguous axis of NHWC):
+  x   [N, C_in, H, W]        BN input (fp32 / fp16 / bf16; loaded and upcast to fp32 at once)
+  w   [C_out, C_in, KH, KW]  conv weight; its dtype is the conv's compute dtype
+  y   [N, C_out, Ho, Wo]     conv output, in w's dtype; Ho = (H + 2·PAD − KH) // STRIDE + 1
+Per-channel vectors (scale, shift, mean, rstd, statistics) are fp32 [C].
+
+GEMM views (M = rows, "N" = columns, K = reduction):
+  forward  y[m, co]        = Σ_{kh,kw,ci} a[n, ci, ho·s−p+kh, wo·s−p+kw] · w[co, ci, kh, kw],   m = (n, ho, wo)
+  dgrad    da[m, ci]       = Σ_{kh,kw,co} dy[n, co, (h+p−kh)/s, (w+p−kw)/s] · w[co, ci, kh, kw],  m = (n, h, w),
+                             terms whose (h+p−kh) is not a multiple of s or falls outside [0, Ho) are zero
+  wgrad    dw[co, ci,kh,kw]= Σ_{m=(n,ho,wo)} dy[m, co] · a[n, ci, ho·s−p+kh, wo·s−p+kw]
+with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
+
+Reductions are deterministic: every program writes its partial result to its own row of a [tiles, ...] buffer, and
+one program per column merges the rows in tile order (Chan's formula for (mean, M2), plain sums otherwise).
+(The merge is our own, not tier A's `kernels/stats.py` one, whose partial-buffer format is still changing.)
+Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
+
+Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses tf32 only
+when torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32 is set). Interpreter (CPU): fp32 for
+fp32 and bf16 (the interpreter miscomputes bf16 arithmetic and bf16 `tl.dot`, DESIGN.md §6), fp16 for fp16.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- kernels -------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
+    scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0)
+    w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
+    res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
+    y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
+    pmean_ptr, pm2_ptr,         # [tiles_m, C_out] fp32 per-tile mean and M2 of the stored y (written if STATS)
+    M, C_in, H, W, C_out, Ho, Wo,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # output rows m = (n, ho, wo)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # output channels co
+    m_ok = rm < M
+    n_ok = rn < C_out
+    wo = rm % Wo
+    ho = (rm // Wo) % Ho
+    nb = rm // (Wo * Ho)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hi = ho * STRIDE - PAD + kh
+            wi = wo * STRIDE - PAD + kw
+            pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x_row = nb * sxn + hi * sxh + wi * sxw                      # [BLOCK_M] offset of (n, hi, wi)
+            for c0 in range(0, C_in, BLOCK_K):
+                rk = c0 + tl.arange(0, BLOCK_K)                           # input channels ci of this K slice
+                k_ok = rk < C_in
+                a_mask = pos_ok[:, None] & k_ok[None, :]
+                xv = tl.load(x_ptr + x_row[:, None] + rk[None, :] * sxc, mask=a_mask, other=0.0).to(tl.float32)
+                s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
+                t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
+                # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
+                a = tl.maximum(xv * s[None, :] + t[None, :], 0.0)
+                a = tl.where(a_mask, a, 0.0)
+                wv = tl.load(w_ptr + rn[None, :] * swo + rk[:, None] * swi + kh * swh + kw * sww,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_K, BLOCK_N]
+                acc = tl.dot(a.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+    # epilogue: + residual (fp32), one rounded store, per-tile statistics of the stored value
+    y_off = (nb * syn + ho * syh + wo * syw)[:, None] + rn[None, :] * syc
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_off, out, mask=mask)
+    if STATS:
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        v = tl.where(mask, out.to(tl.float32), 0.0)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(mask, v - mean[None, :], 0.0)
+        tl.store(pmean_ptr + pid_m * C_out + rn, mean, mask=n_ok)
+        tl.store(pm2_ptr + pid_m * C_out + rn, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _chan_merge_kernel(
+    pmean_ptr, pm2_ptr,         # [T, C] fp32 per-tile mean and M2; tile t holds min(TILE, M − t·TILE) rows
+    mean_ptr, var_ptr,          # [C] fp32 out: mean and biased variance over all M rows
+    T, M, C,
+    TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Chan et al.: merging (n_a, μ_a, M2_a) with (n_b, μ_b, M2_b): δ = μ_b − μ_a, μ = μ_a + δ·n_b/n,
+    # M2 = M2_a + M2_b + δ²·n_a·n_b/n. Tiles merge left to right, so the result is bitwise reproducible.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(0, T):
+        n_a = t * TILE * 1.0                                  # every tile before t is full
+        n_b = tl.minimum((M - t * TILE) * 1.0, TILE * 1.0)
+        n = n_a + n_b
+        mb = tl.load(pmean_ptr + t * C + rc, mask=c_ok, other=0.0)
+        m2b = tl.load(pm2_ptr + t * C + rc, mask=c_ok, other=0.0)
+        delta = mb - mean
+        mean += delta * (n_b / n)
+        m2 += m2b + delta * delta * (n_a * n_b / n)
+    tl.store(mean_ptr + rc, mean, mask=c_ok)
+    tl.store(var_ptr + rc, m2 / M, mask=c_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(
+    part_ptr,                   # [S, L] fp32 partial results
+    out_ptr,                    # [L] out = Σ_s part[s] (summed s = 0, 1, …: deterministic), cast to out's dtype
+    S, L,
+    BLOCK: tl.constexpr,
+):
+    rl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rl < L
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * L + rl, mask=ok, other=0.0)
+    tl.store(out_ptr + rl, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
+    w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
+    x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
+    scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
+    dz_ptr,                     # [M, C_in] fp32 out, row-major (NHWC): dz = da·[x·scale + shift > 0]
+    psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1])
+    M, C_in, H, W, C_out, Ho, Wo,
+    sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # input rows m = (n, h, w)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # input channels ci
+    m_ok = rm < M
+    n_ok = rn < C_in
+    wi = rm % W
+    hi = (rm // W) % H
+    nb = rm // (W * H)
+
+    # da = implicit GEMM of dy with the weight, K = (kh, kw, co): the transposed conv gathers the output positions
+    # (ho, wo) that read (hi, wi) through tap (kh, kw).
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            th = hi + PAD - kh
+            tw = wi + PAD - kw
+            ho = th // STRIDE
+            wo = tw // STRIDE
+            pos_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0)
+                      & (ho < Ho) & (wo < Wo))
+            dy_row = nb * sdn + ho * sdh + wo * sdw
+            for c0 in range(0, C_out, BLOCK_K):
+                rk = c0 + tl.arange(0, BLOCK_K)                           # output channels co of this K slice
+                k_ok = rk < C_out
+                dyv = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
+                              mask=pos_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                wv = tl.load(w_ptr + rk[:, None] * swo + rn[None, :] * swi + kh * swh + kw * sww,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_K, BLOCK_N]
+                acc = tl.dot(dyv.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+    # epilogue: ReLU mask recomputed from x, dz stored, per-tile Σdz and Σdz·x̂
+    mask = m_ok[:, None] & n_ok[None, :]
+    xv = tl.load(x_ptr + (nb * sxn + hi * sxh + wi * sxw)[:, None] + rn[None, :] * sxc,
+                 mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+    t = tl.load(shift_ptr + rn, mask=n_ok, other=0.0)
+    mu = tl.load(mean_ptr + rn, mask=n_ok, other=0.0)
+    r = tl.load(rstd_ptr + rn, mask=n_ok, other=0.0)
+    dz = tl.where(mask & (xv * s[None, :] + t[None, :] > 0), acc, 0.0)
+    tl.store(dz_ptr + rm[:, None] * C_in + rn[None, :], dz, mask=mask)
+    xhat = (xv - mu[None, :]) * r[None, :]
+    tl.store(psum_ptr + pid_m * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
+    tl.store(psum_ptr + (tl.num_programs(0) + pid_m) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _bn_dx_kernel(
+    dz_ptr,                     # [M, C] fp32, row-major (NHWC)
+    x_ptr,                      # [N, C, H, W] BN input, strides sxn, sxc, sxh, sxw
+    scale_ptr, mean_ptr, rstd_ptr, sum_dz_ptr, sum_dzx_ptr,    # [C] fp32
+    dx_ptr,                     # [N, C, H, W] out in x's dtype, same strides as x
+    M, C, H, W, inv_m,
+    sxn, sxc, sxh, sxw,
+    TRAINING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # training: dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M); eval (running statistics are constants): dx = scale·dz
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    mask = (rm < M)[:, None] & c_ok[None, :]
+    dz = tl.load(dz_ptr + rm[:, None] * C + rc[None, :], mask=mask, other=0.0)
+    s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)
+    off = ((rm // (W * H)) * sxn + ((rm // W) % H) * sxh + (rm % W) * sxw)[:, None] + rc[None, :] * sxc
+    if TRAINING:
+        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
+        r = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)
+        g = tl.load(sum_dz_ptr + rc, mask=c_ok, other=0.0) * inv_m
+        gx = tl.load(sum_dzx_ptr + rc, mask=c_ok, other=0.0) * inv_m
+        dx = s[None, :] * (dz - g[None, :] - (xv - mu[None, :]) * r[None, :] * gx[None, :])
+    else:
+        dx = s[None, :] * dz
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
+    scale_ptr, shift_ptr,       # [C_in] fp32
+    dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
+    part_ptr,                   # [SPLITS, C_out, C_in, KH, KW] fp32 out: this split's share of dW
+    M, C_in, H, W, C_out, Ho, Wo, rows_per_split,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    # program (tap·ci-block, co-block, split): dW[co, ci, kh, kw] over rows [split·R, (split+1)·R) of M = N·Ho·Wo
+    n_cib = tl.cdiv(C_in, BLOCK_CI)
+    tap = tl.program_id(0) // n_cib
+    kh = tap // KW
+    kw = tap % KW
+    rci = (tl.program_id(0) % n_cib) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    rco = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    split = tl.program_id(2)
+    ci_ok = rci < C_in
+    co_ok = rco < C_out
+    s = tl.load(scale_ptr + rci, mask=ci_ok, other=0.0)
+    t = tl.load(shift_ptr + rci, mask=ci_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    m_start = split * rows_per_split                      # rows_per_split is a multiple of BLOCK_M
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)                   # output rows (n, ho, wo)
+        m_ok = rm < m_end
+        wo = rm % Wo
+        ho = (rm // Wo) % Ho
+        nb = rm // (Wo * Ho)
+        dyv = tl.load(dy_ptr + (nb * sdn + ho * sdh + wo * sdw)[:, None] + rco[None, :] * sdc,
+                      mask=m_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)    # [BLOCK_M, BLOCK_CO]
+        hi = ho * STRIDE - PAD + kh
+        wi = wo * STRIDE - PAD + kw
+        pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        a_mask = pos_ok[:, None] & ci_ok[None, :]
+        xv = tl.load(x_ptr + (nb * sxn + hi * sxh + wi * sxw)[:, None] + rci[None, :] * sxc,
+                     mask=a_mask, other=0.0).to(tl.float32)                          # [BLOCK_M, BLOCK_CI]
+        # prologue: recompute the activation from x; zero padding in the activated space
+        a = tl.where(a_mask, tl.maximum(xv * s[None, :] + t[None, :], 0.0), 0.0)
+        acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+    off = rco[:, None] * (C_in * KH * KW) + rci[None, :] * (KH * KW) + kh * KW + kw
+    tl.store(part_ptr + split * (C_out * C_in * KH * KW) + off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+# ---- launchers -----------------------------------------------------------------------------------------------------
+def _pow2(n: int, lo: int = 16, hi: int = 128) -> int:
+    """Block size for an axis of length n: the next power of two, clamped to [lo, hi] (tl.dot needs >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def dot_config(compute_dtype: torch.dtype, device: torch.device) -> Tuple[tl.dtype, str]:
+    """(dot-operand dtype, fp32 input precision) for a conv computing in compute_dtype (see module docstring)."""
+    if compute_dtype == torch.float16:
+        return tl.float16, "ieee"
+    if compute_dtype == torch.bfloat16 and device.type == "cuda" and not interpreting():
+        return tl.bfloat16, "ieee"
+    tf32 = (device.type == "cuda" and not interpreting()
+            and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+    return tl.float32, ("tf32" if tf32 else "ieee")
+
+
+def _block_m(device: torch.device) -> int:
+    # GPU: large tiles (BLOCK_N = C_out is small on CIFAR); interpreter: small tiles keep tests fast and give
+    # several tiles (so the Chan merge and split reductions are exercised) even on tiny inputs.
+    return 32 if interpreting() else 128
+
+
+def _check_numel(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"{name}: the Triton conv kernels use int32 indices; got {t.numel()} elements (< 2**31)")
+
+
+def _alloc_like_layout(x: Tensor, shape, dtype: torch.dtype) -> Tensor:
+    """An empty [N, C, H, W] tensor in x's memory format (channels_last if x is NHWC-stored, else contiguous)."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> Tuple[int, int]:
+    return (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+
+
+def conv_forward(
+    x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int, padding: int,
+    residual: Optional[Tensor] = None, stats: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """y = conv2d(relu(x·scale + shift), weight, stride, padding) (+ residual), and optionally y's batch statistics.
+
+    x: [N, C_in, H, W] any strides (channels_last is the fast layout); scale/shift: fp32 [C_in];
+    weight: [C_out, C_in, k, k], k ∈ {1, 3}, its dtype is the output dtype; residual: [N, C_out, Ho, Wo] or None.
+    Returns (y, mean, var): y in x's memory format; mean and biased var fp32 [C_out] of the stored (rounded) y when
+    stats=True (merged from per-tile partials in tile order: deterministic), else None.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    ho, wo = conv_out_hw(h, w, k, stride, padding)
+    m = n * ho * wo
+    y = _alloc_like_layout(x, (n, c_out, ho, wo), weight.dtype)
+    _check_numel(x=x, y=y)
+    if residual is not None and residual.stride() != y.stride():
+        residual = residual.contiguous(memory_format=torch.channels_last if y.stride(1) == 1 else
+                                       torch.contiguous_format)
+    dot_dtype, precision = dot_config(weight.dtype, x.device)
+    block_m, block_n = _block_m(x.device), _pow2(c_out)
+    tiles = triton.cdiv(m, block_m)
+    pmean = pm2 = y
+    if stats:
+        pmean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
+        pm2 = torch.empty_like(pmean)
+    _conv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
+        x, scale, shift, weight, residual if residual is not None else y, y, pmean, pm2,
+        m, c_in, h, w, c_out, ho, wo, *x.stride(), *weight.stride(), *y.stride(),
+        STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_in, hi=64),
+    )
+    if not stats:
+        return y, None, None
+    mean = torch.empty(c_out, dtype=torch.float32, device=x.device)
+    var = torch.empty_like(mean)
+    block_c = _pow2(c_out, lo=1, hi=256)
+    _chan_merge_kernel[(triton.cdiv(c_out, block_c),)](pmean, pm2, mean, var, tiles, m, c_out,
+                                                        TILE=block_m, BLOCK_C=block_c)
+    return y, mean, var
+
+
+def _sum_rows(part: Tensor, out: Tensor) -> Tensor:
+    """out (flat, any float dtype) = part[S, L].sum(0) in row order s = 0, 1, … (deterministic)."""
+    L = part.shape[1]
+    block = 256
+    _sum_rows_kernel[(triton.cdiv(L, block),)](part, out, part.shape[0], L, BLOCK=block)
+    return out
+
+
+def conv_backward(
+    dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+    stride: int, padding: int, training: bool, need_weight_grad: bool = True, wgrad_splits: Optional[int] = None,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Backward of y = conv2d(relu(x·scale + shift), weight): returns (dx, dweight, Σdz, Σdz·x̂).
+
+    dy: [N, C_out, Ho, Wo] any strides, in the weight dtype; x: [N, C_in, H, W]; scale, shift, mean, rstd: fp32
+    [C_in]. dx has x's dtype and memory format; dweight [C_out, C_in, k, k] contiguous in the weight's dtype (None
+    unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of `reference.bn_relu_backward` after
+    the conv backward, eval mode included (training=False: dx = scale·dz).
+    Three steps: (1) dgrad with the mask/reduction epilogue (dz to an fp32 [M, C_in] scratch buffer); (2) the
+    per-channel affine dx pass; (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed in split order.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    _, _, ho, wo = dy.shape
+    _check_numel(x=x, dy=dy)
+    dev = x.device
+    dot_dtype, precision = dot_config(weight.dtype, dev)
+    block_m = _block_m(dev)
+
+    # (1) dgrad + epilogue: dz and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows
+    m_in = n * h * w
+    tiles = triton.cdiv(m_in, block_m)
+    block_n = _pow2(c_in)
+    dz = torch.empty((m_in, c_in), dtype=torch.float32, device=dev)
+    psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
+    _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_n))](
+        dy, weight, x, scale, shift, mean, rstd, dz, psum,
+        m_in, c_in, h, w, c_out, ho, wo, *dy.stride(), *weight.stride(), *x.stride(),
+        STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_out, hi=64),
+    )
+    # ordered sums over tiles; two separate outputs (custom-op outputs must not alias each other)
+    sum_dz = _sum_rows(psum[0], torch.empty(c_in, dtype=torch.float32, device=dev))
+    sum_dzx = _sum_rows(psum[1], torch.empty(c_in, dtype=torch.float32, device=dev))
+
+    # (2) dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M) (training) or scale·dz (eval)
+    dx = _alloc_like_layout(x, x.shape, x.dtype)
+    if dx.stride() != x.stride():
+        x = x.contiguous(memory_format=torch.channels_last if dx.stride(1) == 1 else torch.contiguous_format)
+    block_c = _pow2(c_in, hi=64)
+    _bn_dx_kernel[(tiles, triton.cdiv(c_in, block_c))](
+        dz, x, scale, mean, rstd, sum_dz, sum_dzx, dx, m_in, c_in, h, w, 1.0 / m_in, *x.stride(),
+        TRAINING=training, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    del dz
+
+    # (3) wgrad: per (tap, ci-block, co-block, split) program, then the ordered sum over splits
+    dweight = None
+    if need_weight_grad:
+        m_out = n * ho * wo
+        block_co, block_ci = _pow2(c_out), _pow2(c_in, hi=64)
+        base = k * k * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
+        if wgrad_splits is None:
+            # GPU: enough programs to fill the SMs twice; interpreter: 2 (exercises the split reduction)
+            target = 2 if interpreting() or dev.type != "cuda" else max(
+                1, 2 * torch.cuda.get_device_properties(dev).multi_processor_count // base)
+            wgrad_splits = target
+        splits = max(1, min(wgrad_splits, triton.cdiv(m_out, block_m)))
+        rows = triton.cdiv(triton.cdiv(m_out, splits), block_m) * block_m
+        splits = triton.cdiv(m_out, rows)
+        part = torch.empty((splits, weight.numel()), dtype=torch.float32, device=dev)
+        _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)](
+            x, scale, shift, dy, part, m_out, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
+            STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        )
+        dweight = _sum_rows(part, torch.empty(weight.shape, dtype=weight.dtype, device=dev))
+    return dx, dweight, sum_dz, sum_dzx

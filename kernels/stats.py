@@ -1,0 +1,226 @@
+"""Per-channel batch statistics of x [N, C, H, W] (DESIGN.md §2), deterministic, no atomics.
+
+Layout: x is viewed as a matrix [M = N·H·W rows, C channels]. Dense NHWC (channels_last, C innermost: the fast
+path, element (m, c) at m·C + c) and dense NCHW (element (m, c) at n·C·HW + c·HW + hw, with m = n·HW + hw) are
+supported; any other strides are refused here (the backend copies strided views to dense first).
+
+Algorithm: pass 1 (`_stats_partial_kernel`, grid [T, cdiv(C, BLOCK_C)]) gives every program a tile of
+ITERS·BLOCK_M rows × BLOCK_C channels; it reduces each [BLOCK_M, BLOCK_C] chunk two-pass (mean, then centred
+squares) and folds the chunks together with Chan's formula, writing a partial (count, mean, M2, K) per channel to a
+[4, T, C] buffer. Pass 2 (`_stats_merge_kernel`) folds the T partials with Chan's formula in tile order. Fixed
+tiling (a function of M, C and the device only) and a fixed merge order make the result bitwise reproducible.
+Numerics: the centred M2 avoids one-pass E[x²] − E[x]², which cancels when |mean| ≫ std; and every value is first
+shifted by K = the channel's value at row 0 (the same in every program), so chunk means are O(std) rather than
+O(|mean|) and the Chan cross terms (differences of chunk means) keep full precision; mean = K + shifted mean.
+
+dtype rules: loads are upcast to the accumulation dtype right after loading (float32; float64 for float64 input),
+which also avoids the Triton interpreter's bf16 arithmetic bug (DESIGN.md §6). Statistics are returned in that dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT32_LIMIT = 2**31 - 1
+
+
+# ---- shared device helpers -----------------------------------------------------------------------------------------
+@triton.jit
+def tile_offsets(rows, cols, C, HW, NHWC: tl.constexpr):
+    """Element offsets [BLOCK_M, BLOCK_C] of rows (indices into N·H·W) × cols (channels) of a dense tensor."""
+    if NHWC:
+        return rows[:, None] * C + cols[None, :]
+    else:
+        n = rows // HW
+        hw = rows - n * HW
+        return (n * C * HW + hw)[:, None] + cols[None, :] * HW
+
+
+@triton.jit
+def tile_indices(pid_m, pid_c, it, ITERS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Row indices [BLOCK_M] of chunk `it` of row-tile pid_m (ITERS chunks per tile) and channels [BLOCK_C] of
+    channel-block pid_c; int64 when the tensor has more than 2^31 − 1 elements."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
+    return (pid_m * ITERS + it) * BLOCK_M + rows, cols
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s pairwise combination of (count, mean, M2) summaries; empty summaries (count 0) are neutral."""
+    n = n_a + n_b
+    w_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+# ---- kernels -------------------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_partial_kernel(
+    x_ptr,     # [N, C, H, W] dense NHWC/NCHW, fp16/bf16/fp32/fp64: the input (ADD: first addend a)
+    b_ptr,     # ADD only: [N, C, H, W], same layout as x: second addend
+    y_ptr,     # ADD only: [N, C, H, W], same layout as x, x's dtype: y = x + b, rounded once
+    part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K (ADD: of the rounded y − K), and K
+    M, C, HW, T, ITERS,
+    ACC: tl.constexpr, ADD: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    # shift K [1, BLOCK_C]: the value at row 0 of each channel (of the rounded y = a + b when ADD)
+    _, cols = tile_indices(pid_t, pid_c, 0, ITERS, BLOCK_M, BLOCK_C, INT64)
+    offs0 = tile_offsets(tl.zeros([1], dtype=tl.int32), cols, C, HW, NHWC)
+    k = tl.load(x_ptr + offs0, mask=(cols < C)[None, :], other=0.0).to(ACC)
+    if ADD:
+        k = k + tl.load(b_ptr + offs0, mask=(cols < C)[None, :], other=0.0).to(ACC)
+        k = k.to(y_ptr.dtype.element_ty).to(ACC)
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for it in range(ITERS):
+        rows, cols = tile_indices(pid_t, pid_c, it, ITERS, BLOCK_M, BLOCK_C, INT64)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < C)[None, :]
+        offs = tile_offsets(rows, cols, C, HW, NHWC)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if ADD:
+            # y = a + b in ACC, one rounding at the store; the statistics are those of the stored (rounded) y.
+            v = v + tl.load(b_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = v.to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + offs, y, mask=mask)
+            v = y.to(ACC)
+        v = tl.where(mask, v - k, 0.0)
+        # this chunk, two-pass: count, mean, centred M2 (masked lanes contribute nothing)
+        n_b = tl.sum(rmask.to(ACC), axis=0)
+        mean_b = tl.sum(v, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask, v - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    base = part_ptr + pid_t * C + cols
+    tl.store(base, count, mask=cmask)
+    tl.store(base + T * C, mean, mask=cmask)
+    tl.store(base + 2 * T * C, m2, mask=cmask)
+    tl.store(base + 3 * T * C, tl.sum(k, axis=0), mask=cmask)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K, and K
+    mean_ptr,  # [C] ACC out: mean
+    var_ptr,   # [C] ACC out: biased variance M2 / count
+    C, T,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for t in range(T):  # fixed order: deterministic
+        base = part_ptr + t * C + cols
+        n_b = tl.load(base, mask=cmask, other=0.0)
+        mean_b = tl.load(base + T * C, mask=cmask, other=0.0)
+        m2_b = tl.load(base + 2 * T * C, mask=cmask, other=0.0)
+        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    k = tl.load(part_ptr + 3 * T * C + cols, mask=cmask, other=0.0)  # the same K in every tile: take tile 0's
+    tl.store(mean_ptr + cols, k + mean, mask=cmask)
+    tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
+
+
+# ---- host side -----------------------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype: float64 for float64 storage, float32 otherwise (as fastresnet.reference)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+def check_tensor(t: Tensor, name: str, like: Optional[Tensor] = None) -> bool:
+    """Validate a 4-D dense NCHW or NHWC float tensor; `like`: it must match like's shape, device and layout.
+    Returns True for NHWC (channels_last) storage, False for NCHW."""
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+    nhwc = not t.is_contiguous()
+    if nhwc and not t.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{name}: expected dense NCHW or channels_last storage, got strides {t.stride()} "
+                         "(call .contiguous() first)")
+    if like is not None:
+        if t.shape != like.shape or t.device != like.device:
+            raise ValueError(f"{name}: expected shape {tuple(like.shape)} on {like.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+        fmt = torch.contiguous_format if like.is_contiguous() else torch.channels_last
+        if not t.is_contiguous(memory_format=fmt):
+            raise ValueError(f"{name}: expected the memory format of x ({fmt}), got strides {t.stride()}")
+    return nhwc
+
+
+def check_channel_vector(v: Tensor, name: str, x: Tensor) -> None:
+    if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != x.shape[1] or v.device != x.device:
+        raise ValueError(f"{name}: expected a [C={x.shape[1]}] vector on {x.device}, got "
+                         f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+                         f"{f' on {v.device}' if isinstance(v, Tensor) else ''}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {v.dtype}")
+
+
+def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] = None) -> dict:
+    """Tile sizes for an [M = N·H·W, C] pass over x: BLOCK_C channels × BLOCK_M rows per chunk, ITERS chunks per
+    row-tile, T row-tiles. Depends only on (shape, device), so reductions are reproducible. `block_m`/`tiles`
+    override the defaults (tuning, and tests that force many partials)."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    block_c = min(triton.next_power_of_2(c), 64)
+    if block_m is None:
+        block_m = max(16, min(4096 // block_c, triton.next_power_of_2(m)))
+    chunks = triton.cdiv(m, block_m)
+    if tiles is None:
+        # enough programs to fill the GPU (4 per SM); under the interpreter a few tiles keep it fast
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        tiles = max(1, 4 * sms // triton.cdiv(c, block_c))
+    iters = triton.cdiv(chunks, min(tiles, chunks))
+    return dict(M=m, C=c, HW=h * w, BLOCK_M=block_m, BLOCK_C=block_c, ITERS=iters, T=triton.cdiv(chunks, iters),
+                INT64=x.numel() > _INT32_LIMIT, NUM_WARPS=4 if block_m * block_c <= 2048 else 8)
+
+
+def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool, block_m: Optional[int] = None,
+                 tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Run both passes over x (or over y = x + b when b and y are given); returns (mean, biased var) in ACC."""
+    cfg = tile_config(x, block_m, tiles)
+    acc = acc_dtype(x.dtype)
+    c, t = cfg["C"], cfg["T"]
+    part = torch.empty((4, t, c), dtype=acc, device=x.device)
+    mean = torch.empty(c, dtype=acc, device=x.device)
+    var = torch.empty(c, dtype=acc, device=x.device)
+    add = b is not None
+    _stats_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
+        x, b if add else x, y if add else x, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"],
+        ACC=tl_dtype(acc), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
+    _stats_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
+        part, mean, var, c, t, ACC=tl_dtype(acc), BLOCK_C=cfg["BLOCK_C"])
+    return mean, var
+
+
+def batch_stats(x: Tensor, *, block_m: Optional[int] = None, tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) of x [N, C, H, W] (dense NCHW or channels_last; fp16/bf16/fp32/fp64),
+    returned as [C] float32 (float64 for float64 x). Semantics of `fastresnet.reference.batch_stats`."""
+    nhwc = check_tensor(x, "x")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    return launch_stats(x, None, None, nhwc, block_m, tiles)

@@ -1,0 +1,123 @@
+"""The benchmark harness on CPU: the eager twin is the same network, the smoke modes run and write complete rows,
+the largest-batch search is right, and report.py renders the rows (tables, plots, README block)."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import bench_memory, bench_models, common, report
+from fastresnet import create_model
+from fastresnet.nn import BNReLU2d, PreActConv2d
+
+ENV_FIELDS = {"device", "device_type", "torch", "cuda", "cudnn", "triton", "python", "git_rev", "date", "run_id"}
+MODEL_FIELDS = ENV_FIELDS | {"bench", "smoke", "model", "provider", "backend", "cuda_graph", "compile_mode", "dtype",
+                             "batch", "image_size", "channels_last", "cudnn_benchmark", "macs_per_image", "status",
+                             "reason"}
+MEASURED_FIELDS = {"ms_per_step", "ms_p20", "ms_p80", "iters", "images_per_s", "peak_mem_bytes", "tflops",
+                   "speedup_vs_eager", "memory_vs_eager", "warmup_s"}
+
+
+def test_to_eager_is_the_same_network_in_plain_modules():
+    fused = create_model("preact_resnet20", backend="torch")
+    twin = common.to_eager(copy.deepcopy(fused))
+    assert not any(isinstance(m, (PreActConv2d, BNReLU2d)) for m in twin.modules())
+    params = [id(p) for p in twin.parameters()]
+    assert [id(p) for p in common.to_eager(twin).parameters()] == params  # in place: the same tensors
+
+    x = -1.0 + torch.randn(2, 3, 8, 8)
+    out_f, out_e = fused(x), twin(x)
+    out_f.square().sum().backward()
+    out_e.square().sum().backward()
+    # fp32, same math; only the reduction order of BN statistics and of the backward sums differs (aten vs reference)
+    torch.testing.assert_close(out_e, out_f, rtol=1e-4, atol=1e-4)
+    for (name, pf), pe in zip(fused.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, bf), be in zip(fused.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(be, bf, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fits_up_to, start, expected", [(300, 128, 296), (20, 128, 16), (5, 8, 0), (10**6, 64, 1024)])
+def test_largest_batch_search(fits_up_to, start, expected):
+    probed = []
+
+    def fits(b):
+        probed.append(b)
+        return b <= fits_up_to
+
+    batch, probes, note = bench_memory.largest_batch(fits, start, limit=1024, granularity=8)
+    assert batch == expected and probes == len(probed)
+    assert all(b % 8 == 0 and b <= 1024 for b in probed)
+    assert note.startswith("≥") == (expected == 1024)
+
+
+def test_largest_batch_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="granularity, start, limit"):
+        bench_memory.largest_batch(lambda b: True, start=4, limit=1024, granularity=8)
+
+
+def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
+    out = tmp_path / "models.jsonl"
+    bench_models.main(["--cpu-smoke", "--out", str(out)])
+    rows = common.read_rows([out])
+    assert {r["provider"] for r in rows} >= {"eager", "eager+graph", "fastresnet:torch"}
+    for r in rows:
+        assert MODEL_FIELDS <= set(r), MODEL_FIELDS - set(r)
+        assert r["device"] == "cpu" and r["smoke"] and r["model"] == "preact_resnet20" and r["batch"] == 4
+        assert r["status"] in ("ok", "unavailable", "skipped") and (r["status"] == "ok" or r["reason"])
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    assert {"eager", "fastresnet:torch"} <= set(ok)
+    for r in ok.values():
+        assert MEASURED_FIELDS <= set(r) and r["iters"] == 3 and r["ms_per_step"] > 0
+        assert r["images_per_s"] == pytest.approx(4 / r["ms_per_step"] * 1e3)
+        assert r["tflops"] == pytest.approx(6 * r["macs_per_image"] * 4 / r["ms_per_step"] * 1e-9)
+        assert r["peak_mem_bytes"] is None and "CPU" in r["reason"]
+    assert ok["eager"]["speedup_vs_eager"] == 1.0
+    assert ok["fastresnet:torch"]["speedup_vs_eager"] == pytest.approx(
+        ok["eager"]["ms_per_step"] / ok["fastresnet:torch"]["ms_per_step"])
+    graph = next(r for r in rows if r["provider"] == "eager+graph")
+    assert graph["status"] == "unavailable" and "CUDA" in graph["reason"]
+
+    assert report.latest(rows) == []  # smoke rows stay out of README tables unless asked for
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n{report.START}\nold\n{report.END}\ntail\n")
+    block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots"),
+                         "--write-readme", str(readme)])
+    assert "| preact_resnet20 | 4×16² | fp32 | `eager` |" in block and "`eager+graph` unavailable" in block
+    assert list((tmp_path / "plots").glob("models_cpu_fp32.png"))
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{report.END}\ntail\n") and "`fastresnet:torch`" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="perf-table"):
+        report.write_readme(readme, block)
+
+
+def test_memory_cpu_smoke_writes_rows(tmp_path):
+    out = tmp_path / "memory.jsonl"
+    bench_memory.main(["--cpu-smoke", "--out", str(out), "--backends", "torch"])
+    rows = common.read_rows([out])
+    assert [(r["depth"], r["provider"]) for r in rows] == [
+        (11, "eager"), (11, "fastresnet:torch"), (20, "eager"), (20, "fastresnet:torch")]
+    for r in rows:
+        assert ENV_FIELDS <= set(r) and r["status"] == "ok" and r["peak_mem_bytes"] is None
+        assert r["max_batch"] is None and "CPU" in r["max_batch_note"]
+    assert "| preact_bottleneck20 | 20 | fp32 | `eager` | 2 |" in report.memory_table(rows)
+
+
+def test_kernels_cpu_smoke_writes_rows(tmp_path):
+    out = tmp_path / "kernels.jsonl"
+    env = dict(os.environ, FASTRESNET_BENCH_DEVICE="cpu", FASTRESNET_BENCH_OUT=str(out))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "benchmarks/bench_kernels.py", "--benchmark-only", "-k", "torch and (fp32 or add_stats)"],
+                          cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = common.read_rows([out])
+    ops = {r["op"] for r in rows if r["status"] == "ok"}
+    assert ops == {"batch_stats", "bn_relu", "bn_relu_backward", "add_stats", "bn_relu_conv", "bn_relu_conv_backward"}
+    for r in rows:
+        assert r["device"] == "cpu" and r["smoke"] and r["ceiling_copy_gbps"] > 0 and r["ceiling_matmul_tflops"] > 0
+        if r["status"] == "ok":
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] * 1e-3) and r["speedup_vs_torch"] is not None
+    assert "bn_relu_backward" in report.kernels_table(rows)

@@ -1,0 +1,266 @@
+"""Tier-B Triton implicit-GEMM BN-ReLU-conv (kernels/conv.py, backend "triton_conv") against the reference.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1; skipped otherwise), so shapes are tiny: N·H·W ≤ ~300,
+C ≤ 64. The interpreter's tile size is 32 rows, so every case spans several tiles (partial statistics merged, split
+wgrad reduced) and the odd sizes leave a partial last tile.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastresnet import functional as FF
+from fastresnet import reference
+from fastresnet.backends import BackendUnsupportedError, get_backend_impl
+from fastresnet.models import create_model
+from fastresnet.nn import PreActConv2d
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a CUDA GPU or the interpreter (TRITON_INTERPRET=1)")
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+# fp32: the kernels and the reference (oneDNN/cuDNN conv) sum the K ≤ 576 products and the N·H·W reductions in
+# different orders; values are O(10), so fp32 rounding differences stay below ~1e-5 relative, 1e-4 absolute.
+TOL32 = dict(atol=1e-4, rtol=1e-4)
+
+# (N, C_in, H, W, C_out, k, stride): channel counts 3, 16, 24, 64; odd N·H·W (2·7·5 = 70, 3·9·9 = 243, 1·5·7 = 35 …)
+CASES = [
+    (2, 16, 7, 5, 16, 3, 1),
+    (3, 3, 9, 9, 16, 3, 2),
+    (1, 24, 7, 9, 64, 3, 2),
+    (2, 64, 5, 5, 16, 1, 1),
+    (3, 16, 7, 7, 24, 1, 2),
+    (1, 64, 5, 7, 64, 3, 1),
+]
+
+
+def _inputs(n, c_in, h, w, c_out, k, stride, channels_last, dtype=torch.float32):
+    """BN input with a large non-zero mean (exposes statistics bugs), its batch BN folded to (scale, shift)."""
+    x = (-2.3 + 0.5 * torch.randn(n, c_in, h, w, device=DEV)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma = torch.rand(c_in, device=DEV) + 0.5
+    beta = torch.randn(c_in, device=DEV)
+    mean, var = reference.batch_stats(x)
+    rstd = torch.rsqrt(var + 1e-5)
+    scale, shift = reference.scale_shift(mean, rstd, gamma, beta)
+    weight = (torch.randn(c_out, c_in, k, k, device=DEV) / (k * (c_in ** 0.5))).to(dtype)
+    return x, mean, rstd, scale, shift, weight
+
+
+def _ref_backward(dy, x, scale, shift, mean, rstd, weight, stride, pad, training):
+    a = reference.bn_relu(x, scale, shift, weight.dtype)
+    da, dw, _ = torch.ops.aten.convolution_backward(
+        dy, a, weight, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, True, False])
+    dx, sum_dz, sum_dzx = reference.bn_relu_backward(da, x, scale, shift, mean, rstd, training)
+    return dx, dw, sum_dz, sum_dzx
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_forward_and_output_stats(case, channels_last):
+    from fastresnet.kernels.conv import conv_forward
+    n, c_in, h, w, c_out, k, s = case
+    x, mean, rstd, scale, shift, weight = _inputs(*case, channels_last)
+    y_ref = reference.bn_relu_conv(x, scale, shift, weight, (s, s), (k // 2, k // 2))
+    residual = torch.randn_like(y_ref) - 3.0
+    y, m, v = conv_forward(x, scale, shift, weight, s, k // 2, residual=residual, stats=True)
+    torch.testing.assert_close(y, y_ref + residual, **TOL32)
+    m_ref, v_ref = reference.batch_stats(y_ref + residual)
+    torch.testing.assert_close(m, m_ref, **TOL32)
+    torch.testing.assert_close(v, v_ref, **TOL32)
+    # the output keeps x's memory format (what the ops' fake implementations promise)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_zero_padding_is_in_activated_space():
+    # shift > 0 with x = 0 everywhere: a = relu(shift) > 0 inside, but the padded border must contribute 0
+    from fastresnet.kernels.conv import conv_forward
+    x = torch.zeros(1, 16, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.ones(16, device=DEV), torch.full((16,), 2.0, device=DEV)
+    weight = torch.ones(16, 16, 3, 3, device=DEV)
+    y, _, _ = conv_forward(x, scale, shift, weight, 1, 1)
+    assert y[0, 0, 2, 2].item() == 2.0 * 16 * 9     # interior: 9 taps
+    assert y[0, 0, 0, 0].item() == 2.0 * 16 * 4     # corner: 4 real taps, 5 padded zeros
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_backward_kernels(case, channels_last):
+    from fastresnet.kernels.conv import conv_backward
+    n, c_in, h, w, c_out, k, s = case
+    x, mean, rstd, scale, shift, weight = _inputs(*case, channels_last)
+    ho = (h + 2 * (k // 2) - k) // s + 1
+    wo = (w + 2 * (k // 2) - k) // s + 1
+    dy = torch.randn(n, c_out, ho, wo, device=DEV)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    got = conv_backward(dy, x, scale, shift, mean, rstd, weight, s, k // 2, True)
+    ref = _ref_backward(dy, x, scale, shift, mean, rstd, weight, s, k // 2, True)
+    for name, g, r in zip(("dx", "dweight", "sum_dz", "sum_dz_xhat"), got, ref):
+        torch.testing.assert_close(g, r, **TOL32, msg=lambda m: f"{name}: {m}")
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_backward_eval_mode_and_no_weight_grad():
+    from fastresnet.kernels.conv import conv_backward
+    case = CASES[0]
+    x, mean, rstd, scale, shift, weight = _inputs(*case, True)
+    dy = torch.randn(2, 16, 7, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+    dx, dw, sdz, sdzx = conv_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, False, need_weight_grad=False)
+    dx_ref, _, sdz_ref, sdzx_ref = _ref_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, False)
+    assert dw is None
+    torch.testing.assert_close(dx, dx_ref, **TOL32)
+    torch.testing.assert_close(sdz, sdz_ref, **TOL32)
+    torch.testing.assert_close(sdzx, sdzx_ref, **TOL32)
+
+
+def test_bitwise_deterministic_and_split_invariant():
+    from fastresnet.kernels.conv import conv_backward, conv_forward
+    x, mean, rstd, scale, shift, weight = _inputs(3, 16, 7, 7, 24, 3, 1, True)
+    res = torch.randn(3, 24, 7, 7, device=DEV).contiguous(memory_format=torch.channels_last)
+    f1 = conv_forward(x, scale, shift, weight, 1, 1, residual=res, stats=True)
+    f2 = conv_forward(x, scale, shift, weight, 1, 1, residual=res, stats=True)
+    dy = torch.randn_like(f1[0])
+    b1 = conv_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, True, wgrad_splits=3)
+    b2 = conv_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, True, wgrad_splits=3)
+    for a, b in zip(f1 + b1, f2 + b2):
+        assert torch.equal(a, b)
+    # a different split count only reorders fp32 sums over N·H·W = 147 rows
+    b3 = conv_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, True, wgrad_splits=1)
+    torch.testing.assert_close(b3[1], b1[1], **TOL32)
+
+
+def test_fp16_within_twice_torch_fp16_error():
+    # fp16 operands, fp32 accumulation; judged against the error the fp16 reference makes vs an fp32 one
+    from fastresnet.kernels.conv import conv_backward, conv_forward
+    x, mean, rstd, scale, shift, weight = _inputs(2, 16, 7, 5, 16, 3, 2, True, torch.float16)
+    y, _, _ = conv_forward(x, scale, shift, weight, 2, 1)
+    y_ref16 = reference.bn_relu_conv(x, scale, shift, weight, (2, 2), (1, 1))
+    y_ref32 = reference.bn_relu_conv(x.float(), scale, shift, weight.float(), (2, 2), (1, 1))
+    assert y.dtype == torch.float16
+    err, err_ref = (y.float() - y_ref32).abs().max(), (y_ref16.float() - y_ref32).abs().max()
+    assert err <= 2 * err_ref + 1e-3, (err, err_ref)
+    dy = torch.randn_like(y)
+    dx, dw, _, _ = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True)
+    dx32, dw32, _, _ = _ref_backward(dy.float(), x.float(), scale, shift, mean, rstd, weight.float(), 2, 1, True)
+    dx16, dw16, _, _ = _ref_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True)
+    for g, r16, r32 in ((dx, dx16, dx32), (dw, dw16, dw32)):
+        assert g.dtype == torch.float16
+        assert (g.float() - r32).abs().max() <= 2 * (r16.float() - r32).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_preact_conv_module_matches_torch_backend(channels_last):
+    """PreActConv2d through the custom ops: output, dx, dγ, dβ, dW and running statistics."""
+    torch.manual_seed(1)
+    ref = PreActConv2d(24, 16, 3, 2, 1, backend="torch").to(DEV)
+    fused = copy.deepcopy(ref)
+    fused.backend = "triton_conv"
+    x0 = -2.3 + 0.5 * torch.randn(3, 24, 7, 5, device=DEV)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    outs = []
+    for mod in (ref, fused):
+        x = x0.clone().requires_grad_(True)
+        y = mod(x)
+        y.backward(torch.cos(torch.arange(y.numel(), device=DEV, dtype=y.dtype)).view_as(y))
+        outs.append((y, x.grad, mod.bn.weight.grad, mod.bn.bias.grad, mod.conv.weight.grad, mod.bn.running_mean,
+                     mod.bn.running_var))
+    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "dW", "running_mean", "running_var"), *outs):
+        torch.testing.assert_close(b, a, **TOL32, msg=lambda m: f"{name}: {m}")
+
+
+def test_support_checks():
+    be = get_backend_impl("triton_conv")
+    assert be.why_not(torch.zeros(1, 3, 4, 4, dtype=torch.float64, device=DEV)) is not None
+    w5 = torch.zeros(8, 8, 5, 5)
+    assert "5×5" in be.conv_why_not(w5, (1, 1), (2, 2))
+    assert "stride" in be.conv_why_not(torch.zeros(8, 8, 3, 3), (3, 3), (1, 1))
+    assert "padding" in be.conv_why_not(torch.zeros(8, 8, 3, 3), (1, 1), (0, 0))
+    if DEV == "cpu":
+        assert not be.auto_ok(torch.zeros(1, 8, 4, 4))     # "auto" never picks the interpreter
+        x = torch.randn(2, 8, 6, 6)
+        with pytest.raises(BackendUnsupportedError, match="5×5"):
+            FF.bn_relu_conv2d(x, torch.randn(8, 8, 5, 5), None, None, stride=1, padding=2, backend="triton_conv")
+
+
+@pytest.mark.parametrize("primitives", ["tier_a", "torch_fallback"])
+def test_preact_resnet20_training_step_matches_torch(primitives, monkeypatch):
+    """One training step of preact_resnet20 (batch 2, 8×8): loss, every gradient and every buffer."""
+    be = get_backend_impl("triton_conv")
+    if primitives == "torch_fallback":
+        monkeypatch.setattr(be, "_tier_a", None)
+    elif be._tier_a is None:
+        pytest.skip("the tier-A Triton backend (fastresnet.backends.triton_backend) does not import")
+    torch.manual_seed(0)
+    model = create_model("preact_resnet20", num_classes=10).to(DEV)
+    x = torch.randn(2, 3, 8, 8, device=DEV).contiguous(memory_format=torch.channels_last)
+    target = torch.tensor([1, 7], device=DEV)
+    results = []
+    for name in ("torch", "triton_conv"):
+        m = copy.deepcopy(model)
+        for mod in m.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = name
+        loss = F.cross_entropy(m(x), target)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in m.named_parameters()}, dict(m.named_buffers())))
+    (loss_ref, g_ref, b_ref), (loss, g, b) = results
+    # fp32 through 19 convs and 19 BNs: reordered sums compound, so 1e-4 relative on gradients (measured ~3e-6)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], **TOL32, msg=lambda m: f"grad {k}: {m}")
+    for k in b_ref:
+        torch.testing.assert_close(b[k], b_ref[k], **TOL32, msg=lambda m: f"buffer {k}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton_conv"])
+def test_unit_chain_op_stats_residual_and_grads(backend):
+    """Basic pre-act unit as a chain: conv1's epilogue statistics feed BN2; conv2 adds the shortcut and returns the
+    statistics of x_{l+1}. Compared with the unfused PyTorch unit (BatchNorm2d, ReLU, conv2d autograd)."""
+    torch.manual_seed(2)
+    c = 16
+    bn1, bn2 = torch.nn.BatchNorm2d(c).to(DEV), torch.nn.BatchNorm2d(c).to(DEV)
+    for bn in (bn1, bn2):
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.normal_(bn.bias)
+    w1 = (torch.randn(c, c, 3, 3, device=DEV) / 12).requires_grad_(True)
+    w2 = (torch.randn(c, c, 3, 3, device=DEV) / 12).requires_grad_(True)
+    x0 = (-2.3 + 0.5 * torch.randn(2, c, 7, 5, device=DEV)).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x0)
+
+    fbn1, fbn2 = copy.deepcopy(bn1), copy.deepcopy(bn2)
+    x = x0.clone().requires_grad_(True)
+    h, m1, v1 = FF.bn_relu_conv2d_stats(x, w1, fbn1.running_mean, fbn1.running_var, fbn1.weight, fbn1.bias,
+                                        fbn1.num_batches_tracked, padding=1, backend=backend)
+    out, m2, v2 = FF.bn_relu_conv2d_stats(h, w2, fbn2.running_mean, fbn2.running_var, fbn2.weight, fbn2.bias,
+                                          fbn2.num_batches_tracked, padding=1, stats=(m1, v1), residual=x,
+                                          backend=backend)
+    out.backward(dy)
+    got = [out, m2, v2, x.grad, w1.grad, w2.grad, fbn1.weight.grad, fbn2.bias.grad, fbn2.running_var]
+
+    w1.grad = w2.grad = None
+    xr = x0.clone().requires_grad_(True)
+    hr = F.conv2d(torch.relu(bn1(xr)), w1, padding=1)
+    out_r = F.conv2d(torch.relu(bn2(hr)), w2, padding=1) + xr
+    out_r.backward(dy)
+    m_r, v_r = reference.batch_stats(out_r.detach())
+    want = [out_r, m_r, v_r, xr.grad, w1.grad, w2.grad, bn1.weight.grad, bn2.bias.grad, bn2.running_var]
+    names = ["out", "mean", "var", "dx", "dW1", "dW2", "dgamma1", "dbeta2", "running_var2"]
+    for name, g, r in zip(names, got, want):
+        torch.testing.assert_close(g, r, **TOL32, msg=lambda m: f"{name}: {m}")
+
+
+def test_unit_chain_op_is_traceable():
+    """The custom op has a fake implementation: opcheck (schema, fake tensor, autograd registration)."""
+    from fastresnet.ops.unit_ops import _bn_relu_conv_stats
+    x, mean, rstd, scale, shift, weight = _inputs(2, 16, 5, 5, 16, 3, 1, True)
+    res = torch.randn(2, 16, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+    gamma = torch.ones(16, device=DEV, requires_grad=True)
+    torch.library.opcheck(_bn_relu_conv_stats,
+                          (x, weight, mean, rstd, gamma, None, res, [1, 1], [1, 1], True, "triton_conv"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -1,0 +1,275 @@
+"""Triton tier-A kernels (`fastresnet.kernels`, backend "triton") against `fastresnet.reference`.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set below before triton is imported when the
+variable is unset and there is no GPU) or on a CUDA GPU with compiled kernels. Low-precision results are judged
+against a float64 reference, allowing at most 2× the error plain PyTorch (the reference ops) makes in the same
+dtype plus a small absolute slack. Note: the Triton 3.9 interpreter rounds fp32 → bf16 by truncation (the GPU
+rounds to nearest even), i.e. up to 1 bf16 ulp instead of 0.5 — still within the 2× allowance.
+"""
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+
+import pytest  # noqa: E402
+
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA GPU: the Triton kernels cannot run",
+                allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
+
+from fastresnet import reference  # noqa: E402
+from fastresnet.backends import BackendUnsupportedError, get_backend_impl, resolve  # noqa: E402
+from fastresnet.kernels import stats as kstats  # noqa: E402
+from fastresnet.kernels.add_stats import add_stats  # noqa: E402
+from fastresnet.kernels.bn_relu import bn_relu_backward, bn_relu_forward  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+BACKEND = get_backend_impl("triton")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Absolute slack on top of 2× torch's error, per dtype: a few ulps of values of order 1 (fp32/fp64 results of the
+# same formula differ only by summation order; low precision outputs are dominated by the storage rounding).
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (N, C, H, W): odd spatial sizes, C not a multiple of the block (3, 24, 33), N·H·W = 2
+SHAPES = [(2, 3, 7, 7), (1, 24, 5, 3), (2, 33, 1, 1), (3, 16, 4, 5)]
+LAYOUTS = ["nchw", "nhwc", "strided"]
+
+
+def make(shape, dtype, layout="nchw", kind="shifted", seed=0):
+    """A test tensor: "shifted" = −2.3 + 0.5·randn (non-zero mean), "large" = 1000 + randn (|μ| ≫ σ).
+    layout "strided" gives a non-dense view (every other column of a wider tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    full = (n, c, h, 2 * w) if layout == "strided" else shape
+    base = torch.randn(full, generator=g, dtype=torch.float64)
+    base = (-2.3 + 0.5 * base) if kind == "shifted" else (1000.0 + base)
+    t = base.to(dtype).to(DEVICE)
+    if layout == "nhwc":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        t = t[..., ::2]
+        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def channel_vec(c, seed, lo=0.5, hi=1.5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (lo + (hi - lo) * torch.rand(c, generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_to_exact(fused, torch_out, exact, dtype, scale=1.0, name=""):
+    """fused error ≤ 2 × torch's error + ATOL (relative to the output's magnitude `scale`)."""
+    e_fused, e_torch = err(fused, exact), err(torch_out, exact)
+    assert e_fused <= 2 * e_torch + ATOL[dtype] * scale, f"{name}: fused err {e_fused:.3g}, torch err {e_torch:.3g}"
+
+
+def check_stats(mean, var, rmean, rvar, mean64, var64):
+    """Statistics are computed in the accumulation dtype from the stored values whatever the storage dtype, so
+    they are judged at that precision: 2× torch's error plus ATOL[acc] relative to the magnitude (|μ| up to 1000).
+    The variance bound is relative to var itself: one-pass E[x²] − E[x]² in fp32 misses it by ~|μ|²·1e-7 ≈ 0.1
+    (10% of var ≈ 1) when μ ≈ 1000, which this would catch."""
+    acc = mean.dtype
+    assert_close_to_exact(mean, rmean, mean64, acc, scale=max(1.0, mean64.abs().max().item()), name="mean")
+    assert_close_to_exact(var, rvar, var64, acc, scale=max(1.0, var64.max().item()), name="var")
+
+
+# ---- batch statistics ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["shifted", "large"])
+def test_batch_stats(shape, layout, dtype, kind):
+    x = make(shape, dtype, layout, kind)
+    mean, var = BACKEND.batch_stats(x)
+    assert mean.dtype == var.dtype == kstats.acc_dtype(dtype) and mean.shape == (shape[1],)
+    mean64, var64 = reference.batch_stats(x.double())  # exact statistics of the stored values
+    rmean, rvar = reference.batch_stats(x)
+    check_stats(mean, var, rmean, rvar, mean64, var64)
+
+
+def test_batch_stats_large_mean_beats_one_pass():
+    """The large-mean case is a real trap: one-pass fp32 statistics miss the variance by far more than the kernel."""
+    x = make((2, 8, 8, 8), torch.float32, "nhwc", "large")
+    _, var = BACKEND.batch_stats(x)
+    _, var64 = reference.batch_stats(x.double())
+    one_pass = (x.square().mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)).square())
+    assert err(one_pass, var64) > 100 * err(var, var64)
+    assert err(var, var64) < 1e-4
+
+
+# ---- BN + ReLU forward ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_forward(shape, layout, dtype):
+    x = make(shape, dtype, layout)
+    c = shape[1]
+    acc = kstats.acc_dtype(dtype)
+    scale, shift = channel_vec(c, 1, dtype=acc), channel_vec(c, 2, -1.0, 3.0, dtype=acc)
+    a = BACKEND.bn_relu(x, scale, shift, dtype)
+    assert a.dtype == dtype and a.shape == x.shape
+    expect_cl = layout == "nhwc" and not x.is_contiguous()
+    assert a.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    exact = reference.bn_relu(x.double(), scale.double(), shift.double())
+    assert_close_to_exact(a, reference.bn_relu(x, scale, shift), exact, dtype, scale=exact.abs().max().item())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_bn_relu_forward_out_dtype(out_dtype):
+    """Autocast case: fp32 BN input, activation written in the conv's low-precision dtype."""
+    x = make((2, 24, 5, 3), torch.float32, "nhwc")
+    scale, shift = channel_vec(24, 1), channel_vec(24, 2, -1.0, 3.0)
+    a = bn_relu_forward(x, scale, shift, out_dtype)
+    assert a.dtype == out_dtype
+    exact = reference.bn_relu(x.double(), scale.double(), shift.double())
+    assert_close_to_exact(a, reference.bn_relu(x, scale, shift, out_dtype), exact, out_dtype,
+                          scale=exact.abs().max().item())
+
+
+# ---- BN + ReLU backward --------------------------------------------------------------------------------------------
+def _bwd_case(shape, dtype, layout, kind="shifted", dres=False):
+    x = make(shape, dtype, layout, kind)
+    c = shape[1]
+    mean64, var64 = reference.batch_stats(x.double())
+    acc = kstats.acc_dtype(dtype)
+    mean, rstd = mean64.to(acc), torch.rsqrt(var64 + 1e-5).to(acc)
+    gamma, beta = channel_vec(c, 3, dtype=acc), channel_vec(c, 4, -0.5, 0.5, dtype=acc)
+    scale, shift = reference.scale_shift(mean, rstd, gamma, beta)
+    dy = make(shape, dtype, "nchw", seed=5) + 2.3  # zero-mean upstream gradient, NCHW even when x is not
+    r = make(shape, dtype, layout, seed=6) if dres else None
+    return dy, x, scale, shift, mean, rstd, r
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training,dres", [(True, False), (True, True), (False, True)])
+def test_bn_relu_backward(shape, layout, dtype, training, dres):
+    args = _bwd_case(shape, dtype, layout, dres=dres)
+    dy, x, scale, shift, mean, rstd, r = args
+    out = BACKEND.bn_relu_backward(dy, x, scale, shift, mean, rstd, training, r)
+    ref = reference.bn_relu_backward(dy, x, scale, shift, mean, rstd, training, r)
+    exact = reference.bn_relu_backward(*(None if t is None else t.double() for t in args[:6]), training,
+                                       None if r is None else r.double())
+    assert out[0].dtype == dtype and out[0].shape == x.shape
+    assert out[1].dtype == out[2].dtype == kstats.acc_dtype(dtype)
+    m = x.numel() // shape[1]
+    for name, o, t, e, mag in zip(("dx", "sum_dz", "sum_dz_xhat"), out, ref, exact, (1.0, m ** 0.5, m ** 0.5)):
+        assert_close_to_exact(o, t, e, dtype, scale=mag * max(1.0, e.abs().max().item()), name=name)
+
+
+def test_bn_relu_backward_large_mean():
+    """|μ| ≫ σ: dx must not lose the (x − μ) term to cancellation."""
+    args = _bwd_case((2, 24, 4, 4), torch.float32, "nhwc", kind="large")
+    out = BACKEND.bn_relu_backward(*args[:6], True)
+    exact = reference.bn_relu_backward(*(t.double() for t in args[:6]), True)
+    # fp32 x near 1000 is exact to 6e-5, x̂ to ~6e-5·rstd ≈ 6e-5: errors of order 1e-4 relative to dx ~ 1
+    for name, o, e in zip(("dx", "sum_dz", "sum_dz_xhat"), out, exact):
+        assert err(o, e) <= 1e-3 * max(1.0, e.abs().max().item()), name
+
+
+# ---- residual add with statistics ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_stats(shape, layout, dtype):
+    a, b = make(shape, dtype, layout), make(shape, dtype, "nchw", "large", seed=7)
+    y, mean, var = BACKEND.add_stats(a, b)
+    assert y.dtype == dtype and y.shape == a.shape
+    ry, _, _ = reference.add_stats(a, b)
+    assert_close_to_exact(y, ry, a.double() + b.double(), dtype, scale=1000.0, name="y")
+    # statistics are those of the stored (rounded) y
+    mean64, var64 = reference.batch_stats(y.double())
+    rmean, rvar = reference.batch_stats(y)
+    check_stats(mean, var, rmean, rvar, mean64, var64)
+
+
+# ---- many tiles, int64 offsets, determinism ------------------------------------------------------------------------
+def _multi_tile_calls(x, block_m, tiles):
+    """Every reduction with a forced tiling (ITERS > 1 chunks per tile, T > 1 partials, ragged last tile)."""
+    c = x.shape[1]
+    mean64, var64 = reference.batch_stats(x.double())
+    mean, rstd = mean64.float(), torch.rsqrt(var64 + 1e-5).float()
+    scale, shift = reference.scale_shift(mean, rstd, channel_vec(c, 3), channel_vec(c, 4, -0.5, 0.5))
+    dy = torch.empty_like(x).copy_(make(tuple(x.shape), torch.float32, "nchw", seed=5) + 2.3)  # x's layout
+    return (kstats.batch_stats(x, block_m=block_m, tiles=tiles),
+            bn_relu_backward(dy, x, scale, shift, mean, rstd, True, block_m=block_m, tiles=tiles),
+            add_stats(x, dy, block_m=block_m, tiles=tiles),
+            (dy, scale, shift, mean, rstd))
+
+
+@pytest.mark.parametrize("block_m,tiles", [(16, 3), (16, 100), (32, 1)])
+def test_multi_tile_matches_reference(block_m, tiles):
+    x = make((2, 24, 7, 7), torch.float32, "nhwc", "large")  # M = 98: 7 chunks of 16, ragged
+    (mean, var), bwd, (y, ymean, yvar), (dy, scale, shift, rmean, rstd) = _multi_tile_calls(x, block_m, tiles)
+    mean64, var64 = reference.batch_stats(x.double())
+    check_stats(mean, var, *reference.batch_stats(x), mean64, var64)
+    exact = reference.bn_relu_backward(dy.double(), x.double(), scale.double(), shift.double(), rmean.double(),
+                                       rstd.double(), True)
+    for name, o, e in zip(("dx", "sum_dz", "sum_dz_xhat"), bwd, exact):
+        assert err(o, e) <= 1e-3 * max(1.0, e.abs().max().item()), name
+    check_stats(ymean, yvar, *reference.batch_stats(y), *reference.batch_stats(y.double()))
+
+
+def test_deterministic_bitwise():
+    x = make((2, 24, 7, 7), torch.float32, "nhwc", "shifted")
+    first, second = _multi_tile_calls(x, 16, 3), _multi_tile_calls(x, 16, 3)
+    for t1, t2 in zip(torch.utils._pytree.tree_leaves(first[:3]), torch.utils._pytree.tree_leaves(second[:3])):
+        assert torch.equal(t1, t2)
+
+
+def test_int64_offsets_path(monkeypatch):
+    """Tensors over 2^31 elements switch the kernels to int64 offsets; force that path on a small tensor."""
+    x = make((2, 24, 7, 7), torch.float32, "nchw", "shifted")
+    ref32 = _multi_tile_calls(x, 16, 3)
+    monkeypatch.setattr(kstats, "_INT32_LIMIT", 0)
+    assert kstats.tile_config(x)["INT64"]
+    ref64 = _multi_tile_calls(x, 16, 3)
+    for t1, t2 in zip(torch.utils._pytree.tree_leaves(ref32[:3]), torch.utils._pytree.tree_leaves(ref64[:3])):
+        assert torch.equal(t1, t2)
+    a = bn_relu_forward(x, ref64[3][1], ref64[3][2])
+    assert torch.equal(a, reference.bn_relu(x, ref64[3][1], ref64[3][2]))
+
+
+# ---- backend contract and bad inputs -------------------------------------------------------------------------------
+def test_backend_availability_and_auto():
+    assert BACKEND.unavailable_reason() is None
+    x = make((2, 3, 4, 4), torch.float32)
+    assert BACKEND.why_not(x) is None
+    assert "dtype" in BACKEND.why_not(torch.zeros(2, 3, 4, 4, dtype=torch.int32, device=DEVICE))
+    if INTERPRET:
+        assert not BACKEND.auto_ok(x)  # auto never picks the interpreter
+        assert resolve(x, "auto") != "triton"
+    with pytest.raises(BackendUnsupportedError, match="dtype"):
+        resolve(torch.zeros(2, 3, 4, 4, dtype=torch.int64, device=DEVICE), "triton")
+
+
+def test_backend_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = BACKEND.why_not(torch.zeros(2, 3, 4, 4))
+    assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_launchers_reject_bad_inputs():
+    x = make((2, 3, 4, 4), torch.float32)
+    s = channel_vec(3, 1)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        kstats.batch_stats(x.to(torch.int32))
+    with pytest.raises(ValueError, match="x: expected dense"):
+        kstats.batch_stats(make((2, 3, 4, 4), torch.float32, "strided"))
+    with pytest.raises(ValueError, match="x: expected a 4-D"):
+        bn_relu_forward(x[0], s, s)
+    with pytest.raises(ValueError, match="shift: expected a \\[C=3\\]"):
+        bn_relu_forward(x, s, channel_vec(4, 1))
+    with pytest.raises(ValueError, match="dy: expected the memory format of x"):
+        bn_relu_backward(x.contiguous(memory_format=torch.channels_last), x, s, s, s, s, True)
+    with pytest.raises(ValueError, match="b: expected shape"):
+        add_stats(x, x[:1])
+    with pytest.raises(TypeError, match="out_dtype"):
+        bn_relu_forward(x, s, s, torch.int8)
