@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -39,7 +40,7 @@ from torch import fx, nn
 from fastresnet.backends import BACKEND_NAMES
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 
-__all__ = ["ConversionReport", "ConversionResult", "FusedChain", "SkippedChain", "convert", "unconvert"]
+__all__ = ["BatchNormReLU2d", "ConversionReport", "ConversionResult", "FusedChain", "SkippedChain", "convert", "unconvert"]
 
 _RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
 _RELU_METHODS = ("relu", "relu_")
@@ -182,10 +183,17 @@ def _bn_relu_from(bn: nn.BatchNorm2d, backend: Optional[str]) -> BNReLU2d:
     return new.train(bn.training)
 
 
-def _bn_from(layer: BNReLU2d) -> nn.BatchNorm2d:
-    """The inverse of `_bn_relu_from`: a plain BatchNorm2d sharing layer's tensors."""
-    bn = nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
-                        device="meta")
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """Eager PyTorch BatchNorm2d followed by ReLU (two ATen ops, the BN output kept for ReLU's backward): what
+    `unconvert` turns a native `BNReLU2d` into, with the same state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+def _bn_from(layer: BNReLU2d, cls=nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """The inverse of `_bn_relu_from`: a plain `cls` (BatchNorm2d or BatchNormReLU2d) sharing layer's tensors."""
+    bn = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, device="meta")
     bn._parameters.update(layer._parameters)
     bn._buffers.update(layer._buffers)
     return bn.train(layer.training)
@@ -460,4 +468,20 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
             if relu_slot is not None:
                 _set(owner, relu_slot, relu_mod)
         owner.__class__ = record.original_class
+    _unfuse_native(model)
     return model
+
+
+def _unfuse_native(module: nn.Module) -> None:
+    """Fused layers built natively (the model zoo's) → eager PyTorch with the same state-dict keys:
+    PreActConv2d → Sequential(bn=BatchNorm2d, relu=ReLU, conv=Conv2d) and BNReLU2d → BatchNormReLU2d; a model that
+    chains batch statistics between fused layers (`chained`, fastresnet.models.ResNet) runs layer by layer."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, PreActConv2d):
+            setattr(module, name, nn.Sequential(OrderedDict(bn=child.bn, relu=nn.ReLU(), conv=child.conv)))
+        elif isinstance(child, BNReLU2d):
+            setattr(module, name, _bn_from(child, BatchNormReLU2d))
+        else:
+            _unfuse_native(child)
+    if getattr(module, "chained", False):
+        module.chained = False

@@ -133,3 +133,19 @@ def test_model_state_dict_round_trip_and_deepcopy():
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(m.eval()(x), m2.eval()(x))
     torch.testing.assert_close(copy.deepcopy(m)(x), m(x))
+
+
+def test_model_loads_state_dict_of_its_unfused_twin():
+    # unconvert gives the model as plain BatchNorm2d / ReLU / Conv2d modules: the eager PyTorch equivalent.
+    fused = fastresnet.create_model("preact_resnet20")
+    plain = fastresnet.unconvert(fastresnet.create_model("preact_resnet20"))
+    assert not any(isinstance(m, (PreActConv2d, BNReLU2d)) for m in plain.modules()) and not plain.chained
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomize_bn(m)
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    buf.seek(0)
+    fused.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)  # fp32, reordered sums
