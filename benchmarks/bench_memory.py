@@ -22,6 +22,7 @@ import torch
 
 from benchmarks import common
 from fastresnet.backends import BACKEND_NAMES
+from fastresnet.convert import unconvert
 from fastresnet.models.resnet import _cifar  # the zoo's CIFAR builder, for depths the registry does not name
 
 DEPTHS = (164, 371, 578, 794, 1001)  # 9n+2 for n = 18, 41, 64, 88, 111: evenly spaced from ResNet-164 to -1001
@@ -29,13 +30,15 @@ DEPTHS = (164, 371, 578, 794, 1001)  # 9n+2 for n = 18, 41, 64, 88, 111: evenly 
 
 def build(depth: int, backend: Optional[str], device: torch.device) -> torch.nn.Module:
     """Full pre-activation bottleneck CIFAR ResNet-depth (the zoo's preact_resnet164/1001 recipe at any 9n+2), with
-    fused layers on `backend`, or its eager twin (`common.to_eager`) for backend None; seed 0, channels_last."""
+    fused layers on `backend`, or its eager twin (`fastresnet.convert.unconvert`) for backend None; seed 0,
+    channels_last."""
     if depth < 11 or (depth - 2) % 9:
         raise ValueError(f"depth: expected 9n+2 with n >= 1, got {depth}")
     torch.manual_seed(0)
-    model = _cifar("bottleneck", depth, 10, "full_preact", **({} if backend is None else {"backend": backend}))
-    model = common.to_eager(model) if backend is None else model
-    return model.to(device, memory_format=torch.channels_last)
+    with device:
+        model = _cifar("bottleneck", depth, 10, "full_preact", **({} if backend is None else {"backend": backend}))
+    model = unconvert(model, inplace=True) if backend is None else model
+    return model.to(memory_format=torch.channels_last)
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int, granularity: int) -> Tuple[int, int, str]:
@@ -85,6 +88,7 @@ def measure(depth: int, backend: Optional[str], dtype: str, device: torch.device
             out["max_batch_note"] = "largest batch not searched on CPU (the search needs CUDA out-of-memory errors)"
         elif depth in args.max_batch_depths:
             def fits(b: int) -> bool:
+                model.zero_grad(set_to_none=True)  # a failed probe may have left gradients behind
                 common.reset_memory(device)
                 try:
                     _steps(model, b, args.image_size, dtype, device, 2)

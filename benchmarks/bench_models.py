@@ -7,13 +7,16 @@ Providers, all measured in one process and run, on the same architecture and ini
 
 | provider                | model                                                        | step runs as       |
 |-------------------------|--------------------------------------------------------------|--------------------|
-| `eager`                 | `common.to_eager(create_model(name))`: BatchNorm2d/ReLU/Conv2d | eager              |
+| `eager`                 | `unconvert(create_model(name))`: BatchNorm2d/ReLU/Conv2d      | eager              |
 | `eager+graph`           | the same                                                     | one CUDA graph     |
 | `compile`               | the same under `torch.compile()`                             | Inductor           |
 | `compile-max-autotune`  | the same under `torch.compile(mode="max-autotune")`          | Inductor (+graphs) |
 | `fastresnet:<b>`        | `create_model(name, backend=b)` (fused layers)               | eager              |
 | `fastresnet:<b>+graph`  | the same                                                     | one CUDA graph     |
 
+`fastresnet.convert.unconvert` turns the zoo's fused layers into the same architecture in plain modules sharing
+the same parameters (PreActConv2d -> Sequential(BatchNorm2d, ReLU, Conv2d), BNReLU2d -> BatchNorm2d + ReLU, no
+statistics chaining): only ATen ops (cuDNN BN and conv) run, the honest "eager PyTorch" baseline.
 Every provider uses channels_last and cudnn.benchmark. A step is forward, cross-entropy, backward and SGD (see
 `common.TrainStep`); "bf16" is autocast with fp32 parameters. Measured per cell: ms/step = median of per-step CUDA
 event timings after warm-up (time.perf_counter on CPU), images/s, peak memory (torch.cuda.max_memory_allocated since
@@ -40,13 +43,15 @@ import torch
 from benchmarks import common
 from fastresnet import create_model
 from fastresnet.backends import BACKEND_NAMES
+from fastresnet.convert import unconvert
 from fastresnet.models.registry import default_num_classes
 from fastresnet.profile import default_input_size, profile
 
 MODELS = ("preact_resnet110", "preact_resnet164", "preact_resnet1001", "preact_resnet50", "preact_resnet200")
-# torch.compile costs about a minute per model and dtype (more with max-autotune): by default only the smallest
-# CIFAR and ImageNet nets are compiled, to keep the full matrix within ~8 minutes on an H100.
-COMPILE_MODELS = ("preact_resnet110", "preact_resnet50")
+# torch.compile costs about a minute per model and dtype (several with max-autotune): by default only
+# preact_resnet110 is compiled, to keep the full matrix within ~8 minutes on an H100 (README gives the follow-up
+# command for the other models).
+COMPILE_MODELS = ("preact_resnet110",)
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,11 @@ def select(names: List[str], patterns: str, what: str) -> List[str]:
 def build_model(name: str, provider: Provider, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """The provider's model with seed-0 weights: eager twin or fused, on device, channels_last, maybe compiled."""
     torch.manual_seed(0)
+    with device:  # built and initialised on the device: fast for the 64M-parameter ImageNet nets
+        model = create_model(name) if provider.backend is None else create_model(name, backend=provider.backend)
     if provider.backend is None:
-        model = common.to_eager(create_model(name))
-    else:
-        model = create_model(name, backend=provider.backend)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        model = unconvert(model, inplace=True)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if provider.compile_mode is not None:
         model = torch.compile(model, mode=provider.compile_mode)
     return model
@@ -212,8 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="models the compile providers run on ('all' for every model)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (graph providers: before capture)")
     p.add_argument("--min-iters", type=int, default=5, help="timed steps, at least")
-    p.add_argument("--max-iters", type=int, default=50, help="timed steps, at most")
-    p.add_argument("--cell-seconds", type=float, default=1.0,
+    p.add_argument("--max-iters", type=int, default=30, help="timed steps, at most")
+    p.add_argument("--cell-seconds", type=float, default=0.5,
                    help="timed steps per cell: as many as fit in this many seconds, within [min-iters, max-iters]")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cells that would start later are recorded as skipped")

@@ -1,5 +1,5 @@
-"""Shared benchmark machinery (DESIGN.md §5): environment metadata, timing, result rows, the eager twin of a zoo
-model, and the training step that every provider times.
+"""Shared benchmark machinery (DESIGN.md §5): environment metadata, timing, result rows, and the training step that
+every provider times.
 
 Rows are flat dicts written as JSON Lines; every row carries the environment of `environment()` (device name or
 "cpu", torch / CUDA / cuDNN / triton versions, date, git revision), so a results file is self-describing.
@@ -11,7 +11,6 @@ import json
 import platform
 import subprocess
 import time
-from collections import OrderedDict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +22,6 @@ from torch import nn
 
 import fastresnet
 from fastresnet.backends import get_backend_impl
-from fastresnet.nn import BNReLU2d, PreActConv2d
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -187,38 +185,6 @@ def backend_skip(name: str, probe: torch.Tensor) -> Optional[Tuple[str, str]]:
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
-def _plain_bn(m: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """An nn.BatchNorm2d sharing m's parameters and buffers (the same tensor objects)."""
-    bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta")
-    for name, p in m.named_parameters(recurse=False):
-        setattr(bn, name, p)
-    for name, b in m.named_buffers(recurse=False):
-        setattr(bn, name, b)
-    return bn
-
-
-def to_eager(model: nn.Module) -> nn.Module:
-    """The unfused twin of a fastresnet model, built in place from the same parameters: plain eager PyTorch.
-
-    Every `PreActConv2d` becomes `Sequential(bn=its BatchNorm2d, relu=ReLU(inplace=True), conv=its Conv2d)` (same
-    state-dict keys) and every `BNReLU2d` becomes `Sequential(bn=BatchNorm2d, relu=ReLU(inplace=True))` whose
-    BatchNorm2d shares the BNReLU2d's parameters and buffers (state-dict keys gain ".bn"). The result runs only
-    aten ops (cuDNN batch norm and conv, in-place ReLU as torchvision writes it): the "eager PyTorch" baseline.
-    A `ResNet`'s statistics chaining (`chained`, which hands batch statistics from fused conv to fused BN) is
-    switched off, so the twin runs the plain forward: every layer called on its input alone.
-    Returns the converted module (a new one if `model` itself is one of the fused layers).
-    """
-    if hasattr(model, "chained"):
-        model.chained = False
-    if isinstance(model, PreActConv2d):
-        return nn.Sequential(OrderedDict(bn=model.bn, relu=nn.ReLU(inplace=True), conv=model.conv))
-    if isinstance(model, BNReLU2d):
-        return nn.Sequential(OrderedDict(bn=_plain_bn(model), relu=nn.ReLU(inplace=True)))
-    for name, child in list(model.named_children()):
-        setattr(model, name, to_eager(child))
-    return model
-
-
 class TrainStep:
     """One training step on a fixed random batch: forward, cross-entropy, backward, SGD (lr 0.1, momentum 0.9,
     weight decay 1e-4: the paper's recipe). What every provider times.

@@ -28,14 +28,13 @@ Row = Dict[str, object]
 
 
 def latest(rows: Iterable[Row], include_smoke: bool = False) -> List[Row]:
-    """One row per (device, bench, cell): the newest by date (ties: the later in input order)."""
+    """One row per (device, bench, cell): the newest by date (ties: the later in input order). Rows of other
+    benchmarks (no "bench" field naming one of CELL_KEYS, e.g. bench_cpu_ext's) are left out."""
     best: Dict[tuple, Row] = {}
     for r in rows:
-        if r.get("smoke") and not include_smoke:
-            continue
         bench = r.get("bench")
-        if bench not in CELL_KEYS:
-            raise ValueError(f"rows: unknown bench {bench!r} in a row (expected one of {tuple(CELL_KEYS)})")
+        if bench not in CELL_KEYS or (r.get("smoke") and not include_smoke):
+            continue
         key = (r["device"], bench) + tuple(str(r.get(k)) for k in CELL_KEYS[bench])
         if key not in best or str(r["date"]) >= str(best[key]["date"]):
             best[key] = r
@@ -220,14 +219,15 @@ def write_readme(readme: Path, block: str) -> None:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: benchmarks/results/*.jsonl)")
+    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: benchmarks/results/"
+                   "{models,memory,kernels}_*.jsonl)")
     p.add_argument("--include-smoke", action="store_true", help="keep rows of --cpu-smoke runs")
     p.add_argument("--plots-dir", type=Path, default=common.RESULTS_DIR / "plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--write-readme", type=Path, nargs="?", const=common.REPO_ROOT / "README.md", default=None,
                    metavar="README", help="rewrite the perf-table block of this README (default: the repo's)")
     args = p.parse_args(argv)
-    files = args.files or sorted(common.RESULTS_DIR.glob("*.jsonl"))
+    files = args.files or sorted(f for bench in CELL_KEYS for f in common.RESULTS_DIR.glob(f"{bench}_*.jsonl"))
     for f in files:
         if not f.is_file():
             raise SystemExit(f"files: {f} does not exist")

@@ -259,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
       const acc_t* rp = rstd.data_ptr<acc_t>();
       acc_t* p_dz = part.data_ptr<acc_t>();
       acc_t* p_dzxc = p_dz + t.tiles * g.C;
-      // Pass 1: per-tile Σdz and Σdz·(x − mean), dz = dy·[x·scale + shift > 0].
+      // Pass 1: per-tile Σdz and Σdz·(x − mean), dz = dy·[x·scale + shift > 0]. dy is loaded before the mask
+      // test so the compiler emits a select (a branch on a random ReLU mask mispredicts half the time).
       for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
         if constexpr (decltype(tag)::value) {
           acc_t* sdz = p_dz + tile * g.C;
@@ -269,16 +270,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
           for (int64_t r = 0; r < len; ++r)
             for (int64_t j = 0; j < g.C; ++j) {
               const int64_t i = start + r * g.C + j;
-              const acc_t xv = static_cast<acc_t>(xp[i]);
-              const acc_t dz = xv * sp[j] + tp[j] > acc_t(0) ? static_cast<acc_t>(dyp[i]) : acc_t(0);
+              const acc_t xv = static_cast<acc_t>(xp[i]), g = static_cast<acc_t>(dyp[i]);
+              const acc_t dz = xv * sp[j] + tp[j] > acc_t(0) ? g : acc_t(0);
               sdz[j] += dz;
               sdzx[j] += dz * (xv - mp[j]);
             }
         } else {
           const acc_t s = sp[c], sh = tp[c], m = mp[c];
           auto dz_at = [&](int64_t i) {
-            return static_cast<acc_t>(xp[start + i]) * s + sh > acc_t(0) ? static_cast<acc_t>(dyp[start + i])
-                                                                          : acc_t(0);
+            const acc_t g = static_cast<acc_t>(dyp[start + i]);  // loaded unconditionally: a select, not a branch
+            return static_cast<acc_t>(xp[start + i]) * s + sh > acc_t(0) ? g : acc_t(0);
           };
           p_dz[tile * g.C + c] = lane_sum<acc_t>(len, dz_at);
           p_dzxc[tile * g.C + c] =
@@ -313,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
         const acc_t *s = sp + c, *sh = tp + c, *m = mp + c, *a = A + c, *b = B + c, *cc = Cc + c;
         for (int64_t j = 0; j < len; ++j) {
           const int64_t k = kNHWC ? j : 0, i = start + j;
-          const acc_t xv = static_cast<acc_t>(xp[i]);
-          const acc_t dz = xv * s[k] + sh[k] > acc_t(0) ? static_cast<acc_t>(dyp[i]) : acc_t(0);
+          const acc_t xv = static_cast<acc_t>(xp[i]), g = static_cast<acc_t>(dyp[i]);
+          const acc_t dz = xv * s[k] + sh[k] > acc_t(0) ? g : acc_t(0);
           acc_t v = a[k] * dz + b[k] * (xv - m[k]) + cc[k];
           if (drp != nullptr) v += static_cast<acc_t>(drp[i]);
           dxp[i] = static_cast<x_t>(v);

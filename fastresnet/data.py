@@ -15,6 +15,7 @@ CIFAR pickles are read with `RestrictedUnpickler`, which resolves only the globa
 """
 from __future__ import annotations
 
+import codecs
 import io
 import math
 import os
@@ -39,12 +40,15 @@ def _numpy_reconstruct():
 
 
 # The only globals a pickle of numpy ndarrays (of plain dtypes) references, under numpy 1.x and 2.x module names:
-# the array reconstructor, the ndarray type it rebuilds and the dtype constructor.
+# the array reconstructor, the ndarray type it rebuilds and the dtype constructor; plus `_codecs.encode`, with which
+# protocol-2 pickles written by Python 3 store bytes (a pure str -> bytes conversion; the original Python-2 CIFAR
+# files do not need it).
 ALLOWED_GLOBALS: Dict[Tuple[str, str], object] = {
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
 }
 
 

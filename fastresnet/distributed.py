@@ -22,7 +22,8 @@ stay the local sums, since DistributedDataParallel averages parameter gradients 
 extra elementwise pass over x and dz_const per layer (not fused into the conv kernels); per-device BN (the default)
 has no such cost.
 
-Plain `nn.BatchNorm2d` modules (post-activation units, projection-shortcut BN) become `torch.nn.SyncBatchNorm`.
+Plain `nn.BatchNorm2d` modules (post-activation units, projection-shortcut BN) become `SyncBatchNorm2d`, the same
+scheme without the ReLU and the conv.
 """
 from __future__ import annotations
 
@@ -126,6 +127,56 @@ class SyncBNReLUFunction(_SyncBNFunctionBase):
         return (dx, dgamma, dbeta) + (None,) * 8
 
 
+class SyncBNFunction(torch.autograd.Function):
+    """Plain BN (no ReLU) over the global batch: y = x̂·γ + β, in fp32 (fp64 stays fp64), rounded to x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
+                group):
+        mean, rstd = FF.bn_statistics(x, running_mean, running_var, num_batches_tracked, True, momentum, eps,
+                                      backend, None, process_group=group)
+        ctx.save_for_backward(x, mean, rstd, bn_weight, bn_bias)
+        ctx.group = group
+        scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
+        return (x.to(mean.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
+        scale, _ = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
+        dyf = dy.to(mean.dtype)
+        xhat = (x.to(mean.dtype) - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1)
+        sum_dy, sum_dy_xhat = dyf.sum(dim=(0, 2, 3)), (dyf * xhat).sum(dim=(0, 2, 3))
+        dx = _sync_grad_terms(x, dyf * scale.view(1, -1, 1, 1), mean, rstd, scale, sum_dy, sum_dy_xhat, ctx.group)
+        dgamma, dbeta = bn_ops._affine_grads(bn_weight, bn_bias, sum_dy_xhat, sum_dy)
+        return (dx, dgamma, dbeta) + (None,) * 7
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training-mode statistics (and their gradient terms) cover all ranks of
+    `process_group`; runs on CPU (gloo) as well as GPU, unlike `torch.nn.SyncBatchNorm`. Same parameters, buffers
+    and state-dict keys as BatchNorm2d; eval mode is plain BatchNorm2d."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, process_group) -> "SyncBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  process_group=process_group, device=bn.running_mean.device if bn.running_mean is not None else None)
+        new.load_state_dict(bn.state_dict())
+        new.train(bn.training)
+        return new.to(dtype=bn.weight.dtype if bn.weight is not None else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        FF.check_bn_input(x, self.num_features, True, [("bn_weight", self.weight), ("bn_bias", self.bias)])
+        return SyncBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                    self.num_batches_tracked, self.momentum, self.eps, "torch", self.process_group)
+
+
 def sync_bn_relu_conv2d(x: Tensor, weight: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], num_batches_tracked: Optional[Tensor],
                         momentum: Optional[float], eps: float, stride, padding, process_group,
@@ -157,8 +208,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Synchronise every BN in `module` over `process_group` (None = the default group); returns the module.
 
     Fused `BNReLU2d` / `PreActConv2d` layers get `process_group` set (they keep their fused kernels); other
-    `nn.BatchNorm2d` modules are replaced by `torch.nn.SyncBatchNorm`. (`torch.nn.SyncBatchNorm.
-    convert_sync_batchnorm` alone would replace a `BNReLU2d` — a BatchNorm2d subclass — and drop its ReLU.)
+    `nn.BatchNorm2d` modules are replaced by `SyncBatchNorm2d`. (`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
+    would replace a `BNReLU2d` — a BatchNorm2d subclass — dropping its ReLU, and torch's SyncBatchNorm refuses CPU.)
     """
     from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 
@@ -167,7 +218,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         module.process_group = group
         return module
     if type(module) is nn.BatchNorm2d:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        return SyncBatchNorm2d.from_batchnorm(module, group)
     for name, child in module.named_children():
         new = convert_sync_batchnorm(child, process_group)
         if new is not child:

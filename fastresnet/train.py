@@ -623,16 +623,19 @@ class Trainer:
         """Move the window's losses to the host (one sync), record them, log a progress line."""
         if not window:
             return
-        vals = torch.stack([torch.stack([l.float(), w.float()]) for l, w in window]).tolist()
+        vals = torch.stack([torch.stack([l.double(), w.double()]) for l, w in window])   # [K, 2]
+        if self.world > 1:  # global-batch values: mean of the ranks' losses, total misclassified
+            dist.all_reduce(vals)
+            vals[:, 0] /= self.world
+        vals = vals.tolist()
         self.history["loss"].extend(v[0] for v in vals)
         self.history["wrong"].extend(int(v[1]) for v in vals)
         now = time.perf_counter()
-        per_rank = self.cfg.batch_size // self.world
         ips = len(window) * self.cfg.batch_size / max(now - t_win, 1e-9)
         row = {"iteration": self.iteration, "epoch": round(self.sampler.epoch_of(self.iteration), 3),
                "lr": lr_at(self.cfg, self.iteration - 1, self.total, self.steps_per_epoch),
                "train_loss": sum(v[0] for v in vals) / len(vals),
-               "train_err": 100.0 * sum(v[1] for v in vals) / (len(vals) * per_rank),
+               "train_err": 100.0 * sum(v[1] for v in vals) / (len(vals) * self.cfg.batch_size),
                "images_per_s": round(ips, 1), "elapsed_s": round(now - t0, 2)}
         self.history["log"].append(row)
         if self.rank == 0:

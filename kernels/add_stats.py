@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastresnet.kernels.stats import check_tensor, launch_stats
+from fastresnet.kernels.stats import check_tensor, launch_stats, memory_format
 
 
 def add_stats(a: Tensor, b: Tensor, *, block_m: Optional[int] = None,
@@ -25,6 +25,6 @@ def add_stats(a: Tensor, b: Tensor, *, block_m: Optional[int] = None,
     check_tensor(b, "b", like=a)
     if a.numel() == 0:
         raise ValueError(f"a: expected a non-empty tensor, got shape {tuple(a.shape)}")
-    y = torch.empty_like(a, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    y = torch.empty_like(a, memory_format=memory_format(nhwc))
     mean, var = launch_stats(a, b, y, nhwc, block_m, tiles)
     return y, mean, var

@@ -29,7 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels.stats import (
-    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, tile_config, tile_indices, tile_offsets, tl_dtype,
+    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, tile_config, tile_indices,
+    tile_offsets, tl_dtype,
 )
 
 
@@ -145,10 +146,6 @@ def _elementwise_grid(cfg: dict) -> Tuple[int, int]:
     return triton.cdiv(cfg["M"], cfg["BLOCK_M"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"])
 
 
-def _layout_of(nhwc: bool) -> torch.memory_format:
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 def bn_relu_forward(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """a = max(x·scale + shift, 0) [N, C, H, W] in out_dtype (default x.dtype) and x's layout (dense NCHW or
     channels_last); scale, shift [C]. Semantics of `fastresnet.reference.bn_relu`."""
@@ -158,7 +155,7 @@ def bn_relu_forward(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: Optional
     out_dtype = out_dtype or x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
-    a = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=_layout_of(nhwc))
+    a = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
     if x.numel() == 0:
         return a
     cfg = tile_config(x)
@@ -191,7 +188,7 @@ def bn_relu_backward(
     sum_dz = torch.empty(c, dtype=acc, device=x.device)
     sum_dz_xhat = torch.empty(c, dtype=acc, device=x.device)
     coef = torch.empty((2, c), dtype=acc, device=x.device) if training else part  # unused in eval
-    dx = torch.empty_like(x, memory_format=_layout_of(nhwc))
+    dx = torch.empty_like(x, memory_format=memory_format(nhwc))
     c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
     common = dict(ACC=tl_dtype(acc), BLOCK_C=cfg["BLOCK_C"])
     _bn_relu_bwd_partial_kernel[(t, c_blocks)](

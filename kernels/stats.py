@@ -18,6 +18,7 @@ which also avoids the Triton interpreter's bf16 arithmetic bug (DESIGN.md §6). 
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -170,6 +171,10 @@ def check_tensor(t: Tensor, name: str, like: Optional[Tensor] = None) -> bool:
     return nhwc
 
 
+def memory_format(nhwc: bool) -> torch.memory_format:
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def check_channel_vector(v: Tensor, name: str, x: Tensor) -> None:
     if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != x.shape[1] or v.device != x.device:
         raise ValueError(f"{name}: expected a [C={x.shape[1]}] vector on {x.device}, got "
@@ -177,6 +182,11 @@ def check_channel_vector(v: Tensor, name: str, x: Tensor) -> None:
                          f"{f' on {v.device}' if isinstance(v, Tensor) else ''}")
     if not v.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {v.dtype}")
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] = None) -> dict:
@@ -191,7 +201,7 @@ def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] =
     chunks = triton.cdiv(m, block_m)
     if tiles is None:
         # enough programs to fill the GPU (4 per SM); under the interpreter a few tiles keep it fast
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if x.is_cuda else 1
         tiles = max(1, 4 * sms // triton.cdiv(c, block_c))
     iters = triton.cdiv(chunks, min(tiles, chunks))
     return dict(M=m, C=c, HW=h * w, BLOCK_M=block_m, BLOCK_C=block_c, ITERS=iters, T=triton.cdiv(chunks, iters),

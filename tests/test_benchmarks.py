@@ -1,6 +1,5 @@
 """The benchmark harness on CPU: the eager twin is the same network, the smoke modes run and write complete rows,
 the largest-batch search is right, and report.py renders the rows (tables, plots, README block)."""
-import copy
 import os
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from benchmarks import bench_memory, bench_models, common, report
-from fastresnet import create_model
 from fastresnet.nn import BNReLU2d, PreActConv2d
 
 ENV_FIELDS = {"device", "device_type", "torch", "cuda", "cudnn", "triton", "python", "git_rev", "date", "run_id"}
@@ -20,23 +18,25 @@ MEASURED_FIELDS = {"ms_per_step", "ms_p20", "ms_p80", "iters", "images_per_s", "
                    "speedup_vs_eager", "memory_vs_eager", "warmup_s"}
 
 
-def test_to_eager_is_the_same_network_in_plain_modules():
-    fused = create_model("preact_resnet20", backend="torch")
-    twin = common.to_eager(copy.deepcopy(fused))
-    assert not any(isinstance(m, (PreActConv2d, BNReLU2d)) for m in twin.modules())
-    params = [id(p) for p in twin.parameters()]
-    assert [id(p) for p in common.to_eager(twin).parameters()] == params  # in place: the same tensors
+def _one_step(provider):
+    """(model, its initial parameters, names of the ops dispatched during one training step) for preact_resnet20."""
+    model = bench_models.build_model("preact_resnet20", provider, torch.device("cpu"), channels_last=True)
+    initial = [p.detach().clone() for p in model.parameters()]
+    step = common.TrainStep(model, 2, 8, 10, "fp32", torch.device("cpu"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step.step()
+    return model, initial, {e.key for e in prof.key_averages()}
 
-    x = -1.0 + torch.randn(2, 3, 8, 8)
-    out_f, out_e = fused(x), twin(x)
-    out_f.square().sum().backward()
-    out_e.square().sum().backward()
-    # fp32, same math; only the reduction order of BN statistics and of the backward sums differs (aten vs reference)
-    torch.testing.assert_close(out_e, out_f, rtol=1e-4, atol=1e-4)
-    for (name, pf), pe in zip(fused.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-3, atol=1e-4, msg=name)
-    for (name, bf), be in zip(fused.named_buffers(), twin.buffers()):
-        torch.testing.assert_close(be, bf, rtol=1e-4, atol=1e-5, msg=name)
+
+def test_eager_provider_runs_plain_pytorch_and_fused_provider_does_not():
+    eager, eager_init, eager_ops = _one_step(bench_models.Provider("eager"))
+    fused, fused_init, fused_ops = _one_step(bench_models.Provider("fastresnet:torch", "torch"))
+    assert not any(isinstance(m, (PreActConv2d, BNReLU2d)) for m in eager.modules())
+    assert not any(k.startswith("fastresnet") for k in eager_ops) and "aten::native_batch_norm" in eager_ops
+    assert any(k.startswith("fastresnet::bn_relu_conv") for k in fused_ops)
+    # the same architecture and the same (seed-0) initial weights
+    assert len(eager_init) == len(fused_init)
+    assert all(torch.equal(a, b) for a, b in zip(eager_init, fused_init))
 
 
 @pytest.mark.parametrize("fits_up_to, start, expected", [(300, 128, 296), (20, 128, 16), (5, 8, 0), (10**6, 64, 1024)])
@@ -121,3 +121,18 @@ def test_kernels_cpu_smoke_writes_rows(tmp_path):
         if r["status"] == "ok":
             assert r["gbps"] == pytest.approx(r["bytes"] / r["us"] * 1e-3) and r["speedup_vs_torch"] is not None
     assert "bn_relu_backward" in report.kernels_table(rows)
+
+
+def test_failing_cells_become_rows_and_the_time_budget_skips(tmp_path):
+    out = tmp_path / "models.jsonl"
+    base = ["--device", "cpu", "--models", "preact_resnet20", "--dtypes", "fp32", "--warmup", "1", "--min-iters", "1",
+            "--max-iters", "1", "--out", str(out)]
+    # batch 1 at 4×4: the last stage is 1×1, so training BN has one value per channel and every provider raises
+    bench_models.run(bench_models.parse_args(base + ["--batch", "1", "--image-size", "4",
+                                                     "--providers", "eager,fastresnet:torch"]))
+    bench_models.run(bench_models.parse_args(base + ["--batch", "2", "--providers", "eager", "--time-budget", "0"]))
+    rows = common.read_rows([out])
+    assert [(r["provider"], r["status"]) for r in rows] == [
+        ("eager", "error"), ("fastresnet:torch", "error"), ("eager", "skipped")]
+    assert all("one value per channel" in r["reason"] or "more than 1 value" in r["reason"] for r in rows[:2])
+    assert "--time-budget" in rows[2]["reason"]

@@ -223,7 +223,6 @@ def saved_bytes(module, x):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x.requires_grad_())
-    storages.pop(x.untyped_storage().data_ptr(), None)  # the unit input is kept by the caller anyway
     return sum(storages.values())
 
 
@@ -249,19 +248,20 @@ def test_saved_memory_vs_eager(form, channels):
     fused = ResidualUnit(channels, channels, 1, form=form, variant="full_preact", backend="triton").to(DEVICE)
     eager = EagerPreActUnit(channels, form == "bottleneck").to(DEVICE)
     fused_b, eager_b = saved_bytes(fused, x.clone()), saved_bytes(eager, x.clone())
-    # eager keeps BN input + ReLU output per layer, fused only the BN input (the unit input x excluded on both
-    # sides); weights and [C] vectors add ~1-3%, so the ratio is just above 0.5
+    # eager keeps BN input + ReLU output per layer, fused only the BN input (the unit input x included: its first
+    # BN saves it); weights and [C] vectors add ~2-4%, so the ratio is just above 0.5 (observed ≈ 0.52)
     assert fused_b <= 0.55 * eager_b, (fused_b, eager_b)
 
 
 # ---- convergence -----------------------------------------------------------------------------------------------------
 def _digits_batches(steps, batch):
-    """scikit-learn's 8×8 digits (real images), 3 channels, normalised; fixed order."""
+    """scikit-learn's 8×8 digits (real images), 3 channels, normalised: two batches alternating, so that 20 steps
+    of a tiny net visibly fit them."""
     datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn provides the 8×8 digits")
     d = datasets.load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 16.0 - 0.3
     y = torch.tensor(d.target)
-    return [(x[i * batch:(i + 1) * batch].to(DEVICE), y[i * batch:(i + 1) * batch].to(DEVICE))
+    return [(x[i % 2 * batch:(i % 2 + 1) * batch].to(DEVICE), y[i % 2 * batch:(i % 2 + 1) * batch].to(DEVICE))
             for i in range(steps)]
 
 
@@ -285,5 +285,5 @@ def test_convergence_triton_vs_torch():
             losses[backend].append(loss.item())
         params[backend] = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), atol=1e-5, rtol=1e-4)
-    assert losses["torch"][-1] < losses["torch"][0]  # it actually trains
+    assert losses["torch"][-1] < losses["torch"][0] - 0.1  # it actually trains (observed 2.25 -> 1.97)
     torch.testing.assert_close(params["triton"], params["torch"], atol=1e-4, rtol=1e-3)

@@ -30,10 +30,12 @@ else:
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether "auto" picks the C++ CPU kernels for CPU tensors. Decided by benchmarks/bench_cpu_ext.py (preact_resnet110
-# training step, CPU): see CPU_AUTO_EVIDENCE.
-CPU_AUTO = False
-CPU_AUTO_EVIDENCE = "not measured yet"
+# Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement (benchmarks/bench_cpu_ext.py,
+# preact_resnet110 training step, batch 8, 32×32, fp32, 2 shared cores, torch 2.13 CPU, median of 3 steps,
+# benchmarks/results/bench_cpu_ext.jsonl): NCHW 2113 ms/step vs 3270 ms with the reference ops (1.55×),
+# channels_last 218 vs 254 ms (1.17×). Per op at [8, 16, 32, 32]: batch_stats 41 vs 141 µs, bn_relu 25 vs 48 µs,
+# bn_relu_backward 242 vs 984 µs, add_stats 81 vs 177 µs.
+CPU_AUTO = True
 
 
 class CudaBackend(Backend):
@@ -58,7 +60,9 @@ class CudaBackend(Backend):
         return None
 
     def auto_ok(self, x: Tensor) -> bool:
-        """CUDA tensors whenever the CUDA kernels are built; CPU tensors only if CPU_AUTO (see its evidence)."""
+        """CUDA tensors whenever the CUDA kernels are built; CPU tensors too (CPU_AUTO), because the C++ CPU kernels
+        beat the reference ops on a preact_resnet110 training step: 1.55× (NCHW) and 1.17× (channels_last), batch 8,
+        32×32, fp32, 2 cores (numbers and per-op timings in the comment above CPU_AUTO)."""
         return self.why_not(x) is None and (x.device.type == "cuda" or CPU_AUTO)
 
     def batch_stats(self, x):

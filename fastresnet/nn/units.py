@@ -93,7 +93,7 @@ class ResidualUnit(nn.Module):
         before, after_last, after_add = VARIANTS[variant]
         if share_preact and before != "bn_relu":
             raise ValueError("share_preact: only the full_preact variant has a pre-activation to share")
-        self.form, self.variant, self.merge_kind = form, variant, merge
+        self.form, self.variant, self.merge_kind, self.backend = form, variant, merge, backend
         specs = _layer_specs(form, in_channels, out_channels, stride, stride_on)
 
         # before W1
@@ -172,7 +172,7 @@ class ResidualUnit(nn.Module):
             h = self.shortcut(x)
             y, y_stats, fused = x, stats, range(1, self.num_layers + 1)
         if not fused:  # a shared single-conv unit: only the addition is left
-            out, mean, var = FF.add_stats(y, h)
+            out, mean, var = FF.add_stats(y, h, self.backend)
             return out, (mean, var)
         for i in fused[:-1]:
             y, mean, var = getattr(self, f"conv{i}").forward_stats(y, y_stats)
