@@ -235,7 +235,12 @@ def main(argv=None) -> str:
     if not rows:
         print(f"no rows in {[str(f) for f in files]}" + ("" if args.include_smoke else " (smoke rows left out)"))
         return ""
-    plots = [] if args.no_plots else plot(rows, args.plots_dir)
+    plots = []
+    if not args.no_plots:
+        try:
+            plots = plot(rows, args.plots_dir)
+        except ImportError as e:  # e.g. the GPU machine, which has no package registry: tables still render
+            print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
     base = args.write_readme.resolve().parent if args.write_readme else None
     block = render(rows, [q.resolve() for q in plots] if base else plots, base)
     print(block)

@@ -22,7 +22,7 @@ import os
 import pickle
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tupl
     def split(names: Sequence[str]) -> Tuple[Tensor, Tensor]:
         parts = [_cifar_batch(files[n], os.path.join(root, n), label_key) for n in names]
         x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
-        y = np.asarray([label for p in parts for label in p], dtype=np.int64)
+        y = np.asarray([label for p in parts for label in p[1]], dtype=np.int64)
         if y.min() < 0 or y.max() >= num_classes:
             raise ValueError(f"data_dir: CIFAR-{num_classes} labels out of range [0, {num_classes})")
         return torch.from_numpy(x), torch.from_numpy(y)

@@ -95,7 +95,7 @@ class TrainConfig:
     runs: int = 1                     # > 1: repeat with seeds seed, seed+1, ...; report median and mean±std
     out_dir: str = "runs/digits"
     log_every: int = 50
-    eval_every: int = 0               # 0: evaluate at the end only
+    eval_every: int = 50              # 0: evaluate at the end only
     ckpt_every: int = 0               # 0: checkpoint at the end (and on SIGINT/SIGTERM) only
     resume: str = ""                  # "auto" (out_dir/last.pt) or a checkpoint path
     stop_at: int = 0                  # > 0: stop after this iteration as a kill would (checkpoint, exit)
@@ -185,7 +185,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cuda_graph and cfg.amp == "fp16":
         raise ValueError("--cuda-graph: not with --amp fp16 (the GradScaler's inf check syncs the host); use bf16")
     if cfg.cuda_graph and cfg.compile:
-        raise ValueError("--cuda-graph: not with --compile (torch.compile(mode='reduce-overhead') makes its own graphs)")
+        raise ValueError("--cuda-graph: not with --compile (torch.compile(mode='reduce-overhead') makes its own "
+                         "graphs)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 """fastresnet.data: restricted unpickling, CIFAR loading (folder and .tar.gz), digits, sampling, augmentation."""
-import io
 import os
 import pickle
 import tarfile
@@ -103,3 +102,19 @@ def test_augment_matches_per_image_crop_and_flip():
         assert torch.equal(out[b], want)
     assert params.flips.any() and not params.flips.all()                    # both cases were exercised
     assert torch.equal(data.draw_augment(5, 2, True, 0, 4).offsets, params.offsets)   # deterministic
+
+
+def test_image_folder(tmp_path):
+    Image = pytest.importorskip("PIL.Image", reason="the image-folder dataset needs Pillow")
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(tmp_path / cls / f"{k}.png")
+    train = data.ImageFolder(str(tmp_path), 16, train=True, seed=0)
+    assert train.classes == ["cat", "dog"] and len(train) == 4
+    x, y = train[(3, 7)]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
+    assert torch.equal(train[(3, 7)][0], x)                                 # the draw is keyed, so repeatable
+    val = data.ImageFolder(str(tmp_path), 16, train=False)
+    assert val[0][0].shape == (3, 16, 16)
