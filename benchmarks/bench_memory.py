@@ -23,7 +23,7 @@ import torch
 from benchmarks import common
 from fastresnet.backends import BACKEND_NAMES
 from fastresnet.convert import unconvert
-from fastresnet.models.resnet import _cifar  # the zoo's CIFAR builder, for depths the registry does not name
+from fastresnet.models import cifar_resnet  # the zoo's CIFAR builder, for depths the registry does not name
 
 DEPTHS = (164, 371, 578, 794, 1001)  # 9n+2 for n = 18, 41, 64, 88, 111: evenly spaced from ResNet-164 to -1001
 
@@ -36,7 +36,7 @@ def build(depth: int, backend: Optional[str], device: torch.device) -> torch.nn.
         raise ValueError(f"depth: expected 9n+2 with n >= 1, got {depth}")
     torch.manual_seed(0)
     with device:
-        model = _cifar("bottleneck", depth, 10, "full_preact", **({} if backend is None else {"backend": backend}))
+        model = cifar_resnet("bottleneck", depth, 10, "full_preact", **({} if backend is None else {"backend": backend}))
     model = unconvert(model, inplace=True) if backend is None else model
     return model.to(memory_format=torch.channels_last)
 

@@ -96,12 +96,12 @@ class SyncBNReLUConvFunction(_SyncBNFunctionBase):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
-        dx_const, dweight, sum_dz_xhat, sum_dz = bn_ops._bn_relu_conv_backward(
+        dx_const, dweight, sum_dz_xhat, sum_dz = torch.ops.fastresnet.bn_relu_conv_backward(
             dy.contiguous(memory_format=bn_ops.layout(x)), x, weight, mean, rstd, bn_weight, bn_bias,
             ctx.stride, ctx.padding, False, ctx.backend)
         scale, _ = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
         dx = _sync_grad_terms(x, dx_const, mean, rstd, scale, sum_dz, sum_dz_xhat, ctx.group)
-        dgamma, dbeta = bn_ops._affine_grads(bn_weight, bn_bias, sum_dz_xhat, sum_dz)
+        dgamma, dbeta = bn_ops.affine_grads(bn_weight, bn_bias, sum_dz_xhat, sum_dz)
         return (dx, dweight, dgamma, dbeta) + (None,) * 10
 
 
@@ -119,11 +119,11 @@ class SyncBNReLUFunction(_SyncBNFunctionBase):
     @staticmethod
     def backward(ctx, dy):
         x, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
-        dx_const, sum_dz_xhat, sum_dz = bn_ops._bn_relu_backward(dy, x, mean, rstd, bn_weight, bn_bias, False,
+        dx_const, sum_dz_xhat, sum_dz = torch.ops.fastresnet.bn_relu_backward(dy, x, mean, rstd, bn_weight, bn_bias, False,
                                                                  ctx.backend)
         scale, _ = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
         dx = _sync_grad_terms(x, dx_const, mean, rstd, scale, sum_dz, sum_dz_xhat, ctx.group)
-        dgamma, dbeta = bn_ops._affine_grads(bn_weight, bn_bias, sum_dz_xhat, sum_dz)
+        dgamma, dbeta = bn_ops.affine_grads(bn_weight, bn_bias, sum_dz_xhat, sum_dz)
         return (dx, dgamma, dbeta) + (None,) * 8
 
 
@@ -148,7 +148,7 @@ class SyncBNFunction(torch.autograd.Function):
         xhat = (x.to(mean.dtype) - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1)
         sum_dy, sum_dy_xhat = dyf.sum(dim=(0, 2, 3)), (dyf * xhat).sum(dim=(0, 2, 3))
         dx = _sync_grad_terms(x, dyf * scale.view(1, -1, 1, 1), mean, rstd, scale, sum_dy, sum_dy_xhat, ctx.group)
-        dgamma, dbeta = bn_ops._affine_grads(bn_weight, bn_bias, sum_dy_xhat, sum_dy)
+        dgamma, dbeta = bn_ops.affine_grads(bn_weight, bn_bias, sum_dy_xhat, sum_dy)
         return (dx, dgamma, dbeta) + (None,) * 7
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastresnet import ops, reference
 from fastresnet.backends import resolve
+from fastresnet.ops.bn_ops import conv_out_shape
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
@@ -48,6 +49,28 @@ def check_bn_input(
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
         if t.dim() == 1 and t.shape[0] != num_features:
             raise ValueError(f"{name}: expected {num_features} elements, got shape {tuple(t.shape)}")
+
+
+def check_conv_input(
+    x: Tensor, weight: Tensor, training: bool, stride: IntPair, padding: IntPair,
+    params: Sequence[Tuple[str, Optional[Tensor]]] = (),
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Validate a pre-activation conv's x [N, C_in, H, W], weight [C_out, C_in, kh, kw], stride and padding (and the
+    BN tensors in `params`); returns (stride, padding) as pairs. Errors name the argument."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    check_bn_input(x, weight.shape[1], training, [("weight", weight), *params])
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected values >= 1, got {stride}")
+    for d in (2, 3):
+        if x.shape[d] + 2 * padding[d - 2] < weight.shape[d]:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
+                             f"kernel {tuple(weight.shape[2:])}")
+    return stride, padding
 
 
 def bn_statistics(
@@ -138,21 +161,9 @@ def bn_relu_conv2d(
     activation. BN uses PyTorch's BatchNorm2d semantics (batch statistics and one running update in training,
     running statistics in eval). `stats`: this batch's (mean, biased var) of x if already known.
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    check_bn_input(x, weight.shape[1], training,
-                   [("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)])
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    if min(stride) < 1:
-        raise ValueError(f"stride: expected values >= 1, got {stride}")
-    for d in (2, 3):
-        if x.shape[d] + 2 * padding[d - 2] < weight.shape[d]:
-            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
-                             f"kernel {tuple(weight.shape[2:])}")
+    stride, padding = check_conv_input(x, weight, training, stride, padding,
+                                       [("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                                        ("running_mean", running_mean), ("running_var", running_var)])
     name = resolve(x, backend)
     mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
                                stats)
@@ -201,20 +212,15 @@ def bn_relu_conv2d_stats(
     the per-channel batch statistics (fp32, biased var) of y, for chaining into the next BN (`stats=`) of a residual
     unit. Tier B ("triton_conv") adds the residual and computes the statistics in the conv epilogue; other backends
     run a separate statistics pass. residual: [N, C_out, H_out, W_out]; it receives dy as its gradient."""
-    from fastresnet.ops import unit_ops  # not re-exported by fastresnet.ops
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    check_bn_input(x, weight.shape[1], training,
-                   [("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)])
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-    out_shape = ops.bn_ops.conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
+    stride, padding = check_conv_input(x, weight, training, stride, padding,
+                                       [("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                                        ("running_mean", running_mean), ("running_var", running_var)])
+    out_shape = conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
     if residual is not None and (tuple(residual.shape) != tuple(out_shape) or residual.device != x.device):
         raise ValueError(f"residual: expected shape {tuple(out_shape)} on {x.device}, got "
                          f"{tuple(residual.shape)} on {residual.device}")
     name = resolve(x, backend)
     mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
                                stats)
-    return unit_ops.bn_relu_conv_stats(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, residual,
-                                           stride, padding, training or running_mean is None, name)
+    return ops.bn_relu_conv_stats(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, residual, stride,
+                                  padding, training or running_mean is None, name)

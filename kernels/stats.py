@@ -7,11 +7,15 @@ supported; any other strides are refused here (the backend copies strided views 
 Algorithm: pass 1 (`_stats_partial_kernel`, grid [T, cdiv(C, BLOCK_C)]) gives every program a tile of
 ITERS·BLOCK_M rows × BLOCK_C channels; it reduces each [BLOCK_M, BLOCK_C] chunk two-pass (mean, then centred
 squares) and folds the chunks together with Chan's formula, writing a partial (count, mean, M2, K) per channel to a
-[4, T, C] buffer. Pass 2 (`_stats_merge_kernel`) folds the T partials with Chan's formula in tile order. Fixed
-tiling (a function of M, C and the device only) and a fixed merge order make the result bitwise reproducible.
+[4, T, C] buffer. Pass 2 (`_stats_merge_kernel`, host side `merge_partials`) folds the T partials with Chan's formula
+in tile order. Fixed tiling (a function of M, C and the device only) and a fixed merge order make the result bitwise
+reproducible. The tier-B conv epilogue (`kernels/conv.py`) writes the same [4, T, C] partials (one per output tile,
+via `chunk_summary` / `store_partial`) and merges them with `merge_partials`.
 Numerics: the centred M2 avoids one-pass E[x²] − E[x]², which cancels when |mean| ≫ std; and every value is first
-shifted by K = the channel's value at row 0 (the same in every program), so chunk means are O(std) rather than
-O(|mean|) and the Chan cross terms (differences of chunk means) keep full precision; mean = K + shifted mean.
+shifted by a pivot K (here the channel's value at row 0, the same in every program; the conv epilogue uses its
+tile's first row), so chunk means are O(std) rather than O(|mean|). The merge re-centres tile t's mean on tile 0's
+pivot (adds K_t − K_0, a difference of two values of the channel, so O(std); exactly 0 when every tile shares K),
+so the Chan cross terms (differences of chunk means) keep full precision; mean = K_0 + shifted mean.
 
 dtype rules: loads are upcast to the accumulation dtype right after loading (float32; float64 for float64 input),
 which also avoids the Triton interpreter's bf16 arithmetic bug (DESIGN.md §6). Statistics are returned in that dtype.
@@ -53,6 +57,28 @@ def tile_indices(pid_m, pid_c, it, ITERS, BLOCK_M: tl.constexpr, BLOCK_C: tl.con
         cols = cols.to(tl.int64)
         pid_m = pid_m.to(tl.int64)
     return (pid_m * ITERS + it) * BLOCK_M + rows, cols
+
+
+@triton.jit
+def chunk_summary(v, rmask, mask):
+    """(count, mean, M2) per column [BLOCK_C] of a chunk v [BLOCK_M, BLOCK_C] (already shifted by its pivot and zero
+    where ~mask; rmask [BLOCK_M]: the valid rows), two-pass: mean, then centred squares; in v's dtype."""
+    n = tl.sum(rmask.to(v.dtype), axis=0)
+    mean = tl.sum(v, axis=0) / tl.maximum(n, 1.0)
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    return n, mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def store_partial(part_ptr, tile, T, C, cols, count, mean, m2, k):
+    """Write tile `tile`'s partial for channels cols [BLOCK_C] into the [4, T, C] buffer: (count, mean, M2) of the
+    values shifted by the pivot k, and k (all [BLOCK_C] or scalars)."""
+    cmask = cols < C
+    base = part_ptr + tile * C + cols
+    tl.store(base, count, mask=cmask)
+    tl.store(base + T * C, mean, mask=cmask)
+    tl.store(base + 2 * T * C, m2, mask=cmask)
+    tl.store(base + 3 * T * C, k, mask=cmask)
 
 
 @triton.jit
@@ -99,25 +125,15 @@ def _stats_partial_kernel(
             y = v.to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + offs, y, mask=mask)
             v = y.to(ACC)
-        v = tl.where(mask, v - k, 0.0)
-        # this chunk, two-pass: count, mean, centred M2 (masked lanes contribute nothing)
-        n_b = tl.sum(rmask.to(ACC), axis=0)
-        mean_b = tl.sum(v, axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask, v - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
+        # this chunk's (count, mean, centred M2); masked lanes contribute nothing
+        n_b, mean_b, m2_b = chunk_summary(tl.where(mask, v - k, 0.0), rmask, mask)
         count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    base = part_ptr + pid_t * C + cols
-    tl.store(base, count, mask=cmask)
-    tl.store(base + T * C, mean, mask=cmask)
-    tl.store(base + 2 * T * C, m2, mask=cmask)
-    tl.store(base + 3 * T * C, tl.sum(k, axis=0), mask=cmask)
+    store_partial(part_ptr, pid_t, T, C, pid_c * BLOCK_C + tl.arange(0, BLOCK_C), count, mean, m2, tl.sum(k, axis=0))
 
 
 @triton.jit
 def _stats_merge_kernel(
-    part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K, and K
+    part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K_t, and the tile's pivot K_t
     mean_ptr,  # [C] ACC out: mean
     var_ptr,   # [C] ACC out: biased variance M2 / count
     C, T,
@@ -125,17 +141,18 @@ def _stats_merge_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    k0 = tl.load(part_ptr + 3 * T * C + cols, mask=cmask, other=0.0)  # tile 0's pivot: the merged mean's origin
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(T):  # fixed order: deterministic
         base = part_ptr + t * C + cols
         n_b = tl.load(base, mask=cmask, other=0.0)
-        mean_b = tl.load(base + T * C, mask=cmask, other=0.0)
+        # tile t's mean of x − K_t, re-centred on K_0 (K_t − K_0 = 0 when all tiles share the pivot)
+        mean_b = tl.load(base + T * C, mask=cmask, other=0.0) + (tl.load(base + 3 * T * C, mask=cmask, other=0.0) - k0)
         m2_b = tl.load(base + 2 * T * C, mask=cmask, other=0.0)
         count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    k = tl.load(part_ptr + 3 * T * C + cols, mask=cmask, other=0.0)  # the same K in every tile: take tile 0's
-    tl.store(mean_ptr + cols, k + mean, mask=cmask)
+    tl.store(mean_ptr + cols, k0 + mean, mask=cmask)
     tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
 
 
@@ -189,13 +206,18 @@ def _sm_count(device_index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def channel_block(c: int) -> int:
+    """BLOCK_C, the channels one program of the per-channel passes covers (the next power of two of c, at most 64)."""
+    return min(triton.next_power_of_2(c), 64)
+
+
 def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] = None) -> dict:
     """Tile sizes for an [M = N·H·W, C] pass over x: BLOCK_C channels × BLOCK_M rows per chunk, ITERS chunks per
     row-tile, T row-tiles. Depends only on (shape, device), so reductions are reproducible. `block_m`/`tiles`
     override the defaults (tuning, and tests that force many partials)."""
     n, c, h, w = x.shape
     m = n * h * w
-    block_c = min(triton.next_power_of_2(c), 64)
+    block_c = channel_block(c)
     if block_m is None:
         block_m = max(16, min(4096 // block_c, triton.next_power_of_2(m)))
     chunks = triton.cdiv(m, block_m)
@@ -212,18 +234,25 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
                  tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Run both passes over x (or over y = x + b when b and y are given); returns (mean, biased var) in ACC."""
     cfg = tile_config(x, block_m, tiles)
-    acc = acc_dtype(x.dtype)
     c, t = cfg["C"], cfg["T"]
-    part = torch.empty((4, t, c), dtype=acc, device=x.device)
-    mean = torch.empty(c, dtype=acc, device=x.device)
-    var = torch.empty(c, dtype=acc, device=x.device)
+    part = torch.empty((4, t, c), dtype=acc_dtype(x.dtype), device=x.device)
     add = b is not None
     _stats_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
         x, b if add else x, y if add else x, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"],
-        ACC=tl_dtype(acc), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
+        ACC=tl_dtype(part.dtype), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
-    _stats_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
-        part, mean, var, c, t, ACC=tl_dtype(acc), BLOCK_C=cfg["BLOCK_C"])
+    return merge_partials(part)
+
+
+def merge_partials(part: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) [C] in part's dtype (fp32/fp64) from per-tile partials part [4, T, C] = (count, mean of
+    x − K_t, M2, K_t), merged in tile order (deterministic). Written by `_stats_partial_kernel` and by the tier-B conv
+    epilogue (`kernels.conv`)."""
+    _, t, c = part.shape
+    mean = torch.empty(c, dtype=part.dtype, device=part.device)
+    var = torch.empty(c, dtype=part.dtype, device=part.device)
+    block_c = channel_block(c)
+    _stats_merge_kernel[(triton.cdiv(c, block_c),)](part, mean, var, c, t, ACC=tl_dtype(part.dtype), BLOCK_C=block_c)
     return mean, var
 
 

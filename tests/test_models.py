@@ -160,9 +160,10 @@ def test_he_init_fan_out():
 def test_unknown_model_and_bad_depth():
     with pytest.raises(ValueError, match="name: unknown model"):
         fastresnet.create_model("resnet7")
-    from fastresnet.models.resnet import _cifar
+    from fastresnet.models import cifar_resnet
     with pytest.raises(ValueError, match="depth"):
-        _cifar("bottleneck", 100, 10, "full_preact")
+        cifar_resnet("bottleneck", 100)
+    assert len([u for u in cifar_resnet("bottleneck", 29).modules() if isinstance(u, ResidualUnit)]) == 9
 
 
 def test_option_a_shortcut_zero_pads_after_subsampling():

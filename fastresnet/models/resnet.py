@@ -127,7 +127,9 @@ class ResNet(nn.Module):
 
 
 # ---- CIFAR --------------------------------------------------------------------------------------------------------
-def _cifar(form: str, depth: int, num_classes: int, variant: str, **kw) -> ResNet:
+def cifar_resnet(form: str, depth: int, num_classes: int = 10, variant: str = "full_preact", **kw) -> ResNet:
+    """A CIFAR ResNet of any depth: 6n+2 ("basic"), 9n+2 ("bottleneck") or 3n+2 ("single"), with the zoo's
+    defaults (module docstring); keyword arguments as `ResNet` / `ResidualUnit`."""
     per_layer = {"single": 3, "basic": 6, "bottleneck": 9}[form]
     if (depth - 2) % per_layer:
         raise ValueError(f"depth: a CIFAR {form} ResNet has depth {per_layer}n+2, got {depth}")
@@ -143,7 +145,7 @@ def _cifar(form: str, depth: int, num_classes: int, variant: str, **kw) -> ResNe
 
 def _register_cifar(name: str, form: str, depth: int, variant: str, **fixed):
     def build(num_classes: int = 10, **kw) -> ResNet:
-        return _cifar(form, depth, num_classes, variant, **{**fixed, **kw})
+        return cifar_resnet(form, depth, num_classes, variant, **{**fixed, **kw})
     build.__name__ = name
     build.__doc__ = f"CIFAR {form} ResNet-{depth}, {variant} units" + (f", {fixed}" if fixed else "")
     register_model(name, 10)(build)

@@ -5,5 +5,6 @@ Statistics (mean, rstd) enter the BN ops as constants: in training they are this
 backward formula already contains their dependence on x (DESIGN.md §2), so no gradient flows through them.
 """
 from fastresnet.ops.bn_ops import add_stats, batch_stats, bn_relu, bn_relu_conv
+from fastresnet.ops.unit_ops import bn_relu_conv_stats
 
-__all__ = ["add_stats", "batch_stats", "bn_relu", "bn_relu_conv"]
+__all__ = ["add_stats", "batch_stats", "bn_relu", "bn_relu_conv", "bn_relu_conv_stats"]

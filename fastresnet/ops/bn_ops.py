@@ -41,7 +41,8 @@ def conv_out_shape(x_shape, weight_shape, stride: List[int], padding: List[int])
     return [n, weight_shape[0], (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
 
 
-def _affine_grads(bn_weight, bn_bias, dgamma, dbeta):
+def affine_grads(bn_weight, bn_bias, dgamma, dbeta):
+    """(dγ, dβ) in the parameters' dtypes, None for an absent (affine=False) parameter."""
     return (None if bn_weight is None else dgamma.to(bn_weight.dtype),
             None if bn_bias is None else dbeta.to(bn_bias.dtype))
 
@@ -129,7 +130,7 @@ def _bn_relu_setup(ctx, inputs, output):
 def _bn_relu_bwd(ctx, dy):
     x, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
     dx, dgamma, dbeta = _bn_relu_backward(dy, x, mean, rstd, bn_weight, bn_bias, ctx.training, ctx.backend)
-    return (dx, None, None) + _affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None, None)
+    return (dx, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None, None)
 
 
 _bn_relu.register_autograd(_bn_relu_bwd, setup_context=_bn_relu_setup)
@@ -182,7 +183,7 @@ def _bn_relu_conv_bwd(ctx, dy):
     dx, dweight, dgamma, dbeta = _bn_relu_conv_backward(
         dy.contiguous(memory_format=layout(x)), x, weight, mean, rstd, bn_weight, bn_bias,
         ctx.stride, ctx.padding, ctx.training, ctx.backend)
-    return (dx, dweight, None, None) + _affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None,) * 4
+    return (dx, dweight, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None,) * 4
 
 
 _bn_relu_conv.register_autograd(_bn_relu_conv_bwd, setup_context=_bn_relu_conv_setup)

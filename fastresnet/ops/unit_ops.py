@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
-from fastresnet.ops.bn_ops import _affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake, conv_out_shape
+from fastresnet.ops.bn_ops import affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake, conv_out_shape
 
 
 @torch.library.custom_op("fastresnet::bn_relu_conv_stats", mutates_args=())
@@ -49,7 +49,7 @@ def _backward(ctx, dy, dmean, dvar):
         dy.contiguous(memory_format=layout(x)), x, weight, mean, rstd, bn_weight, bn_bias,
         ctx.stride, ctx.padding, ctx.training, ctx.backend)
     dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
-    return (dx, dweight, None, None) + _affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (dres,) + (None,) * 4
+    return (dx, dweight, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (dres,) + (None,) * 4
 
 
 _bn_relu_conv_stats.register_autograd(_backward, setup_context=_setup)
