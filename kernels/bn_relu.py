@@ -5,7 +5,7 @@ Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), bat
 Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = max(x·s + t, 0) in fp32 (fp64 for
 fp64 x), one rounding to out_dtype at the store.
 
-Backward, given dy = dL/da, in three launches:
+Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_partials`, shared with the tier-B conv):
 1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = dy·[x·s + t > 0] (mask recomputed from x, never
    stored), per-tile partial sums Σdz and Σdz·x̂ (x̂ = (x − μ)·rstd) into a [2, T, C] buffer;
 2. `_bn_relu_bwd_merge_kernel`: sums the T partials in tile order (deterministic, no atomics) and folds the
@@ -181,20 +181,31 @@ def bn_relu_backward(
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
     cfg = tile_config(x, block_m, tiles)
-    acc = acc_dtype(x.dtype)
     c, t = cfg["C"], cfg["T"]
-    part = torch.empty((2, t, c), dtype=acc, device=x.device)
+    part = torch.empty((2, t, c), dtype=acc_dtype(x.dtype), device=x.device)
+    _bn_relu_bwd_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
+        dy, x, scale, shift, mean, rstd, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"], ACC=tl_dtype(part.dtype),
+        NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
+    return bn_backward_from_partials(part, dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg)
+
+
+def bn_backward_from_partials(
+    part: Tensor, dy: Tensor, x: Tensor, nhwc: bool, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
+    training: bool, dres: Optional[Tensor] = None, cfg: Optional[dict] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Steps 2–3 of the backward (module docstring) from per-tile partials part [2, T, C] (Σdz, Σdz·x̂; fp32, fp64
+    for fp64 x; any T): returns (dx, Σdz, Σdz·x̂) as `bn_relu_backward`. x: dense NHWC (nhwc=True) or NCHW; dy, dres:
+    x's shape and layout (dy may already be masked, dz: the mask is recomputed from x either way). Also used by the
+    tier-B conv dgrad (`kernels.conv`), whose epilogue writes dz and these partials. cfg: `tile_config(x)` if None."""
+    cfg = cfg or tile_config(x)
+    c, t = part.shape[2], part.shape[1]
     # separate [C] outputs (the custom ops forbid outputs that alias each other)
-    sum_dz = torch.empty(c, dtype=acc, device=x.device)
-    sum_dz_xhat = torch.empty(c, dtype=acc, device=x.device)
-    coef = torch.empty((2, c), dtype=acc, device=x.device) if training else part  # unused in eval
+    sum_dz = torch.empty(c, dtype=part.dtype, device=x.device)
+    sum_dz_xhat = torch.empty(c, dtype=part.dtype, device=x.device)
+    coef = torch.empty((2, c), dtype=part.dtype, device=x.device) if training else part  # unused in eval
     dx = torch.empty_like(x, memory_format=memory_format(nhwc))
-    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
-    common = dict(ACC=tl_dtype(acc), BLOCK_C=cfg["BLOCK_C"])
-    _bn_relu_bwd_partial_kernel[(t, c_blocks)](
-        dy, x, scale, shift, mean, rstd, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"], NHWC=nhwc,
-        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["NUM_WARPS"], **common)
-    _bn_relu_bwd_merge_kernel[(c_blocks,)](
+    common = dict(ACC=tl_dtype(part.dtype), BLOCK_C=cfg["BLOCK_C"])
+    _bn_relu_bwd_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
         part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, 1.0 / cfg["M"], TRAINING=training, **common)
     _bn_relu_bwd_dx_kernel[_elementwise_grid(cfg)](
         dy, x, x if dres is None else dres, dx, scale, shift, mean, coef, cfg["M"], c, cfg["HW"],

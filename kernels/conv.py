@@ -17,8 +17,10 @@ GEMM views (M = rows, "N" = columns, K = reduction):
 with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
 
 Reductions are deterministic: every program writes its partial result to its own row of a [tiles, ...] buffer, and
-one program per column merges the rows in tile order (Chan's formula for (mean, M2), plain sums otherwise).
-(The merge is our own, not tier A's `kernels/stats.py` one, whose partial-buffer format is still changing.)
+one program per column merges the rows in tile order. The output statistics use tier A's partial format and merge
+(`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile shifted by its first row's value, Chan
+merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are tier A's BN-ReLU backward steps 2–3
+(`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed by `_sum_rows_kernel`.
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
 Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses tf32 only
@@ -27,7 +29,6 @@ fp32 and bf16 (the interpreter miscomputes bf16 arithmetic and bf16 `tl.dot`, DE
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -35,10 +36,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastresnet.kernels import interpreting
+from fastresnet.kernels.bn_relu import bn_backward_from_partials
+from fastresnet.kernels.stats import chunk_summary, memory_format, merge_partials, store_partial
 
-def interpreting() -> bool:
-    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# ---- device helpers ------------------------------------------------------------------------------------------------
+@triton.jit
+def _rows(start, M, H, W, BLOCK_M: tl.constexpr):
+    """For the flat rows rm = start + [0, BLOCK_M) of an [N·H·W] index: the mask rm < M and (n, h, w) [BLOCK_M]."""
+    rm = start + tl.arange(0, BLOCK_M)
+    return rm < M, rm // (W * H), (rm // W) % H, rm % W
+
+
+@triton.jit
+def _gemm_tile(M, H, W, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] output tile of an implicit GEMM over rows m = (n, h, w) of an [N·H·W]
+    index (program axis 0) × N columns (axis 1): (row mask, n, h, w) [BLOCK_M] as `_rows`, the columns and their
+    mask [BLOCK_N], and a zero fp32 accumulator."""
+    m_ok, nb, h, w = _rows(tl.program_id(0) * BLOCK_M, M, H, W, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return m_ok, nb, h, w, rn, rn < N, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _offsets(nb, h, w, ch, sn, sc, sh, sw):
+    """Offsets [BLOCK_M, BLOCK_CH] of positions (nb, h, w) [BLOCK_M] × channels ch [BLOCK_CH], strides sn..sw."""
+    return (nb * sn + h * sh + w * sw)[:, None] + ch[None, :] * sc
+
+
+@triton.jit
+def _dot_weight(acc, a, w_ptr, rk, k_ok, sk, rn, n_ok, sn, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N], w[k, n] at w_ptr + rk[k]·sk + rn[n]·sn (0 where masked)."""
+    wv = tl.load(w_ptr + rk[:, None] * sk + rn[None, :] * sn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(a.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
@@ -49,24 +80,15 @@ def _conv_fwd_kernel(
     w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
-    pmean_ptr, pm2_ptr,         # [tiles_m, C_out] fp32 per-tile mean and M2 of the stored y (written if STATS)
+    part_ptr,                   # [4, tiles_m, C_out] fp32 per-tile partials of the stored y (STATS; kernels.stats)
     M, C_in, H, W, C_out, Ho, Wo,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # output rows m = (n, ho, wo)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # output channels co
-    m_ok = rm < M
-    n_ok = rn < C_out
-    wo = rm % Wo
-    ho = (rm // Wo) % Ho
-    nb = rm // (Wo * Ho)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # rows m = (n, ho, wo) of y × output channels co
+    m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             hi = ho * STRIDE - PAD + kh
@@ -83,50 +105,23 @@ def _conv_fwd_kernel(
                 # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
                 a = tl.maximum(xv * s[None, :] + t[None, :], 0.0)
                 a = tl.where(a_mask, a, 0.0)
-                wv = tl.load(w_ptr + rn[None, :] * swo + rk[:, None] * swi + kh * swh + kw * sww,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_K, BLOCK_N]
-                acc = tl.dot(a.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
+                acc = _dot_weight(acc, a, w_ptr + kh * swh + kw * sww, rk, k_ok, swi, rn, n_ok, swo,
+                                  DOT_DTYPE, PRECISION)
 
     # epilogue: + residual (fp32), one rounded store, per-tile statistics of the stored value
-    y_off = (nb * syn + ho * syh + wo * syw)[:, None] + rn[None, :] * syc
+    y_off = _offsets(nb, ho, wo, rn, syn, syc, syh, syw)
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
     out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off, out, mask=mask)
     if STATS:
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        v = tl.where(mask, out.to(tl.float32), 0.0)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(mask, v - mean[None, :], 0.0)
-        tl.store(pmean_ptr + pid_m * C_out + rn, mean, mask=n_ok)
-        tl.store(pm2_ptr + pid_m * C_out + rn, tl.sum(d * d, axis=0), mask=n_ok)
-
-
-@triton.jit
-def _chan_merge_kernel(
-    pmean_ptr, pm2_ptr,         # [T, C] fp32 per-tile mean and M2; tile t holds min(TILE, M − t·TILE) rows
-    mean_ptr, var_ptr,          # [C] fp32 out: mean and biased variance over all M rows
-    T, M, C,
-    TILE: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Chan et al.: merging (n_a, μ_a, M2_a) with (n_b, μ_b, M2_b): δ = μ_b − μ_a, μ = μ_a + δ·n_b/n,
-    # M2 = M2_a + M2_b + δ²·n_a·n_b/n. Tiles merge left to right, so the result is bitwise reproducible.
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(0, T):
-        n_a = t * TILE * 1.0                                  # every tile before t is full
-        n_b = tl.minimum((M - t * TILE) * 1.0, TILE * 1.0)
-        n = n_a + n_b
-        mb = tl.load(pmean_ptr + t * C + rc, mask=c_ok, other=0.0)
-        m2b = tl.load(pm2_ptr + t * C + rc, mask=c_ok, other=0.0)
-        delta = mb - mean
-        mean += delta * (n_b / n)
-        m2 += m2b + delta * delta * (n_a * n_b / n)
-    tl.store(mean_ptr + rc, mean, mask=c_ok)
-    tl.store(var_ptr + rc, m2 / M, mask=c_ok)
+        # (count, mean, M2) of the stored y shifted by the pivot K = this tile's first row (row 0 always exists), so
+        # the partials are O(std) (kernels/stats.py, Numerics); merged by `kernels.stats.merge_partials`
+        v = out.to(tl.float32)
+        k = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
+        count, mean, m2 = chunk_summary(tl.where(mask, v - k[None, :], 0.0), m_ok, mask)
+        store_partial(part_ptr, tl.program_id(0), tl.num_programs(0), C_out, rn, count, mean, m2, k)
 
 
 @triton.jit
@@ -150,27 +145,17 @@ def _conv_dgrad_kernel(
     w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
-    dz_ptr,                     # [M, C_in] fp32 out, row-major (NHWC): dz = da·[x·scale + shift > 0]
-    psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1])
+    dz_ptr,                     # [N, C_in, H, W] fp32 out, x's strides: dz = da·[x·scale + shift > 0]
+    psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
     M, C_in, H, W, C_out, Ho, Wo,
     sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # input rows m = (n, h, w)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)        # input channels ci
-    m_ok = rm < M
-    n_ok = rn < C_in
-    wi = rm % W
-    hi = (rm // W) % H
-    nb = rm // (W * H)
-
-    # da = implicit GEMM of dy with the weight, K = (kh, kw, co): the transposed conv gathers the output positions
-    # (ho, wo) that read (hi, wi) through tap (kh, kw).
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # da = implicit GEMM of dy with the weight over rows m = (n, h, w) of x × input channels ci, K = (kh, kw, co):
+    # the transposed conv gathers the output positions (ho, wo) that read (hi, wi) through tap (kh, kw).
+    m_ok, nb, hi, wi, rn, n_ok, acc = _gemm_tile(M, H, W, C_in, BLOCK_M, BLOCK_N)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             th = hi + PAD - kh
@@ -185,53 +170,22 @@ def _conv_dgrad_kernel(
                 k_ok = rk < C_out
                 dyv = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
                               mask=pos_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                wv = tl.load(w_ptr + rk[:, None] * swo + rn[None, :] * swi + kh * swh + kw * sww,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_K, BLOCK_N]
-                acc = tl.dot(dyv.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
+                acc = _dot_weight(acc, dyv, w_ptr + kh * swh + kw * sww, rk, k_ok, swo, rn, n_ok, swi,
+                                  DOT_DTYPE, PRECISION)
 
-    # epilogue: ReLU mask recomputed from x, dz stored, per-tile Σdz and Σdz·x̂
+    # epilogue: ReLU mask recomputed from x, dz stored (at x's offsets), per-tile Σdz and Σdz·x̂
     mask = m_ok[:, None] & n_ok[None, :]
-    xv = tl.load(x_ptr + (nb * sxn + hi * sxh + wi * sxw)[:, None] + rn[None, :] * sxc,
-                 mask=mask, other=0.0).to(tl.float32)
+    x_off = _offsets(nb, hi, wi, rn, sxn, sxc, sxh, sxw)
+    xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
     t = tl.load(shift_ptr + rn, mask=n_ok, other=0.0)
     mu = tl.load(mean_ptr + rn, mask=n_ok, other=0.0)
     r = tl.load(rstd_ptr + rn, mask=n_ok, other=0.0)
     dz = tl.where(mask & (xv * s[None, :] + t[None, :] > 0), acc, 0.0)
-    tl.store(dz_ptr + rm[:, None] * C_in + rn[None, :], dz, mask=mask)
+    tl.store(dz_ptr + x_off, dz, mask=mask)
     xhat = (xv - mu[None, :]) * r[None, :]
-    tl.store(psum_ptr + pid_m * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
-    tl.store(psum_ptr + (tl.num_programs(0) + pid_m) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
-
-
-@triton.jit
-def _bn_dx_kernel(
-    dz_ptr,                     # [M, C] fp32, row-major (NHWC)
-    x_ptr,                      # [N, C, H, W] BN input, strides sxn, sxc, sxh, sxw
-    scale_ptr, mean_ptr, rstd_ptr, sum_dz_ptr, sum_dzx_ptr,    # [C] fp32
-    dx_ptr,                     # [N, C, H, W] out in x's dtype, same strides as x
-    M, C, H, W, inv_m,
-    sxn, sxc, sxh, sxw,
-    TRAINING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # training: dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M); eval (running statistics are constants): dx = scale·dz
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
-    mask = (rm < M)[:, None] & c_ok[None, :]
-    dz = tl.load(dz_ptr + rm[:, None] * C + rc[None, :], mask=mask, other=0.0)
-    s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)
-    off = ((rm // (W * H)) * sxn + ((rm // W) % H) * sxh + (rm % W) * sxw)[:, None] + rc[None, :] * sxc
-    if TRAINING:
-        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
-        r = tl.load(rstd_ptr + rc, mask=c_ok, other=0.0)
-        g = tl.load(sum_dz_ptr + rc, mask=c_ok, other=0.0) * inv_m
-        gx = tl.load(sum_dzx_ptr + rc, mask=c_ok, other=0.0) * inv_m
-        dx = s[None, :] * (dz - g[None, :] - (xv - mu[None, :]) * r[None, :] * gx[None, :])
-    else:
-        dx = s[None, :] * dz
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(psum_ptr + tl.program_id(0) * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
+    tl.store(psum_ptr + (tl.num_programs(0) + tl.program_id(0)) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -263,18 +217,14 @@ def _conv_wgrad_kernel(
     m_start = split * rows_per_split                      # rows_per_split is a multiple of BLOCK_M
     m_end = tl.minimum(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)                   # output rows (n, ho, wo)
-        m_ok = rm < m_end
-        wo = rm % Wo
-        ho = (rm // Wo) % Ho
-        nb = rm // (Wo * Ho)
-        dyv = tl.load(dy_ptr + (nb * sdn + ho * sdh + wo * sdw)[:, None] + rco[None, :] * sdc,
+        m_ok, nb, ho, wo = _rows(m0, m_end, Ho, Wo, BLOCK_M)                  # output rows (n, ho, wo)
+        dyv = tl.load(dy_ptr + _offsets(nb, ho, wo, rco, sdn, sdc, sdh, sdw),
                       mask=m_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)    # [BLOCK_M, BLOCK_CO]
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
         pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         a_mask = pos_ok[:, None] & ci_ok[None, :]
-        xv = tl.load(x_ptr + (nb * sxn + hi * sxh + wi * sxw)[:, None] + rci[None, :] * sxc,
+        xv = tl.load(x_ptr + _offsets(nb, hi, wi, rci, sxn, sxc, sxh, sxw),
                      mask=a_mask, other=0.0).to(tl.float32)                          # [BLOCK_M, BLOCK_CI]
         # prologue: recompute the activation from x; zero padding in the activated space
         a = tl.where(a_mask, tl.maximum(xv * s[None, :] + t[None, :], 0.0), 0.0)
@@ -313,11 +263,9 @@ def _check_numel(**tensors: Tensor) -> None:
             raise ValueError(f"{name}: the Triton conv kernels use int32 indices; got {t.numel()} elements (< 2**31)")
 
 
-def _alloc_like_layout(x: Tensor, shape, dtype: torch.dtype) -> Tensor:
-    """An empty [N, C, H, W] tensor in x's memory format (channels_last if x is NHWC-stored, else contiguous)."""
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+def _nhwc(x: Tensor) -> bool:
+    """Whether x is NHWC-stored (channels_last and not also contiguous): the layout of the outputs made from x."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> Tuple[int, int]:
@@ -339,32 +287,24 @@ def conv_forward(
     c_out, _, k, _ = weight.shape
     ho, wo = conv_out_hw(h, w, k, stride, padding)
     m = n * ho * wo
-    y = _alloc_like_layout(x, (n, c_out, ho, wo), weight.dtype)
+    fmt = memory_format(_nhwc(x))
+    y = torch.empty((n, c_out, ho, wo), dtype=weight.dtype, device=x.device, memory_format=fmt)
     _check_numel(x=x, y=y)
     if residual is not None and residual.stride() != y.stride():
-        residual = residual.contiguous(memory_format=torch.channels_last if y.stride(1) == 1 else
-                                       torch.contiguous_format)
+        residual = residual.contiguous(memory_format=fmt)
     dot_dtype, precision = dot_config(weight.dtype, x.device)
     block_m, block_n = _block_m(x.device), _pow2(c_out)
     tiles = triton.cdiv(m, block_m)
-    pmean = pm2 = y
-    if stats:
-        pmean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
-        pm2 = torch.empty_like(pmean)
+    part = torch.empty((4, tiles, c_out), dtype=torch.float32, device=x.device) if stats else y  # y: unused
     _conv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
-        x, scale, shift, weight, residual if residual is not None else y, y, pmean, pm2,
+        x, scale, shift, weight, residual if residual is not None else y, y, part,
         m, c_in, h, w, c_out, ho, wo, *x.stride(), *weight.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_in, hi=64),
     )
     if not stats:
         return y, None, None
-    mean = torch.empty(c_out, dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
-    block_c = _pow2(c_out, lo=1, hi=256)
-    _chan_merge_kernel[(triton.cdiv(c_out, block_c),)](pmean, pm2, mean, var, tiles, m, c_out,
-                                                        TILE=block_m, BLOCK_C=block_c)
-    return y, mean, var
+    return (y,) + merge_partials(part)
 
 
 def _sum_rows(part: Tensor, out: Tensor) -> Tensor:
@@ -385,8 +325,10 @@ def conv_backward(
     [C_in]. dx has x's dtype and memory format; dweight [C_out, C_in, k, k] contiguous in the weight's dtype (None
     unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of `reference.bn_relu_backward` after
     the conv backward, eval mode included (training=False: dx = scale·dz).
-    Three steps: (1) dgrad with the mask/reduction epilogue (dz to an fp32 [M, C_in] scratch buffer); (2) the
-    per-channel affine dx pass; (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed in split order.
+    Three steps: (1) dgrad with the mask/reduction epilogue (dz to an fp32 scratch tensor in dx's layout, per-tile
+    Σdz, Σdz·x̂ partials); (2) tier A's ordered merge of the partials and per-channel affine dx pass
+    (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed
+    in split order.
     """
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
@@ -396,11 +338,14 @@ def conv_backward(
     dot_dtype, precision = dot_config(weight.dtype, dev)
     block_m = _block_m(dev)
 
-    # (1) dgrad + epilogue: dz and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows
+    # (1) dgrad + epilogue: dz (fp32, in dx's layout) and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows;
+    # x is made dense in that layout first, so that dz, x and dx share strides for step (2)
+    nhwc = _nhwc(x)
+    x = x.contiguous(memory_format=memory_format(nhwc))
     m_in = n * h * w
     tiles = triton.cdiv(m_in, block_m)
     block_n = _pow2(c_in)
-    dz = torch.empty((m_in, c_in), dtype=torch.float32, device=dev)
+    dz = torch.empty_like(x, dtype=torch.float32)
     psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
     _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_n))](
         dy, weight, x, scale, shift, mean, rstd, dz, psum,
@@ -408,19 +353,9 @@ def conv_backward(
         STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_out, hi=64),
     )
-    # ordered sums over tiles; two separate outputs (custom-op outputs must not alias each other)
-    sum_dz = _sum_rows(psum[0], torch.empty(c_in, dtype=torch.float32, device=dev))
-    sum_dzx = _sum_rows(psum[1], torch.empty(c_in, dtype=torch.float32, device=dev))
-
-    # (2) dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M) (training) or scale·dz (eval)
-    dx = _alloc_like_layout(x, x.shape, x.dtype)
-    if dx.stride() != x.stride():
-        x = x.contiguous(memory_format=torch.channels_last if dx.stride(1) == 1 else torch.contiguous_format)
-    block_c = _pow2(c_in, hi=64)
-    _bn_dx_kernel[(tiles, triton.cdiv(c_in, block_c))](
-        dz, x, scale, mean, rstd, sum_dz, sum_dzx, dx, m_in, c_in, h, w, 1.0 / m_in, *x.stride(),
-        TRAINING=training, BLOCK_M=block_m, BLOCK_C=block_c,
-    )
+    # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0, i.e.
+    # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
+    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training)
     del dz
 
     # (3) wgrad: per (tap, ci-block, co-block, split) program, then the ordered sum over splits

@@ -37,6 +37,18 @@ CASES = [
 ]
 # NCHW, channels_last, and a strided (non-dense) view.
 LAYOUTS = ["nchw", "nhwc", "strided"]
+STATS_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+# every primitive test runs over CASES × LAYOUTS (a test's own parametrize of `layout` takes precedence)
+@pytest.fixture(params=CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def case(request):
+    return request.param
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request):
+    return request.param
 
 
 def _make(shape, mean, std, layout, dtype=torch.float32, device="cpu"):
@@ -84,9 +96,7 @@ def _layout_of(t):
 
 # ---- primitives vs reference (CPU kernels) -------------------------------------------------------------------------
 @needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", STATS_DTYPES)
 def test_batch_stats(case, layout, dtype):
     x = _make(*case, layout, dtype)
     mean, var = ops.batch_stats(x)
@@ -98,8 +108,6 @@ def test_batch_stats(case, layout, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
                                              (torch.float64, torch.float64)])
@@ -114,8 +122,6 @@ def test_bn_relu(case, layout, dtype, out_dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("with_dres", [False, True])
 @pytest.mark.parametrize("dtype,dy_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -142,9 +148,7 @@ def test_bn_relu_backward(case, layout, training, with_dres, dtype, dy_dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", STATS_DTYPES)
 def test_add_stats(case, layout, dtype):
     a = _make(*case, layout, dtype)
     b = _make(case[0], 0.1, 1.0, "nchw", dtype)  # b may have another layout than a: y follows a

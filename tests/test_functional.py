@@ -66,6 +66,19 @@ def assert_same_state(fused, unfused, prefix=""):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{prefix}{name}.grad: {m}")
 
 
+def assert_same_step(fused, unfused, x, dy, prefix=""):
+    """One forward + backward of both modules from zeroed gradients: y, dx, the state dicts (running statistics
+    included) and the parameter gradients agree. State and parameters are paired in order (unfused may be a
+    Sequential whose names differ)."""
+    for m in (fused, unfused):
+        m.zero_grad()
+    y_f, dx_f = run_step(fused, x, dy)
+    y_u, dx_u = run_step(unfused, x, dy)
+    torch.testing.assert_close(y_f, y_u, **TOL, msg=lambda m: f"{prefix}y: {m}")
+    torch.testing.assert_close(dx_f, dx_u, **TOL, msg=lambda m: f"{prefix}dx: {m}")
+    assert_same_state(fused, unfused, prefix)
+
+
 # ---- layers vs unfused -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout,momentum,conv", [
@@ -83,24 +96,11 @@ def test_preact_conv2d_matches_unfused(backend, layout, momentum, conv):
     for step in range(2):  # two steps: momentum=None (cumulative average) differs from momentum=1 only then
         x = shifted(2, 5, 7, 5, seed=step).contiguous(memory_format=fmt)
         dy = shifted(*conv_out_shape(x.shape, c.weight.shape, c.stride, c.padding), seed=10 + step) + 2.3
-        for m in (fused, unfused):
-            m.zero_grad()
-        y_f, dx_f = run_step(fused, x, dy)
-        y_u, dx_u = run_step(unfused, x, dy)
-        torch.testing.assert_close(y_f, y_u, **TOL)
-        torch.testing.assert_close(dx_f, dx_u, **TOL)
-        assert_same_state(fused, unfused, f"step {step}: ")
+        assert_same_step(fused, unfused, x, dy, f"step {step}: ")
     assert fused.bn.num_batches_tracked.item() == 2
     fused.eval()
     unfused.eval()
-    for m in (fused, unfused):
-        m.zero_grad()
-    x = shifted(2, 5, 7, 5, seed=5).contiguous(memory_format=fmt)
-    y_f, dx_f = run_step(fused, x, dy)
-    y_u, dx_u = run_step(unfused, x, dy)
-    torch.testing.assert_close(y_f, y_u, **TOL)
-    torch.testing.assert_close(dx_f, dx_u, **TOL)
-    assert_same_state(fused, unfused, "eval: ")
+    assert_same_step(fused, unfused, shifted(2, 5, 7, 5, seed=5).contiguous(memory_format=fmt), dy, "eval: ")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,19 +115,10 @@ def test_bn_relu2d_matches_unfused(backend, shape, momentum):
     for step in range(2):
         x = shifted(*shape, seed=step).contiguous(memory_format=torch.channels_last)
         dy = shifted(*shape, seed=10 + step) + 2.3
-        for m in (fused, unfused):
-            m.zero_grad()
-        y_f, dx_f = run_step(fused, x, dy)
-        y_u, dx_u = run_step(unfused, x, dy)
-        torch.testing.assert_close(y_f, y_u, **TOL)
-        torch.testing.assert_close(dx_f, dx_u, **TOL)
-        assert_same_state(fused, unfused[0], f"step {step}: ")
+        assert_same_step(fused, unfused, x, dy, f"step {step}: ")
     fused.eval()
     unfused.eval()
-    y_f, dx_f = run_step(fused, x, dy)
-    y_u, dx_u = run_step(unfused, x, dy)
-    torch.testing.assert_close(y_f, y_u, **TOL)
-    torch.testing.assert_close(dx_f, dx_u, **TOL)
+    assert_same_step(fused, unfused, x, dy, "eval: ")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,13 +9,13 @@ that layout — the layout the ops' fake implementations promise.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastresnet.backends.base import Backend
+from fastresnet.kernels import interpreting
 
 try:
     import triton  # noqa: F401  (capability flag only; the kernels import lazily)
@@ -23,11 +23,10 @@ try:
 except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
     _TRITON_ERROR = f"triton is not importable: {e}"
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def dtype_names(dtypes) -> str:
+    """The dtypes as named in support messages: (torch.float16, torch.bfloat16) -> 'float16, bfloat16'."""
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _dense(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -40,11 +39,12 @@ class TritonBackend(Backend):
     """Fused Triton kernels for batch statistics, BN-ReLU forward/backward and the residual add with statistics."""
 
     name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of x, for `why_not`
 
     def unavailable_reason(self) -> Optional[str]:
         if _TRITON_ERROR is not None:
             return _TRITON_ERROR
-        if not (torch.cuda.is_available() or _interpreter()):
+        if not (torch.cuda.is_available() or interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU in the Triton interpreter)"
         return None
 
@@ -52,9 +52,9 @@ class TritonBackend(Backend):
         reason = self.unavailable_reason()
         if reason is not None:
             return reason
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} is not supported (float16, bfloat16, float32, float64)"
-        if x.device.type == "cpu" and not _interpreter():
+        if x.dtype not in self.dtypes:
+            return f"dtype {x.dtype} is not supported ({dtype_names(self.dtypes)})"
+        if x.device.type == "cpu" and not interpreting():
             return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
         if x.device.type not in ("cpu", "cuda"):
             return f"device {x.device} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
@@ -62,7 +62,7 @@ class TritonBackend(Backend):
 
     def auto_ok(self, x: Tensor) -> bool:
         # "auto" never picks the interpreter: CUDA tensors with compiled kernels only
-        return x.is_cuda and not _interpreter() and self.why_not(x) is None
+        return x.is_cuda and not interpreting() and self.why_not(x) is None
 
     # -- primitives ----------------------------------------------------------------------------------------------
     def batch_stats(self, x):

@@ -3,8 +3,8 @@ kernels that own the conv (`fastresnet.kernels.conv`): the BN-ReLU activation is
 (forward and wgrad) and never stored; dgrad's epilogue recomputes the ReLU mask and reduces Σdz, Σdz·x̂.
 
 Primitives (`batch_stats`, `bn_relu`, `bn_relu_backward`, `add_stats`) are delegated: to the tier-A Triton backend
-(`TritonBackend`) when it imports and supports the tensor, else to the plain-PyTorch reference (`TorchBackend`) —
-a named fallback, chosen per call by `primitive_backend(x)`.
+(`TritonBackend`, of which this backend is a subclass) when it supports the tensor, else to the plain-PyTorch
+reference (`TorchBackend`) — a named fallback, chosen per call by `primitive_backend(x)`.
 
 Conv geometry the own kernels run: square 1×1 or 3×3 kernels, equal strides 1 or 2, padding k//2, groups 1,
 dilation 1; x fp32/fp16/bf16 (fp64 is refused: no fp64 `tl.dot`), weight fp32/fp16/bf16 (its dtype is the compute
@@ -31,69 +31,29 @@ from torch import Tensor
 
 from fastresnet.backends.base import Backend, BackendUnsupportedError
 from fastresnet.backends.torch_backend import TorchBackend
+from fastresnet.backends.triton_backend import TritonBackend, dtype_names
 
-try:
-    import triton  # noqa: F401  (capability flag; the kernels import lazily)
-    _TRITON_ERROR: Optional[str] = None
-except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
-    _TRITON_ERROR = f"triton is not importable: {e}"
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SELECT = ("measure", "always")
 
 
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _tier_a() -> Optional[Backend]:
-    """The tier-A Triton backend if its module imports, else None."""
-    try:
-        from fastresnet.backends.triton_backend import TritonBackend
-    except ImportError:
-        return None
-    return TritonBackend()
-
-
-class TritonConvBackend(Backend):
-    """Tier B: own implicit-GEMM conv kernels with fused BN-ReLU prologue / reduction epilogues (module docstring)."""
+class TritonConvBackend(TritonBackend):
+    """Tier B: own implicit-GEMM conv kernels with fused BN-ReLU prologue / reduction epilogues (module docstring).
+    Availability, support checks and "auto" eligibility are tier A's (`TritonBackend`), minus fp64 x."""
 
     name = "triton_conv"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)  # no fp64 `tl.dot`
 
     def __init__(self, select: Optional[str] = None):
         self.select = select or os.environ.get("FASTRESNET_TRITON_CONV", "measure")
         if self.select not in _SELECT:
             raise ValueError(f"FASTRESNET_TRITON_CONV / select: expected one of {_SELECT}, got {self.select!r}")
-        self._tier_a = _tier_a()
+        self._tier_a: Optional[Backend] = TritonBackend()  # tests set None to force the torch fallback
         self._torch = TorchBackend()
         self.choices: Dict[tuple, str] = {}
 
     # -- capability ------------------------------------------------------------------------------------------------
-    def unavailable_reason(self) -> Optional[str]:
-        if _TRITON_ERROR is not None:
-            return _TRITON_ERROR
-        if not (torch.cuda.is_available() or _interpreter()):
-            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU in the Triton interpreter)"
-        return None
-
-    def why_not(self, x: Tensor) -> Optional[str]:
-        reason = self.unavailable_reason()
-        if reason is not None:
-            return reason
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
-        if x.device.type == "cpu" and not _interpreter():
-            return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
-        if x.device.type not in ("cpu", "cuda"):
-            return f"device {x.device} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
-        return None
-
-    def auto_ok(self, x: Tensor) -> bool:
-        # "auto" never picks the interpreter: compiled kernels on CUDA tensors only
-        return x.is_cuda and not _interpreter() and self.why_not(x) is None
-
-    @staticmethod
-    def conv_why_not(weight: Tensor, stride, padding) -> Optional[str]:
+    @classmethod
+    def conv_why_not(cls, weight: Tensor, stride, padding) -> Optional[str]:
         """None if the own kernels run this conv geometry, else the reason."""
         c_out, c_in, kh, kw = weight.shape
         if kh != kw or kh not in (1, 3):
@@ -102,8 +62,8 @@ class TritonConvBackend(Backend):
             return f"stride {tuple(stride)} is not supported (1 or 2, equal in both dimensions)"
         if tuple(padding) != (kh // 2, kh // 2):
             return f"padding {tuple(padding)} is not supported (kernel_size // 2 = {kh // 2})"
-        if weight.dtype not in _DTYPES:
-            return f"weight dtype {weight.dtype} is not supported (float32, float16, bfloat16)"
+        if weight.dtype not in cls.dtypes:
+            return f"weight dtype {weight.dtype} is not supported ({dtype_names(cls.dtypes)})"
         return None
 
     def primitive_backend(self, x: Tensor) -> Backend:
