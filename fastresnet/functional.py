@@ -154,21 +154,38 @@ def bn_relu_conv2d(
     padding: IntPair = 0,
     stats: Optional[Tuple[Tensor, Tensor]] = None,
     backend: Optional[str] = None,
-) -> Tensor:
-    """conv2d(relu(batch_norm(x)), weight): pre-activation conv, one autograd node, activation never stored.
+    residual: Optional[Tensor] = None,
+    return_stats: bool = False,
+):
+    """conv2d(relu(batch_norm(x)), weight) (+ residual): pre-activation conv, one autograd node, activation never
+    stored.
 
     x: [N, C_in, H, W]; weight: [C_out, C_in, kh, kw] (groups 1, dilation 1, no bias); zero padding applies to the
     activation. BN uses PyTorch's BatchNorm2d semantics (batch statistics and one running update in training,
     running statistics in eval). `stats`: this batch's (mean, biased var) of x if already known.
+    residual: [N, C_out, H_out, W_out], added before the single rounding of y (y then has the promoted dtype of the
+    conv and the residual); it receives dy as its gradient.
+    return_stats: return (y, mean, var) with y's per-channel batch statistics (fp32, biased var), for the next BN's
+    `stats=` (DESIGN.md §3): tier B ("triton_conv") computes them (and adds the residual) in the conv epilogue,
+    tier A with its add + statistics kernel.
     """
     stride, padding = check_conv_input(x, weight, training, stride, padding,
                                        [("bn_weight", bn_weight), ("bn_bias", bn_bias),
                                         ("running_mean", running_mean), ("running_var", running_var)])
+    if residual is not None:
+        out_shape = conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
+        if tuple(residual.shape) != tuple(out_shape) or residual.device != x.device:
+            raise ValueError(f"residual: expected shape {tuple(out_shape)} on {x.device}, got "
+                             f"{tuple(residual.shape)} on {residual.device}")
     name = resolve(x, backend)
     mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
                                stats)
-    return ops.bn_relu_conv(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, stride, padding,
-                            training or running_mean is None, name)
+    args = (x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias)
+    use_batch = training or running_mean is None
+    if residual is None and not return_stats:
+        return ops.bn_relu_conv(*args, stride, padding, use_batch, name)
+    y, y_mean, y_var = ops.bn_relu_conv_stats(*args, residual, stride, padding, use_batch, name)
+    return (y, y_mean, y_var) if return_stats else y
 
 
 def batch_stats(x: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
@@ -181,46 +198,12 @@ def batch_stats(x: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tenso
 
 def add_stats(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(a + b, mean, var): a residual add that also returns the per-channel batch statistics of its output (fp32),
-    so the next BN need not read the tensor again. Gradients flow to a and b; mean/var are not differentiable."""
+    so the next BN need not read the tensor again. The sum has the promoted dtype of a and b (as eager `a + b`).
+    Gradients flow to a and b; mean/var are not differentiable."""
     if a.shape != b.shape:
         raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"b: expected device {a.device} (the device of a), got {b.device}")
     if a.dim() != 4:
         raise ValueError(f"a: expected a 4-D tensor [N, C, H, W], got shape {tuple(a.shape)}")
-    return ops.add_stats(a, b.to(a.dtype), resolve(a, backend))
-
-
-def bn_relu_conv2d_stats(
-    x: Tensor,
-    weight: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    bn_weight: Optional[Tensor] = None,
-    bn_bias: Optional[Tensor] = None,
-    num_batches_tracked: Optional[Tensor] = None,
-    training: bool = True,
-    momentum: Optional[float] = 0.1,
-    eps: float = 1e-5,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    stats: Optional[Tuple[Tensor, Tensor]] = None,
-    residual: Optional[Tensor] = None,
-    backend: Optional[str] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var) with y = conv2d(relu(batch_norm(x)), weight) (+ residual): `bn_relu_conv2d` that also returns
-    the per-channel batch statistics (fp32, biased var) of y, for chaining into the next BN (`stats=`) of a residual
-    unit. Tier B ("triton_conv") adds the residual and computes the statistics in the conv epilogue; other backends
-    run a separate statistics pass. residual: [N, C_out, H_out, W_out]; it receives dy as its gradient."""
-    stride, padding = check_conv_input(x, weight, training, stride, padding,
-                                       [("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                                        ("running_mean", running_mean), ("running_var", running_var)])
-    out_shape = conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
-    if residual is not None and (tuple(residual.shape) != tuple(out_shape) or residual.device != x.device):
-        raise ValueError(f"residual: expected shape {tuple(out_shape)} on {x.device}, got "
-                         f"{tuple(residual.shape)} on {residual.device}")
-    name = resolve(x, backend)
-    mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
-                               stats)
-    return ops.bn_relu_conv_stats(x, _conv_weight(weight, x), mean, rstd, bn_weight, bn_bias, residual, stride,
-                                  padding, training or running_mean is None, name)
+    return ops.add_stats(a, b, resolve(a, backend))

@@ -82,8 +82,9 @@ def bn_relu_backward(
 
 
 def add_stats(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """y = a + b (added in fp32, rounded once) and the per-channel batch statistics of y (of the rounded y)."""
-    y = (_acc(a) + _acc(b)).to(a.dtype)
+    """y = a + b (added in fp32, rounded once to PyTorch's promoted dtype of a and b, as eager `a + b` under
+    autocast) and the per-channel batch statistics of y (of the rounded y)."""
+    y = (_acc(a) + _acc(b)).to(torch.promote_types(a.dtype, b.dtype))
     mean, var = batch_stats(y)
     return y, mean, var
 

@@ -19,12 +19,12 @@ from fastresnet.kernels.stats import check_tensor, launch_stats, memory_format
 
 def add_stats(a: Tensor, b: Tensor, *, block_m: Optional[int] = None,
               tiles: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): y = a + b [N, C, H, W] in a's dtype and layout; mean, var [C] float32 (float64 for float64
-    a). Semantics of `fastresnet.reference.add_stats`."""
+    """(y, mean, var): y = a + b [N, C, H, W] in the promoted dtype of a and b and a's layout; mean, var [C]
+    float32 (float64 for a float64 y). Semantics of `fastresnet.reference.add_stats`."""
     nhwc = check_tensor(a, "a")
     check_tensor(b, "b", like=a)
     if a.numel() == 0:
         raise ValueError(f"a: expected a non-empty tensor, got shape {tuple(a.shape)}")
-    y = torch.empty_like(a, memory_format=memory_format(nhwc))
+    y = torch.empty_like(a, dtype=torch.promote_types(a.dtype, b.dtype), memory_format=memory_format(nhwc))
     mean, var = launch_stats(a, b, y, nhwc, block_m, tiles)
     return y, mean, var

@@ -92,7 +92,7 @@ def _bn_relu_bwd_merge_kernel(
     scale_ptr, rstd_ptr,  # [C]: s, rstd
     sum_dz_ptr, sum_dz_xhat_ptr,  # [C] ACC out: Σdz, Σdz·x̂
     coef_ptr,   # [2, C] ACC out: (k1, k0) of dx = s·dz + k1·(x − μ) + k0 (zero in eval)
-    C, T, inv_m,
+    C, T, M,    # M = N·H·W, divided in ACC (a host 1/M would arrive as an fp32 scalar and cost fp64 accuracy)
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -107,8 +107,9 @@ def _bn_relu_bwd_merge_kernel(
     if TRAINING:
         s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
         r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat * inv_m, mask=cmask)
-        tl.store(coef_ptr + C + cols, -s * sum_dz * inv_m, mask=cmask)
+        m = M.to(ACC)
+        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat / m, mask=cmask)
+        tl.store(coef_ptr + C + cols, -s * sum_dz / m, mask=cmask)
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def bn_backward_from_partials(
     dx = torch.empty_like(x, memory_format=memory_format(nhwc))
     common = dict(ACC=tl_dtype(part.dtype), BLOCK_C=cfg["BLOCK_C"])
     _bn_relu_bwd_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
-        part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, 1.0 / cfg["M"], TRAINING=training, **common)
+        part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, cfg["M"], TRAINING=training, **common)
     _bn_relu_bwd_dx_kernel[_elementwise_grid(cfg)](
         dy, x, x if dres is None else dres, dx, scale, shift, mean, coef, cfg["M"], c, cfg["HW"],
         TRAINING=training, HAS_RES=dres is not None, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],

@@ -279,7 +279,8 @@ def conv_forward(
     """y = conv2d(relu(x·scale + shift), weight, stride, padding) (+ residual), and optionally y's batch statistics.
 
     x: [N, C_in, H, W] any strides (channels_last is the fast layout); scale/shift: fp32 [C_in];
-    weight: [C_out, C_in, k, k], k ∈ {1, 3}, its dtype is the output dtype; residual: [N, C_out, Ho, Wo] or None.
+    weight: [C_out, C_in, k, k], k ∈ {1, 3}; residual: [N, C_out, Ho, Wo] or None. y's dtype is weight's, promoted
+    with the residual's (PyTorch's `conv + residual`).
     Returns (y, mean, var): y in x's memory format; mean and biased var fp32 [C_out] of the stored (rounded) y when
     stats=True (merged from per-tile partials in tile order: deterministic), else None.
     """
@@ -288,7 +289,8 @@ def conv_forward(
     ho, wo = conv_out_hw(h, w, k, stride, padding)
     m = n * ho * wo
     fmt = memory_format(_nhwc(x))
-    y = torch.empty((n, c_out, ho, wo), dtype=weight.dtype, device=x.device, memory_format=fmt)
+    out_dtype = weight.dtype if residual is None else torch.promote_types(weight.dtype, residual.dtype)
+    y = torch.empty((n, c_out, ho, wo), dtype=out_dtype, device=x.device, memory_format=fmt)
     _check_numel(x=x, y=y)
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)

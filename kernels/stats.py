@@ -235,7 +235,7 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
     """Run both passes over x (or over y = x + b when b and y are given); returns (mean, biased var) in ACC."""
     cfg = tile_config(x, block_m, tiles)
     c, t = cfg["C"], cfg["T"]
-    part = torch.empty((4, t, c), dtype=acc_dtype(x.dtype), device=x.device)
+    part = torch.empty((4, t, c), dtype=acc_dtype(x.dtype if y is None else y.dtype), device=x.device)
     add = b is not None
     _stats_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
         x, b if add else x, y if add else x, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"],

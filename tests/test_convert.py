@@ -7,7 +7,6 @@ ReLU → Conv2d in a different association order (BN folded to scale/shift, runn
 differences are rounding, ~1e-15 relative; 1e-10 leaves room for accumulation over a few layers and still fails on
 any real semantic difference (a missed ReLU, wrong statistics, a dropped running-stat update).
 """
-from collections import OrderedDict
 
 import pytest
 import torch

@@ -8,12 +8,15 @@ from collections import OrderedDict
 
 import torch
 
+from fastresnet.kernels import interpreting  # does not import triton
+
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = interpreting()  # as Triton reads TRITON_INTERPRET
 
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
+import fastresnet  # noqa: E402
 import fastresnet.functional as FF  # noqa: E402
 from fastresnet import BNReLU2d, PreActConv2d, reference  # noqa: E402
 from fastresnet.models import ResNet  # noqa: E402
@@ -278,3 +281,27 @@ def test_convergence_triton_vs_torch():
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), atol=1e-5, rtol=1e-4)
     assert losses["torch"][-1] < losses["torch"][0] - 0.1  # it actually trains (observed 2.25 -> 1.97)
     torch.testing.assert_close(params["triton"], params["torch"], atol=1e-4, rtol=1e-3)
+
+
+def _available(name):
+    reason = fastresnet.available_backends()[name]
+    return pytest.param(name, marks=pytest.mark.skipif(
+        reason != "ok" or (name.startswith("triton") and not TRITON_OK), reason=f"backend {name}: {reason}"))
+
+
+@pytest.mark.parametrize("backend", ["torch", _available("cuda"), _available("triton"), _available("triton_conv")])
+def test_residual_add_under_autocast_promotes_like_eager(backend):
+    # Under autocast the conv runs in bf16 while a residual stream may stay fp32: like eager `conv(a) + res`, the
+    # sum is fp32 (one rounding, from the fp32 add of the bf16 conv output and the residual).
+    m = PreActConv2d(16, 16, 3, 1, 1, backend=backend).to(DEVICE)
+    x = shifted(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    res = shifted(2, 16, 5, 5, seed=1).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y, mean, var = m.forward_stats(x, residual=res)
+        y_eager = unfused_preact(m, 0.1).to(DEVICE)(x) + res
+    assert y.dtype == y_eager.dtype == torch.float32
+    # bf16 conv: one bf16 rounding of the activation and of the conv output (2^-8 relative) may differ
+    torch.testing.assert_close(y, y_eager, atol=3e-2, rtol=2e-2)
+    ref_mean, ref_var = reference.batch_stats(y)
+    torch.testing.assert_close(mean, ref_mean, **TOL)
+    torch.testing.assert_close(var, ref_var, **TOL)

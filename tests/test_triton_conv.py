@@ -5,7 +5,6 @@ C ≤ 64. The interpreter's tile size is 32 rows, so every case spans several ti
 wgrad reduced) and the odd sizes leave a partial last tile.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -14,14 +13,15 @@ import torch.nn.functional as F
 from fastresnet import functional as FF
 from fastresnet import reference
 from fastresnet.backends import BackendUnsupportedError, get_backend_impl
+from fastresnet.kernels import interpreting
 from fastresnet.models import create_model
 from fastresnet.nn import PreActConv2d
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    not interpreting() and not torch.cuda.is_available(),
     reason="Triton kernels need a CUDA GPU or the interpreter (TRITON_INTERPRET=1)")
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 # fp32: the kernels and the reference (oneDNN/cuDNN conv) sum the K ≤ 576 products and the N·H·W reductions in
 # different orders; values are O(10), so fp32 rounding differences stay below ~1e-5 relative, 1e-4 absolute.
 TOL32 = dict(atol=1e-4, rtol=1e-4)
@@ -248,11 +248,11 @@ def test_unit_chain_op_stats_residual_and_grads(backend):
 
     fbn1, fbn2 = copy.deepcopy(bn1), copy.deepcopy(bn2)
     x = x0.clone().requires_grad_(True)
-    h, m1, v1 = FF.bn_relu_conv2d_stats(x, w1, fbn1.running_mean, fbn1.running_var, fbn1.weight, fbn1.bias,
-                                        fbn1.num_batches_tracked, padding=1, backend=backend)
-    out, m2, v2 = FF.bn_relu_conv2d_stats(h, w2, fbn2.running_mean, fbn2.running_var, fbn2.weight, fbn2.bias,
-                                          fbn2.num_batches_tracked, padding=1, stats=(m1, v1), residual=x,
-                                          backend=backend)
+    h, m1, v1 = FF.bn_relu_conv2d(x, w1, fbn1.running_mean, fbn1.running_var, fbn1.weight, fbn1.bias,
+                                  fbn1.num_batches_tracked, padding=1, backend=backend, return_stats=True)
+    out, m2, v2 = FF.bn_relu_conv2d(h, w2, fbn2.running_mean, fbn2.running_var, fbn2.weight, fbn2.bias,
+                                    fbn2.num_batches_tracked, padding=1, stats=(m1, v1), residual=x,
+                                    backend=backend, return_stats=True)
     out.backward(dy)
     got = [out, m2, v2, x.grad, w1.grad, w2.grad, fbn1.weight.grad, fbn2.bias.grad, fbn2.running_var]
 

@@ -50,14 +50,10 @@ class Backend:
         raise NotImplementedError
 
     # -- conv level (tier A by default) ----------------------------------------------------------------------------
-    def bn_relu_conv(
-        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
-        residual: Optional[Tensor] = None,
-    ) -> Tensor:
-        """y = conv2d(relu(x·scale + shift), weight) (+ residual); the activation is a temporary, never saved."""
+    def bn_relu_conv(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding) -> Tensor:
+        """y = conv2d(relu(x·scale + shift), weight); the activation is a temporary, never saved."""
         a = self.bn_relu(x, scale, shift, weight.dtype)
-        y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
-        return y if residual is None else y.add_(residual)
+        return torch.nn.functional.conv2d(a, weight, None, stride, padding)
 
     def bn_relu_conv_stats(
         self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
@@ -66,12 +62,10 @@ class Backend:
         """(y, mean, var): y = bn_relu_conv(...) (+ residual) and y's batch statistics for the next BN.
 
         Tier A: the conv, then the fused add + statistics kernel (a statistics pass when there is no residual), so
-        y is read once more; a tier-B backend computes them in the conv epilogue instead. y is stored in the conv's
-        dtype (weight.dtype); the residual is added in fp32 before that single rounding.
+        y is read once more; a tier-B backend computes them in the conv epilogue instead. Without a residual y is in
+        the conv's dtype (weight.dtype); with one, the sum is in the promoted dtype (as `add_stats`).
         """
-        a = self.bn_relu(x, scale, shift, weight.dtype)
-        y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
-        del a
+        y = self.bn_relu_conv(x, scale, shift, weight, stride, padding)
         if residual is None:
             return (y,) + tuple(self.batch_stats(y))
         return self.add_stats(y, residual)

@@ -138,11 +138,11 @@ class TritonConvBackend(TritonBackend):
             times[name] = statistics.median(samples)
         return min(times, key=times.get)
 
-    def bn_relu_conv(self, x, scale, shift, weight, stride, padding, residual=None):
+    def bn_relu_conv(self, x, scale, shift, weight, stride, padding):
         if not self.uses_own_conv(x, weight, stride, padding):
-            return super().bn_relu_conv(x, scale, shift, weight, stride, padding, residual)
+            return super().bn_relu_conv(x, scale, shift, weight, stride, padding)
         from fastresnet.kernels.conv import conv_forward
-        y, _, _ = conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual)
+        y, _, _ = conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]))
         return y
 
     def bn_relu_conv_stats(

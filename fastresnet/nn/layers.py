@@ -93,9 +93,9 @@ class PreActConv2d(nn.Module):
             y = self.forward(x, stats)
             return FF.add_stats(y, residual, self.backend) if residual is not None else \
                 (y,) + FF.batch_stats(y, self.backend)
-        return FF.bn_relu_conv2d_stats(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                       bn.num_batches_tracked, self.training, bn.momentum, bn.eps,
-                                       self.conv.stride, self.conv.padding, stats, residual, self.backend)
+        return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 bn.num_batches_tracked, self.training, bn.momentum, bn.eps, self.conv.stride,
+                                 self.conv.padding, stats, self.backend, residual=residual, return_stats=True)
 
     def extra_repr(self) -> str:
         c = self.conv

@@ -71,23 +71,25 @@ def _add_stats(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tens
 
 @_add_stats.register_fake
 def _(a, b, backend):
-    return _empty_as(a, a.shape, a.dtype), _stats_fake(a), _stats_fake(a)
+    y = _empty_as(a, a.shape, torch.promote_types(a.dtype, b.dtype))
+    return y, _stats_fake(y), _stats_fake(y)
 
 
 def _add_stats_setup(ctx, inputs, output):
-    ctx.b_dtype = inputs[1].dtype
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
 def _add_stats_bwd(ctx, dy, dmean, dvar):
     # y = a + b. mean/var feed the next BN, whose backward already includes their dependence on y.
-    return dy, dy.to(ctx.b_dtype), None
+    return dy.to(ctx.dtypes[0]), dy.to(ctx.dtypes[1]), None
 
 
 _add_stats.register_autograd(_add_stats_bwd, setup_context=_add_stats_setup)
 
 
 def add_stats(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(a + b, mean, var): the residual add that also emits its output's batch statistics (fp32)."""
+    """(a + b, mean, var): the residual add that also emits its output's batch statistics (fp32); the sum has
+    the promoted dtype of a and b."""
     return _add_stats(a, b, backend)
 
 

@@ -30,7 +30,8 @@ def _bn_relu_conv_stats(
 
 @_bn_relu_conv_stats.register_fake
 def _(x, weight, mean, rstd, bn_weight, bn_bias, residual, stride, padding, training, backend):
-    y = _empty_as(x, conv_out_shape(x.shape, weight.shape, stride, padding), weight.dtype)
+    dtype = weight.dtype if residual is None else torch.promote_types(weight.dtype, residual.dtype)
+    y = _empty_as(x, conv_out_shape(x.shape, weight.shape, stride, padding), dtype)
     return y, _stats_fake(y), _stats_fake(y)
 
 
