@@ -185,9 +185,9 @@ def sync_bn_relu_conv2d(x: Tensor, weight: Tensor, running_mean: Optional[Tensor
 
     Shapes, layouts and dtype rules as `functional.bn_relu_conv2d`; `stats` are this rank's local (mean, var).
     """
-    FF.check_bn_input(x, weight.shape[1], True, [("weight", weight), ("bn_weight", bn_weight),
-                                                 ("bn_bias", bn_bias), ("running_mean", running_mean)])
-    stride, padding = FF._pair(stride, "stride"), FF._pair(padding, "padding")
+    stride, padding = FF.check_conv_input(x, weight, True, stride, padding,
+                                          [("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                                           ("running_mean", running_mean), ("running_var", running_var)], stats)
     return SyncBNReLUConvFunction.apply(x, FF._conv_weight(weight, x), bn_weight, bn_bias, running_mean, running_var,
                                         num_batches_tracked, momentum, eps, stride, padding, stats,
                                         resolve(x, backend), process_group)
@@ -199,7 +199,8 @@ def sync_bn_relu(x: Tensor, running_mean: Optional[Tensor], running_var: Optiona
                  stats: Optional[Tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
     """Training-mode `functional.bn_relu` with BN statistics over all ranks of `process_group`."""
     FF.check_bn_input(x, x.shape[1] if bn_weight is None else bn_weight.shape[0], True,
-                      [("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean)])
+                      [("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                       ("running_var", running_var)], stats)
     return SyncBNReLUFunction.apply(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum,
                                     eps, stats, resolve(x, backend), process_group)
 

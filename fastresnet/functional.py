@@ -26,10 +26,22 @@ def _pair(v: IntPair, name: str) -> Tuple[int, int]:
     return pair
 
 
+def _check_channel_vector(name: str, t: Tensor, x: Tensor, num_features: int) -> None:
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != num_features:
+        raise ValueError(f"{name}: expected a 1-D tensor of {num_features} elements (one per channel), got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+
+
 def check_bn_input(
-    x: Tensor, num_features: int, training: bool, params: Sequence[Tuple[str, Optional[Tensor]]] = ()
+    x: Tensor, num_features: int, training: bool, channel_params: Sequence[Tuple[str, Optional[Tensor]]] = (),
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> None:
-    """Validate the BN input x [N, C, H, W] and per-channel tensors, with errors that name the argument."""
+    """Validate the BN input x [N, C, H, W], the per-channel tensors [C] (γ, β, running buffers) and precomputed
+    `stats` (mean, var), with errors that name the argument."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -42,27 +54,33 @@ def check_bn_input(
         raise ValueError(
             f"x: batch-norm training needs more than one value per channel, got shape {tuple(x.shape)} "
             "(N·H·W = 1); use a larger batch or eval mode")
-    for name, t in params:
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-        if t.dim() == 1 and t.shape[0] != num_features:
-            raise ValueError(f"{name}: expected {num_features} elements, got shape {tuple(t.shape)}")
+    given = dict(channel_params)
+    if (given.get("running_mean") is None) != (given.get("running_var") is None):
+        raise ValueError("running_mean, running_var: expected both (running statistics) or neither")
+    for name, t in channel_params:
+        if t is not None:
+            _check_channel_vector(name, t, x, num_features)
+    if stats is not None:
+        if not isinstance(stats, (tuple, list)) or len(stats) != 2:
+            raise ValueError(f"stats: expected a (mean, var) pair, got {type(stats).__name__}")
+        for name, t in zip(("stats[0] (mean)", "stats[1] (var)"), stats):
+            _check_channel_vector(name, t, x, num_features)
 
 
 def check_conv_input(
     x: Tensor, weight: Tensor, training: bool, stride: IntPair, padding: IntPair,
-    params: Sequence[Tuple[str, Optional[Tensor]]] = (),
+    params: Sequence[Tuple[str, Optional[Tensor]]] = (), stats: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """Validate a pre-activation conv's x [N, C_in, H, W], weight [C_out, C_in, kh, kw], stride and padding (and the
-    BN tensors in `params`); returns (stride, padding) as pairs. Errors name the argument."""
+    BN's per-channel tensors `params` and `stats`, as `check_bn_input`); returns (stride, padding) as pairs."""
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"weight: expected a 4-D conv weight [C_out, C_in, kh, kw], got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    check_bn_input(x, weight.shape[1], training, [("weight", weight), *params])
+    check_bn_input(x, weight.shape[1], training, params, stats)
     if weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected device {x.device} (the device of x), got {weight.device}")
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
     if min(stride) < 1:
         raise ValueError(f"stride: expected values >= 1, got {stride}")
@@ -130,9 +148,10 @@ def bn_relu(
 
     x: [N, C, H, W], any float dtype, NCHW or channels_last. Returns the activation in x's dtype and layout.
     """
-    check_bn_input(x, x.shape[1] if bn_weight is None else bn_weight.shape[0], training,
+    channels = bn_weight.shape[0] if isinstance(bn_weight, Tensor) and bn_weight.dim() == 1 else x.shape[1]
+    check_bn_input(x, channels, training,
                    [("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)])
+                    ("running_var", running_var)], stats)
     name = resolve(x, backend)
     mean, rstd = bn_statistics(x, running_mean, running_var, num_batches_tracked, training, momentum, eps, name,
                                stats)
@@ -171,7 +190,7 @@ def bn_relu_conv2d(
     """
     stride, padding = check_conv_input(x, weight, training, stride, padding,
                                        [("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                                        ("running_mean", running_mean), ("running_var", running_var)])
+                                        ("running_mean", running_mean), ("running_var", running_var)], stats)
     if residual is not None:
         out_shape = conv_out_shape(x.shape, weight.shape, list(stride), list(padding))
         if tuple(residual.shape) != tuple(out_shape) or residual.device != x.device:

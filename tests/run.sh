@@ -3,7 +3,8 @@
 # Triton kernels under the interpreter. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0 2>/dev/null || python -c "import torch" # GPU machines: keep their torch
+# a machine's own torch (e.g. a CUDA build on a GPU machine) is kept; a fresh machine gets the CPU build
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 # setup.py imports torch to build the C++/CUDA extension (csrc/), so install without build isolation; the build
 # tools it needs (setuptools, wheel, ninja) must be present first.
 python -m pip install -q setuptools wheel ninja 2>/dev/null || python -c "import setuptools" # offline GPU machines

@@ -149,3 +149,20 @@ def test_model_loads_state_dict_of_its_unfused_twin():
     fused.load_state_dict(torch.load(buf, weights_only=True))
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)  # fp32, reordered sums
+
+
+def test_per_channel_arguments_are_checked():
+    x = torch.randn(2, 4, 3, 3)
+    F_ = fastresnet.functional
+    with pytest.raises(ValueError, match="running_mean, running_var: expected both"):
+        F_.bn_relu(x, torch.zeros(4), None)
+    with pytest.raises(ValueError, match="bn_weight: expected a 1-D tensor of 4 elements"):
+        F_.bn_relu(x, None, None, bn_weight=torch.ones(2, 2))
+    with pytest.raises(TypeError, match="bn_weight: expected a floating dtype"):
+        F_.bn_relu(x, None, None, bn_weight=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"stats\[0\] \(mean\): expected a 1-D tensor of 4"):
+        F_.bn_relu(x, None, None, stats=(torch.zeros(3), torch.ones(3)))
+    with pytest.raises(ValueError, match="weight: expected a 4-D conv weight"):
+        F_.bn_relu_conv2d(x, torch.ones(4, 4), None, None)
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        F_.bn_relu_conv2d(x, torch.ones(5, 4, 1, 1), None, None, residual=torch.zeros(2, 4, 3, 3))

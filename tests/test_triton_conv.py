@@ -283,7 +283,9 @@ def test_preact_resnet164_training_step_matches_reference_noise_level():
     """A whole preact_resnet164 step (the chained unit path: epilogue statistics, residual in the last conv) on
     tier B vs float64. At batch 2 × 8×8 the net is ill-conditioned (8 values per channel in stage 3, so rounding
     flips ReLU masks), and plain PyTorch fp32 itself is ~7% off float64 in gradient norm. So tier B is judged
-    against PyTorch fp32's own error: global relative gradient error at most 2× PyTorch's (measured 0.072 vs 0.073)."""
+    against PyTorch fp32's own error: global relative gradient error at most 1.25× PyTorch's (measured 0.072 vs
+    0.073). An extra 5% error would give ~1.2×, a 10% one ~1.7×: wiring bugs (wrong statistics handed on, a lost
+    residual) give O(1) errors; per-op exactness is checked by the tests above on well-conditioned inputs."""
     torch.manual_seed(0)
     model = create_model("preact_resnet164")
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -304,4 +306,4 @@ def test_preact_resnet164_training_step_matches_reference_noise_level():
     assert abs(loss_b - loss64) <= 1e-4 * abs(loss64)
     err_torch = ((g32 - g64).norm() / g64.norm()).item()
     err_b = ((g_b - g64).norm() / g64.norm()).item()
-    assert err_b <= 2 * err_torch + 1e-4, (err_b, err_torch)
+    assert err_b <= 1.25 * err_torch + 1e-4, (err_b, err_torch)

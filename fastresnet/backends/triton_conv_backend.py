@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -123,6 +124,14 @@ class TritonConvBackend(TritonBackend):
             y = Backend.bn_relu_conv(self, x, scale, shift, weight, stride, padding)
             Backend.bn_relu_conv_backward(self, y, x, scale, shift, mean, rstd, weight, stride, padding, True)
 
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+        try:
+            own()  # first call compiles: a kernel this GPU cannot run (e.g. shared memory) leaves tier A in charge
+        except (OutOfResources, CompilationError) as e:
+            warnings.warn(f"triton_conv: own conv kernels cannot run {self._key(x, weight, stride, padding)} on "
+                          f"this GPU ({type(e).__name__}: {e}); using the tier-A path for this shape")
+            return "tier_a"
         times = {}
         for name, fn in (("own", own), ("tier_a", tier_a)):
             fn()
