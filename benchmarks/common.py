@@ -173,7 +173,7 @@ def backend_skip(name: str, probe: torch.Tensor) -> Optional[Tuple[str, str]]:
     """None if fastresnet backend `name` should be measured on tensors like `probe`, else (status, reason):
     ("unavailable", why) when it cannot run them; on CPU also ("skipped", why) when "auto" would not pick it for
     them (`auto_ok` False: the Triton interpreter, whose timing measures Python rather than a kernel, or a CPU path
-    its backend does not recommend; the C++ CPU kernels have their own benchmark, bench_cpu_ext)."""
+    its backend does not recommend)."""
     impl = get_backend_impl(name)
     why = impl.unavailable_reason() or impl.why_not(probe)
     if why is not None:

@@ -20,7 +20,7 @@ from benchmarks import common
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 # the fields that name one measurement cell of each bench (the newest row per cell and device wins)
 CELL_KEYS = {
-    "models": ("model", "provider", "dtype", "batch", "image_size"),
+    "models": ("model", "provider", "dtype", "batch", "image_size", "channels_last"),
     "memory": ("model", "provider", "dtype", "batch", "image_size"),
     "kernels": ("op", "backend", "dtype", "shape"),
 }
@@ -29,7 +29,7 @@ Row = Dict[str, object]
 
 def latest(rows: Iterable[Row], include_smoke: bool = False) -> List[Row]:
     """One row per (device, bench, cell): the newest by date (ties: the later in input order). Rows of other
-    benchmarks (no "bench" field naming one of CELL_KEYS, e.g. bench_cpu_ext's) are left out."""
+    benchmarks (no "bench" field naming one of CELL_KEYS) are left out."""
     best: Dict[tuple, Row] = {}
     for r in rows:
         bench = r.get("bench")
@@ -84,12 +84,13 @@ def models_table(rows: List[Row]) -> str:
     parts = []
     for device, rs in _by_device(rows, "models").items():
         ok = [r for r in rs if r["status"] == "ok"]
-        body = [[r["model"], f"{r['batch']}×{r['image_size']}²", r["dtype"], f"`{r['provider']}`",
+        body = [[r["model"], f"{r['batch']}×{r['image_size']}²", "NHWC" if r.get("channels_last") else "NCHW",
+                 r["dtype"], f"`{r['provider']}`",
                  _num(r["ms_per_step"], ".2f"), _num(r["images_per_s"], ",.0f"), _gib(r["peak_mem_bytes"]),
                  _num(r.get("tflops"), ".3g"), _num(r.get("speedup_vs_eager"), ".2f"),
                  _num(r.get("memory_vs_eager"), ".2f")] for r in ok]
         parts += ["Training step (forward + backward + SGD), " + _header(rs[0]), ""]
-        parts += _table(["model", "batch×input", "dtype", "provider", "ms/step", "images/s", "peak GiB",
+        parts += _table(["model", "batch×input", "layout", "dtype", "provider", "ms/step", "images/s", "peak GiB",
                          "TFLOP/s", "speed× eager", "mem× eager"], body)
         if device == "cpu":
             parts += ["", "CPU: peak memory is not measured (no allocator statistic) and shown as –."]

@@ -85,7 +85,7 @@ def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
     readme.write_text(f"# t\n{report.START}\nold\n{report.END}\ntail\n")
     block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots"),
                          "--write-readme", str(readme)])
-    assert "| preact_resnet20 | 4×16² | fp32 | `eager` |" in block and "`eager+graph` unavailable" in block
+    assert "| preact_resnet20 | 4×16² | NHWC | fp32 | `eager` |" in block and "`eager+graph` unavailable" in block
     assert list((tmp_path / "plots").glob("models_cpu_fp32.png"))
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{report.END}\ntail\n") and "`fastresnet:torch`" in text

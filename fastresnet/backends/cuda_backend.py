@@ -30,11 +30,12 @@ else:
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement (benchmarks/bench_cpu_ext.py,
-# preact_resnet110 training step, batch 8, 32×32, fp32, 2 shared cores, torch 2.13 CPU, median of 3 steps,
-# benchmarks/results/bench_cpu_ext.jsonl): NCHW 2113 ms/step vs 3270 ms with the reference ops (1.55×),
-# channels_last 218 vs 254 ms (1.17×). Per op at [8, 16, 32, 32]: batch_stats 41 vs 141 µs, bn_relu 25 vs 48 µs,
-# bn_relu_backward 242 vs 984 µs, add_stats 81 vs 177 µs.
+# Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement per op, which is what "auto" chooses
+# (benchmarks/bench_kernels.py on CPU, rows in benchmarks/results/kernels_cpu.jsonl; 2 cores, torch 2.13 CPU, one
+# run, fp32 at [4, 16, 8, 8], C++ vs reference): bn_relu 8.9 vs 16.5 µs, bn_relu_backward 21 vs 151 µs,
+# add_stats 14 vs 34 µs, batch_stats 27 vs 25 µs, bn_relu_conv 68 vs 97 µs, its backward 184 vs 298 µs. A whole
+# preact_resnet110 CPU step (benchmarks/results/models_cpu.jsonl) is dominated by the convs and its C++-vs-reference
+# ratio swings between 0.9× and 1.3× from run to run on this machine; both stay slower than eager PyTorch there.
 CPU_AUTO = True
 
 
@@ -61,8 +62,7 @@ class CudaBackend(Backend):
 
     def auto_ok(self, x: Tensor) -> bool:
         """CUDA tensors whenever the CUDA kernels are built; CPU tensors too (CPU_AUTO), because the C++ CPU kernels
-        beat the reference ops on a preact_resnet110 training step: 1.55× (NCHW) and 1.17× (channels_last), batch 8,
-        32×32, fp32, 2 cores (numbers and per-op timings in the comment above CPU_AUTO)."""
+        beat the reference ops op by op (measurements in the comment above CPU_AUTO)."""
         return self.why_not(x) is None and (x.device.type == "cuda" or CPU_AUTO)
 
     def batch_stats(self, x):
