@@ -2,9 +2,9 @@
 returns the batch statistics of its output, so the next BN reads them instead of re-reading the tensor.
 
 `fastresnet::bn_relu_conv_stats(x, weight, mean, rstd, γ, β, residual, stride, padding, training, backend)
- -> (y, y_mean, y_var)`: y = conv2d(relu(BN(x)), weight) (+ residual, added in fp32, rounded once); y_mean, y_var
-fp32 [C_out] biased statistics of the stored y. Backends with `bn_relu_conv_stats` (tier B: "triton_conv") produce
-the statistics in the conv epilogue; tier-A backends run the conv, then their fused add + statistics kernel (see
+ -> (y, y_mean, y_var)`: y = conv2d(relu(BN(x)), weight) (+ residual, added in fp32, rounded once to the
+promoted dtype); y_mean, y_var fp32 [C_out] biased statistics of the stored y. Tier B ("triton_conv") produces the
+statistics in the conv epilogue; tier-A backends run the conv, then their fused add + statistics kernel (see
 `Backend.bn_relu_conv_stats`). Saved for backward: x, weight, mean, rstd, γ, β — never the activation.
 """
 from __future__ import annotations
