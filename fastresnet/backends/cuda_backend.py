@@ -29,6 +29,7 @@ else:
     _IMPORT_ERROR = None
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF = (torch.float16, torch.bfloat16)
 
 # Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement per op, which is what "auto" chooses
 # (benchmarks/bench_kernels.py on CPU, rows in benchmarks/results/kernels_cpu.jsonl; 2 cores, torch 2.13 CPU, one
@@ -70,6 +71,12 @@ class CudaBackend(Backend):
         return mean, var
 
     def bn_relu(self, x, scale, shift, out_dtype):
+        if x.is_cuda and out_dtype != x.dtype and not (x.dtype == torch.float32 and out_dtype in _HALF):
+            # the CUDA kernel writes x's dtype, or fp16/bf16 from fp32 x: widen a narrower x first (exact, so the
+            # activation is still rounded once); a wider x than the output stays and the kernel names out_dtype
+            wide = torch.float64 if out_dtype == torch.float64 else torch.float32
+            if x.element_size() < torch.empty((), dtype=wide).element_size():
+                x = x.to(wide)
         return torch.ops.fastresnet_ext.bn_relu(x, scale, shift, out_dtype)
 
     def bn_relu_backward(self, dy, x, scale, shift, mean, rstd, training, dres=None):
