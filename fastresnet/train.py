@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,51 +55,57 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
 
 
+def _opt(default: Any = None, help: str = "", factory: Optional[Callable[[], Any]] = None):
+    """A `TrainConfig` field with its --help text."""
+    meta = {"help": help}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Every field is a command-line flag (underscores become dashes). Defaults: the embedded digits job."""
 
-    preset: str = "digits"            # digits | cifar10 | cifar100 | imagenet: a recipe applied before the overrides
-    config: str = ""                  # a JSON file of field values (applied after the preset, before flags)
-    dataset: str = "digits"           # digits | cifar10 | cifar100 | imagenet (image folder) | synthetic
-    data_dir: str = "./data"          # CIFAR: folder with the python batches or the .tar.gz; ImageNet: has train/, val/
-    download: bool = False            # CIFAR: fetch the archive if missing (needs a network)
-    image_size: int = 0               # 0: native (digits 8, CIFAR/synthetic 32, ImageNet 224)
-    synthetic_size: int = 10000       # images in the synthetic training set
-    model: str = "preact_resnet20"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # JSON, passed to create_model
-    num_classes: int = 0              # 0: the dataset's
-    batch_size: int = 64              # global batch (all ranks together)
-    iterations: int = 300
-    epochs: float = 0.0               # > 0: overrides iterations (ceil(epochs · iterations per epoch))
+    preset: str = _opt("digits", "digits | cifar10 | cifar100 | imagenet: a recipe applied before the overrides")
+    config: str = _opt("", "a JSON file of field values (applied after the preset, before flags)")
+    dataset: str = _opt("digits", "digits | cifar10 | cifar100 | imagenet (image folder) | synthetic")
+    data_dir: str = _opt("./data", "CIFAR: folder with the python batches or the .tar.gz; ImageNet: has train/, val/")
+    download: bool = _opt(False, "CIFAR: fetch the archive if missing (needs a network)")
+    image_size: int = _opt(0, "0: native (digits 8, CIFAR/synthetic 32, ImageNet 224)")
+    synthetic_size: int = _opt(10000, "images in the synthetic training set")
+    model: str = _opt("preact_resnet20", "a name from fastresnet.list_models() (python -m fastresnet.profile)")
+    model_kwargs: Dict[str, Any] = _opt(help="JSON, passed to create_model", factory=dict)
+    num_classes: int = _opt(0, "0: the dataset's")
+    batch_size: int = _opt(64, "global batch (all ranks together)")
+    iterations: int = _opt(300, "training iterations (SGD steps)")
+    epochs: float = _opt(0.0, "> 0: overrides iterations (ceil(epochs · iterations per epoch))")
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"          # step (÷ 1/lr_decay at each milestone) | cosine (to 0) | constant
-    milestones: List[float] = field(default_factory=list)
-    milestone_unit: str = "iter"      # iter | epoch
+    schedule: str = _opt("cosine", "step (÷ 1/lr_decay at each milestone) | cosine (to 0) | constant")
+    milestones: List[float] = _opt(help="LR decay points of the step schedule, in milestone_unit", factory=list)
+    milestone_unit: str = _opt("iter", "iter | epoch")
     lr_decay: float = 0.1
-    warmup_iters: int = 0             # lr = warmup_lr for the first warmup_iters iterations (PAPER.md §5.1: 400, 0.01)
+    warmup_iters: int = _opt(0, "lr = warmup_lr for the first warmup_iters iterations (PAPER.md §5.1: 400, 0.01)")
     warmup_lr: float = 0.01
-    pad: int = 1                      # translation augmentation: zero-pad and random crop (CIFAR: 4)
-    flip: bool = False                # random horizontal flip (CIFAR: on)
-    amp: str = "none"                 # none | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    pad: int = _opt(1, "translation augmentation: zero-pad and random crop (CIFAR: 4)")
+    flip: bool = _opt(False, "random horizontal flip (CIFAR: on)")
+    amp: str = _opt("none", "none | bf16 | fp16 (autocast; fp16 adds a GradScaler)")
     channels_last: bool = False
-    cuda_graph: bool = False          # capture the whole step (forward, backward, SGD) as one CUDA graph
-    compile: bool = False             # torch.compile the model
-    backend: str = "auto"             # fastresnet.set_backend
-    device: str = "auto"              # auto (cuda if available) | cpu | cuda
-    sync_bn: bool = False             # synchronised BN across ranks (torchrun)
+    cuda_graph: bool = _opt(False, "capture the whole step (forward, backward, SGD) as one CUDA graph")
+    compile: bool = _opt(False, "torch.compile the model")
+    backend: str = _opt("auto", "fastresnet.set_backend")
+    device: str = _opt("auto", "auto (cuda if available) | cpu | cuda")
+    sync_bn: bool = _opt(False, "synchronised BN across ranks (torchrun)")
     seed: int = 0
-    runs: int = 1                     # > 1: repeat with seeds seed, seed+1, ...; report median and mean±std
+    runs: int = _opt(1, "> 1: repeat with seeds seed, seed+1, ...; report median and mean±std")
     out_dir: str = "runs/digits"
     log_every: int = 50
-    eval_every: int = 50              # 0: evaluate at the end only
-    ckpt_every: int = 0               # 0: checkpoint at the end (and on SIGINT/SIGTERM) only
-    resume: str = ""                  # "auto" (out_dir/last.pt) or a checkpoint path
-    stop_at: int = 0                  # > 0: stop after this iteration as a kill would (checkpoint, exit)
-    workers: int = 4                  # image-folder loader processes
+    eval_every: int = _opt(50, "0: evaluate at the end only")
+    ckpt_every: int = _opt(0, "0: checkpoint at the end (and on SIGINT/SIGTERM) only")
+    resume: str = _opt("", "\"auto\" (out_dir/last.pt) or a checkpoint path")
+    stop_at: int = _opt(0, "> 0: stop after this iteration as a kill would (checkpoint, exit)")
+    workers: int = _opt(4, "image-folder loader processes")
     plot: bool = True
 
 
@@ -129,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(TrainConfig):
-        help_text = f"default: {getattr(defaults, f.name)!r}"
+        help_text = "; ".join(filter(None, [f.metadata.get("help"), f"default: {getattr(defaults, f.name)!r}"]))
         if f.type == "bool":
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "milestones":
             p.add_argument(_flag(f.name), type=float, nargs="*", help=help_text)
         elif f.name == "model_kwargs":
-            p.add_argument(_flag(f.name), type=json.loads, help="JSON object; " + help_text)
+            p.add_argument(_flag(f.name), type=json.loads, help=help_text)
         else:
             p.add_argument(_flag(f.name), type=kinds[f.type], help=help_text)
     return p
