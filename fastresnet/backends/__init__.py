@@ -94,7 +94,9 @@ def _lazy(module: str, cls: str) -> Callable[[], Backend]:
 
 
 register_backend("torch", TorchBackend)
-# "auto" preference: the C++/CUDA extension, then Triton tier B (own conv), then Triton tier A, then "torch".
+# "auto" preference: Triton tier B (CUDA tensors; it times its own conv against the tier-A path per layer shape and
+# keeps the faster, DESIGN.md §3), then the C++/CUDA extension (CUDA tensors, and CPU tensors: its C++ kernels), then
+# Triton tier A, then "torch".
 register_backend("triton", _lazy("fastresnet.backends.triton_backend", "TritonBackend"), auto_rank=0)
-register_backend("triton_conv", _lazy("fastresnet.backends.triton_conv_backend", "TritonConvBackend"), auto_rank=0)
 register_backend("cuda", _lazy("fastresnet.backends.cuda_backend", "CudaBackend"), auto_rank=0)
+register_backend("triton_conv", _lazy("fastresnet.backends.triton_conv_backend", "TritonConvBackend"), auto_rank=0)
