@@ -145,7 +145,7 @@ def _conv_dgrad_kernel(
     w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
-    dz_ptr,                     # [N, C_in, H, W] fp32 out, x's strides: dz = da·[x·scale + shift > 0]
+    dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = da·[x·scale + shift > 0]
     psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
     M, C_in, H, W, C_out, Ho, Wo,
     sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
@@ -327,8 +327,8 @@ def conv_backward(
     [C_in]. dx has x's dtype and memory format; dweight [C_out, C_in, k, k] contiguous in the weight's dtype (None
     unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of `reference.bn_relu_backward` after
     the conv backward, eval mode included (training=False: dx = scale·dz).
-    Three steps: (1) dgrad with the mask/reduction epilogue (dz to an fp32 scratch tensor in dx's layout, per-tile
-    Σdz, Σdz·x̂ partials); (2) tier A's ordered merge of the partials and per-channel affine dx pass
+    Three steps: (1) dgrad with the mask/reduction epilogue (dz to a scratch tensor in x's dtype and dx's layout —
+    the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values); (2) tier A's ordered merge of the partials and per-channel affine dx pass
     (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed
     in split order.
     """
@@ -340,14 +340,14 @@ def conv_backward(
     dot_dtype, precision = dot_config(weight.dtype, dev)
     block_m = _block_m(dev)
 
-    # (1) dgrad + epilogue: dz (fp32, in dx's layout) and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows;
+    # (1) dgrad + epilogue: dz (x's dtype and layout) and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows;
     # x is made dense in that layout first, so that dz, x and dx share strides for step (2)
     nhwc = _nhwc(x)
     x = x.contiguous(memory_format=memory_format(nhwc))
     m_in = n * h * w
     tiles = triton.cdiv(m_in, block_m)
     block_n = _pow2(c_in)
-    dz = torch.empty_like(x, dtype=torch.float32)
+    dz = torch.empty_like(x)  # x's dtype: half the scratch of fp32 for bf16/fp16
     psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
     _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_n))](
         dy, weight, x, scale, shift, mean, rstd, dz, psum,
