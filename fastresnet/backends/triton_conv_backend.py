@@ -2,9 +2,8 @@
 kernels that own the conv (`fastresnet.kernels.conv`): the BN-ReLU activation is recomputed in the conv's prologue
 (forward and wgrad) and never stored; dgrad's epilogue recomputes the ReLU mask and reduces Σdz, Σdz·x̂.
 
-Primitives (`batch_stats`, `bn_relu`, `bn_relu_backward`, `add_stats`) are delegated: to the tier-A Triton backend
-(`TritonBackend`, of which this backend is a subclass) when it supports the tensor, else to the plain-PyTorch
-reference (`TorchBackend`) — a named fallback, chosen per call by `primitive_backend(x)`.
+The primitives (`batch_stats`, `bn_relu`, `bn_relu_backward`, `add_stats`) are tier A's Triton kernels, inherited
+from `TritonBackend`.
 
 Conv geometry the own kernels run: square 1×1 or 3×3 kernels, equal strides 1 or 2, padding k//2, groups 1,
 dilation 1; x fp32/fp16/bf16 (fp64 is refused: no fp64 `tl.dot`), weight fp32/fp16/bf16 (its dtype is the compute
@@ -31,7 +30,6 @@ import torch
 from torch import Tensor
 
 from fastresnet.backends.base import Backend, BackendUnsupportedError
-from fastresnet.backends.torch_backend import TorchBackend
 from fastresnet.backends.triton_backend import TritonBackend, dtype_names
 
 _SELECT = ("measure", "always")
@@ -48,8 +46,6 @@ class TritonConvBackend(TritonBackend):
         self.select = select or os.environ.get("FASTRESNET_TRITON_CONV", "measure")
         if self.select not in _SELECT:
             raise ValueError(f"FASTRESNET_TRITON_CONV / select: expected one of {_SELECT}, got {self.select!r}")
-        self._tier_a: Optional[Backend] = TritonBackend()  # tests set None to force the torch fallback
-        self._torch = TorchBackend()
         self.choices: Dict[tuple, str] = {}
 
     # -- capability ------------------------------------------------------------------------------------------------
@@ -66,25 +62,6 @@ class TritonConvBackend(TritonBackend):
         if weight.dtype not in cls.dtypes:
             return f"weight dtype {weight.dtype} is not supported ({dtype_names(cls.dtypes)})"
         return None
-
-    def primitive_backend(self, x: Tensor) -> Backend:
-        """Tier-A Triton if available for x, else the torch reference (fallback)."""
-        if self._tier_a is not None and self._tier_a.why_not(x) is None:
-            return self._tier_a
-        return self._torch
-
-    # -- primitives (delegated) ------------------------------------------------------------------------------------
-    def batch_stats(self, x):
-        return self.primitive_backend(x).batch_stats(x)
-
-    def bn_relu(self, x, scale, shift, out_dtype):
-        return self.primitive_backend(x).bn_relu(x, scale, shift, out_dtype)
-
-    def bn_relu_backward(self, dy, x, scale, shift, mean, rstd, training, dres=None):
-        return self.primitive_backend(x).bn_relu_backward(dy, x, scale, shift, mean, rstd, training, dres)
-
-    def add_stats(self, a, b):
-        return self.primitive_backend(a).add_stats(a, b)
 
     # -- conv level ------------------------------------------------------------------------------------------------
     def _key(self, x: Tensor, weight: Tensor, stride, padding) -> tuple:
