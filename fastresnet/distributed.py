@@ -64,11 +64,12 @@ def _sync_grad_terms(x: Tensor, dx_const: Tensor, mean: Tensor, rstd: Tensor, sc
     sums = torch.stack([sum_dz, sum_dz_xhat, count]).contiguous()
     dist.all_reduce(sums, group=group)
     g_dz, g_dz_xhat, m = sums[0], sums[1], sums[2]
-    # per-channel affine in x: dx = dx_const + a + b·x with b = −s·rstd·Σdz·x̂/M, a = −s·Σdz/M − b·mean
+    # dx = dx_const + a + b·(x − mean) with a = −s·Σdz/M, b = −s·rstd·Σdz·x̂/M; centred on the mean, because the
+    # expanded a' + b·x cancels when |mean| ≫ std
     b = -scale * rstd * g_dz_xhat / m
-    a = -scale * g_dz / m - b * mean
+    a = -scale * g_dz / m
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = dx_const.to(acc) + a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) * x.to(acc)
+    out = dx_const.to(acc) + a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) * (x.to(acc) - mean.view(1, -1, 1, 1))
     return out.to(x.dtype)
 
 
@@ -119,8 +120,8 @@ class SyncBNReLUFunction(_SyncBNFunctionBase):
     @staticmethod
     def backward(ctx, dy):
         x, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
-        dx_const, sum_dz_xhat, sum_dz = torch.ops.fastresnet.bn_relu_backward(dy, x, mean, rstd, bn_weight, bn_bias, False,
-                                                                 ctx.backend)
+        dx_const, sum_dz_xhat, sum_dz = torch.ops.fastresnet.bn_relu_backward(
+            dy, x, mean, rstd, bn_weight, bn_bias, False, ctx.backend)
         scale, _ = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
         dx = _sync_grad_terms(x, dx_const, mean, rstd, scale, sum_dz, sum_dz_xhat, ctx.group)
         dgamma, dbeta = bn_ops.affine_grads(bn_weight, bn_bias, sum_dz_xhat, sum_dz)

@@ -328,7 +328,8 @@ def conv_backward(
     unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of `reference.bn_relu_backward` after
     the conv backward, eval mode included (training=False: dx = scale·dz).
     Three steps: (1) dgrad with the mask/reduction epilogue (dz to a scratch tensor in x's dtype and dx's layout —
-    the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values); (2) tier A's ordered merge of the partials and per-channel affine dx pass
+    the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values);
+    (2) tier A's ordered merge of the partials and per-channel affine dx pass
     (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed
     in split order.
     """
