@@ -17,6 +17,23 @@ This module itself does not import triton (the backends import `interpreting` fr
 import os
 
 
+def conv_fp32_precision() -> str:
+    """The precision of fp32 convolutions in force: "tf32" or "ieee", read from PyTorch's cuDNN conv setting, which
+    fastresnet's Triton convs follow so that a fused net and its cuDNN twin compute fp32 alike. PyTorch's default is
+    TF32 (10-bit mantissa products, fp32 accumulation: about 3e-4 relative error per conv). Force IEEE fp32 for
+    both with `torch.backends.cudnn.conv.fp32_precision = "ieee"` (torch >= 2.9; `torch.backends.cudnn.allow_tf32 =
+    False` on older torch). "none" at a level inherits from the level above (cudnn, then torch.backends)."""
+    import torch
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    for level in (conv, torch.backends.cudnn, torch.backends):
+        value = getattr(level, "fp32_precision", "none")
+        if value != "none":
+            return "tf32" if value == "tf32" else "ieee"
+    return "ieee"
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter: TRITON_INTERPRET set to a value Triton reads as true."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "y", "on")

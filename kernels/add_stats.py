@@ -1,5 +1,5 @@
 """Residual add with output statistics: y = a + b (added in fp32/fp64, rounded once to a's dtype) and the
-per-channel (mean, biased variance) of the stored y, in one read of a and b (DESIGN.md §3: the statistics of
+per-channel (mean, biased variance) of the stored y, in one read of a and b (docs/architecture.md §3: the statistics of
 x_{l+1} come for free with the add, so the next BN never re-reads it).
 
 Runs `kernels.stats._stats_partial_kernel` with ADD=True (each program adds, stores y, and reduces its tile of the

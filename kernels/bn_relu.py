@@ -1,4 +1,4 @@
-"""Fused BN-apply + ReLU, forward and hand-written backward (DESIGN.md §2), on x viewed as [M = N·H·W, C].
+"""Fused BN-apply + ReLU, forward and hand-written backward (docs/architecture.md §2), on x viewed as [M = N·H·W, C].
 
 Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), batch mean μ and rstd.
 
@@ -8,7 +8,8 @@ fp64 x), one rounding to out_dtype at the store.
 Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_partials`, shared with the tier-B conv):
 1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = dy·[x·s + t > 0] (mask recomputed from x, never
    stored), per-tile partial sums Σdz and Σdz·x̂ (x̂ = (x − μ)·rstd) into a [2, T, C] buffer;
-2. `_bn_relu_bwd_merge_kernel`: sums the T partials in tile order (deterministic, no atomics) and folds the
+2. `_bn_relu_bwd_merge_kernel`: sums the T partials in tile order (deterministic, no atomics; for large T in two
+   levels, groups of ⌈√T⌉ tiles summed in parallel first: `kernels.stats.sum_groups`) and folds the
    training-mode BN backward into per-channel coefficients k1 = −s·rstd·Σdz·x̂/M, k0 = −s·Σdz/M;
 3. `_bn_relu_bwd_dx_kernel` (elementwise): dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e. s·(dz − Σdz/M − x̂·Σdz·x̂/M);
    eval mode (running statistics are constants): dx = s·dz (+ dres). The affine form is kept in (x − μ) rather than
@@ -16,7 +17,7 @@ Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_parti
 
 Layouts: dense NHWC (channels_last; the fast path, C innermost) or dense NCHW; dy and dres must share x's layout
 (the backend copies strided views and mismatched layouts to x's layout first). dtypes: x, dy, dres any of
-fp16/bf16/fp32/fp64 (each upcast right after its load; DESIGN.md §6), scale/shift/mean/rstd [C] floating, dx in
+fp16/bf16/fp32/fp64 (each upcast on load; docs/architecture.md §6), scale/shift/mean/rstd [C] floating, dx in
 x's dtype, sums in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels.stats import (
-    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, tile_config, tile_indices,
-    tile_offsets, tl_dtype,
+    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, merge_rows, sum_groups, tile_config,
+    tile_indices, tile_offsets, tl_dtype,
 )
 
 
@@ -60,7 +61,7 @@ def _bn_relu_bwd_partial_kernel(
     x_ptr,      # [N, C, H, W] dense NHWC/NCHW: BN input
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # [C] each: s, t, μ, rstd
     part_ptr,   # [2, T, C] ACC out: per-tile (Σdz, Σdz·x̂)
-    M, C, HW, T, ITERS,
+    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr,
     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -92,7 +93,7 @@ def _bn_relu_bwd_merge_kernel(
     scale_ptr, rstd_ptr,  # [C]: s, rstd
     sum_dz_ptr, sum_dz_xhat_ptr,  # [C] ACC out: Σdz, Σdz·x̂
     coef_ptr,   # [2, C] ACC out: (k1, k0) of dx = s·dz + k1·(x − μ) + k0 (zero in eval)
-    C, T, M,    # M = N·H·W, divided in ACC (a host 1/M would arrive as an fp32 scalar and cost fp64 accuracy)
+    C, T: tl.constexpr, M,    # M = N·H·W, divided in ACC (a host 1/M would arrive as an fp32 scalar and cost fp64 accuracy)
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -206,6 +207,10 @@ def bn_backward_from_partials(
     coef = torch.empty((2, c), dtype=part.dtype, device=x.device) if training else part  # unused in eval
     dx = torch.empty_like(x, memory_format=memory_format(nhwc))
     common = dict(ACC=tl_dtype(part.dtype), BLOCK_C=cfg["BLOCK_C"])
+    rows = merge_rows(t)
+    if rows < t:  # first level: groups of `rows` tiles summed in parallel, each in tile order
+        part = sum_groups(part, rows)
+        t = part.shape[1]
     _bn_relu_bwd_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
         part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, cfg["M"], TRAINING=training, **common)
     _bn_relu_bwd_dx_kernel[_elementwise_grid(cfg)](

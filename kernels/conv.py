@@ -1,5 +1,5 @@
 """Tier-B Triton kernels: implicit-GEMM convolution with the BN-ReLU prologue and add+statistics epilogue
-(DESIGN.md §2–3), its dgrad with the ReLU-mask / BN-reduction epilogue, and its wgrad with the recompute prologue.
+(docs/architecture.md §2–3), dgrad with the ReLU-mask / BN-reduction epilogue, and wgrad with the recompute prologue.
 
 Shapes (logical NCHW as in PyTorch; the kernels address memory through strides, so NHWC = channels_last, the fast
 layout, and NCHW both work without a copy; the GEMM K loop runs over (kh, kw, C) with C innermost, which is the
@@ -17,15 +17,16 @@ GEMM views (M = rows, "N" = columns, K = reduction):
 with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
 
 Reductions are deterministic: every program writes its partial result to its own row of a [tiles, ...] buffer, and
-one program per column merges the rows in tile order. The output statistics use tier A's partial format and merge
-(`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile shifted by its first row's value, Chan
-merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are tier A's BN-ReLU backward steps 2–3
-(`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed by `_sum_rows_kernel`.
+the rows are merged in tile order (in two levels for many rows, `kernels.stats.merge_rows`). The output statistics
+use tier A's partial format and merge (`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile
+shifted by its first row's value, Chan merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are
+tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed in
+split order by `kernels.stats.sum_rows`.
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
-Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses tf32 only
-when torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32 is set). Interpreter (CPU): fp32 for
-fp32 and bf16 (the interpreter miscomputes bf16 arithmetic and bf16 `tl.dot`, DESIGN.md §6), fp16 for fp16.
+Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses TF32 exactly
+when cuDNN convs do, `fastresnet.kernels.conv_fp32_precision`). Interpreter (CPU): fp32 for
+fp32 and bf16 (the interpreter miscomputes bf16 arithmetic and bf16 `tl.dot`, docs/architecture.md §6), fp16 for fp16.
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastresnet.kernels import interpreting
+from fastresnet.kernels import conv_fp32_precision, interpreting
 from fastresnet.kernels.bn_relu import bn_backward_from_partials
-from fastresnet.kernels.stats import chunk_summary, memory_format, merge_partials, store_partial
+from fastresnet.kernels.stats import chunk_summary, memory_format, merge_partials, store_partial, sum_rows
 
 
 # ---- device helpers ------------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def _conv_fwd_kernel(
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
 ):
     # rows m = (n, ho, wo) of y × output channels co
     m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
@@ -95,8 +96,8 @@ def _conv_fwd_kernel(
             wi = wo * STRIDE - PAD + kw
             pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             x_row = nb * sxn + hi * sxh + wi * sxw                      # [BLOCK_M] offset of (n, hi, wi)
-            for c0 in range(0, C_in, BLOCK_K):
-                rk = c0 + tl.arange(0, BLOCK_K)                           # input channels ci of this K slice
+            for kb in range(K_BLOCKS):                                    # K_BLOCKS = cdiv(C_in, BLOCK_K)
+                rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)                 # input channels ci of this K slice
                 k_ok = rk < C_in
                 a_mask = pos_ok[:, None] & k_ok[None, :]
                 xv = tl.load(x_ptr + x_row[:, None] + rk[None, :] * sxc, mask=a_mask, other=0.0).to(tl.float32)
@@ -125,21 +126,6 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(
-    part_ptr,                   # [S, L] fp32 partial results
-    out_ptr,                    # [L] out = Σ_s part[s] (summed s = 0, 1, …: deterministic), cast to out's dtype
-    S, L,
-    BLOCK: tl.constexpr,
-):
-    rl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rl < L
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * L + rl, mask=ok, other=0.0)
-    tl.store(out_ptr + rl, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _conv_dgrad_kernel(
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
@@ -151,7 +137,7 @@ def _conv_dgrad_kernel(
     sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
 ):
     # da = implicit GEMM of dy with the weight over rows m = (n, h, w) of x × input channels ci, K = (kh, kw, co):
     # the transposed conv gathers the output positions (ho, wo) that read (hi, wi) through tap (kh, kw).
@@ -165,8 +151,8 @@ def _conv_dgrad_kernel(
             pos_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0)
                       & (ho < Ho) & (wo < Wo))
             dy_row = nb * sdn + ho * sdh + wo * sdw
-            for c0 in range(0, C_out, BLOCK_K):
-                rk = c0 + tl.arange(0, BLOCK_K)                           # output channels co of this K slice
+            for kb in range(K_BLOCKS):                                    # K_BLOCKS = cdiv(C_out, BLOCK_K)
+                rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)                 # output channels co of this K slice
                 k_ok = rk < C_out
                 dyv = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
                               mask=pos_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -181,8 +167,11 @@ def _conv_dgrad_kernel(
     t = tl.load(shift_ptr + rn, mask=n_ok, other=0.0)
     mu = tl.load(mean_ptr + rn, mask=n_ok, other=0.0)
     r = tl.load(rstd_ptr + rn, mask=n_ok, other=0.0)
-    dz = tl.where(mask & (xv * s[None, :] + t[None, :] > 0), acc, 0.0)
+    # the sums are taken over the stored (rounded) dz, the values step (2) subtracts them from: the BN backward's
+    # cancellation (exact to eps for a 2-value batch) then stays consistent in bf16/fp16, as eager's does
+    dz = tl.where(mask & (xv * s[None, :] + t[None, :] > 0), acc, 0.0).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + x_off, dz, mask=mask)
+    dz = dz.to(tl.float32)
     xhat = (xv - mu[None, :]) * r[None, :]
     tl.store(psum_ptr + tl.program_id(0) * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
     tl.store(psum_ptr + (tl.num_programs(0) + tl.program_id(0)) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
@@ -198,7 +187,7 @@ def _conv_wgrad_kernel(
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
     # program (tap·ci-block, co-block, split): dW[co, ci, kh, kw] over rows [split·R, (split+1)·R) of M = N·Ho·Wo
     n_cib = tl.cdiv(C_in, BLOCK_CI)
@@ -216,8 +205,8 @@ def _conv_wgrad_kernel(
     acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
     m_start = split * rows_per_split                      # rows_per_split is a multiple of BLOCK_M
     m_end = tl.minimum(m_start + rows_per_split, M)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        m_ok, nb, ho, wo = _rows(m0, m_end, Ho, Wo, BLOCK_M)                  # output rows (n, ho, wo)
+    for i in range(ROW_BLOCKS):                           # ROW_BLOCKS = rows_per_split // BLOCK_M
+        m_ok, nb, ho, wo = _rows(m_start + i * BLOCK_M, m_end, Ho, Wo, BLOCK_M)                  # output rows (n, ho, wo)
         dyv = tl.load(dy_ptr + _offsets(nb, ho, wo, rco, sdn, sdc, sdh, sdw),
                       mask=m_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)    # [BLOCK_M, BLOCK_CO]
         hi = ho * STRIDE - PAD + kh
@@ -246,8 +235,7 @@ def dot_config(compute_dtype: torch.dtype, device: torch.device) -> Tuple[tl.dty
         return tl.float16, "ieee"
     if compute_dtype == torch.bfloat16 and device.type == "cuda" and not interpreting():
         return tl.bfloat16, "ieee"
-    tf32 = (device.type == "cuda" and not interpreting()
-            and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+    tf32 = device.type == "cuda" and not interpreting() and conv_fp32_precision() == "tf32"
     return tl.float32, ("tf32" if tf32 else "ieee")
 
 
@@ -295,26 +283,19 @@ def conv_forward(
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)
     dot_dtype, precision = dot_config(weight.dtype, x.device)
-    block_m, block_n = _block_m(x.device), _pow2(c_out)
+    block_m, block_n, block_k = _block_m(x.device), _pow2(c_out), _pow2(c_in, hi=64)
     tiles = triton.cdiv(m, block_m)
     part = torch.empty((4, tiles, c_out), dtype=torch.float32, device=x.device) if stats else y  # y: unused
     _conv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
         x, scale, shift, weight, residual if residual is not None else y, y, part,
         m, c_in, h, w, c_out, ho, wo, *x.stride(), *weight.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_in, hi=64),
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        K_BLOCKS=triton.cdiv(c_in, block_k),
     )
     if not stats:
         return y, None, None
     return (y,) + merge_partials(part)
-
-
-def _sum_rows(part: Tensor, out: Tensor) -> Tensor:
-    """out (flat, any float dtype) = part[S, L].sum(0) in row order s = 0, 1, … (deterministic)."""
-    L = part.shape[1]
-    block = 256
-    _sum_rows_kernel[(triton.cdiv(L, block),)](part, out, part.shape[0], L, BLOCK=block)
-    return out
 
 
 def conv_backward(
@@ -347,14 +328,14 @@ def conv_backward(
     x = x.contiguous(memory_format=memory_format(nhwc))
     m_in = n * h * w
     tiles = triton.cdiv(m_in, block_m)
-    block_n = _pow2(c_in)
+    block_n, block_k = _pow2(c_in), _pow2(c_out, hi=64)
     dz = torch.empty_like(x)  # x's dtype: half the scratch of fp32 for bf16/fp16
     psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
     _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_n))](
         dy, weight, x, scale, shift, mean, rstd, dz, psum,
         m_in, c_in, h, w, c_out, ho, wo, *dy.stride(), *weight.stride(), *x.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(c_out, hi=64),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_BLOCKS=triton.cdiv(c_out, block_k),
     )
     # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0, i.e.
     # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
@@ -379,7 +360,8 @@ def conv_backward(
         _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)](
             x, scale, shift, dy, part, m_out, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
             STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, ROW_BLOCKS=rows // block_m,
         )
-        dweight = _sum_rows(part, torch.empty(weight.shape, dtype=weight.dtype, device=dev))
+        dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+        sum_rows(part[None], dweight.view(1, -1))
     return dx, dweight, sum_dz, sum_dzx

@@ -1,4 +1,4 @@
-"""Per-channel batch statistics of x [N, C, H, W] (DESIGN.md §2), deterministic, no atomics.
+"""Per-channel batch statistics of x [N, C, H, W] (docs/architecture.md §2), deterministic, no atomics.
 
 Layout: x is viewed as a matrix [M = N·H·W rows, C channels]. Dense NHWC (channels_last, C innermost: the fast
 path, element (m, c) at m·C + c) and dense NCHW (element (m, c) at n·C·HW + c·HW + hw, with m = n·HW + hw) are
@@ -8,7 +8,8 @@ Algorithm: pass 1 (`_stats_partial_kernel`, grid [T, cdiv(C, BLOCK_C)]) gives ev
 ITERS·BLOCK_M rows × BLOCK_C channels; it reduces each [BLOCK_M, BLOCK_C] chunk two-pass (mean, then centred
 squares) and folds the chunks together with Chan's formula, writing a partial (count, mean, M2, K) per channel to a
 [4, T, C] buffer. Pass 2 (`_stats_merge_kernel`, host side `merge_partials`) folds the T partials with Chan's formula
-in tile order. Fixed tiling (a function of M, C and the device only) and a fixed merge order make the result bitwise
+in tile order, in two levels for large T (groups of ⌈√T⌉ tiles in parallel, then the groups: `merge_rows`).
+Fixed tiling (a function of M, C and the device only) and a fixed merge order make the result bitwise
 reproducible. The tier-B conv epilogue (`kernels/conv.py`) writes the same [4, T, C] partials (one per output tile,
 via `chunk_summary` / `store_partial`) and merges them with `merge_partials`.
 Numerics: the centred M2 avoids one-pass E[x²] − E[x]², which cancels when |mean| ≫ std; and every value is first
@@ -18,10 +19,11 @@ pivot (adds K_t − K_0, a difference of two values of the channel, so O(std); e
 so the Chan cross terms (differences of chunk means) keep full precision; mean = K_0 + shifted mean.
 
 dtype rules: loads are upcast to the accumulation dtype right after loading (float32; float64 for float64 input),
-which also avoids the Triton interpreter's bf16 arithmetic bug (DESIGN.md §6). Statistics are returned in that dtype.
+which also avoids the Triton interpreter's bf16 bug (docs/architecture.md §6). Statistics come in that dtype.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -97,7 +99,7 @@ def _stats_partial_kernel(
     b_ptr,     # ADD only: [N, C, H, W], same layout as x: second addend
     y_ptr,     # ADD only: [N, C, H, W], same layout as x, x's dtype: y = x + b, rounded once
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K (ADD: of the rounded y − K), and K
-    M, C, HW, T, ITERS,
+    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr,
     ACC: tl.constexpr, ADD: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -134,26 +136,53 @@ def _stats_partial_kernel(
 @triton.jit
 def _stats_merge_kernel(
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K_t, and the tile's pivot K_t
-    mean_ptr,  # [C] ACC out: mean
-    var_ptr,   # [C] ACC out: biased variance M2 / count
-    C, T,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    out_ptr,   # FINAL: [C] ACC mean; else [4, G, C] ACC: one partial per group of ROWS tiles, part's format
+    var_ptr,   # FINAL: [C] ACC biased variance M2 / count; else unused
+    C, T: tl.constexpr, ROWS: tl.constexpr,
+    ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # program (channel block, group g): tiles [g·ROWS, min((g+1)·ROWS, T)) folded in tile order (deterministic)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    k0 = tl.load(part_ptr + 3 * T * C + cols, mask=cmask, other=0.0)  # tile 0's pivot: the merged mean's origin
+    first = tl.program_id(1) * ROWS
+    k0 = tl.load(part_ptr + (3 * T + first) * C + cols, mask=cmask, other=0.0)  # the group's origin: its 1st pivot
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for t in range(T):  # fixed order: deterministic
-        base = part_ptr + t * C + cols
-        n_b = tl.load(base, mask=cmask, other=0.0)
+    left = tl.full([BLOCK_C], T, tl.int32) - first  # tiles from `first` on (a vector: the interpreter's masks)
+    for i in range(ROWS):
+        ok = cmask & (left > i)  # past the last tile: count 0, a neutral summary
+        base = part_ptr + (first + i) * C + cols
+        n_b = tl.load(base, mask=ok, other=0.0)
         # tile t's mean of x − K_t, re-centred on K_0 (K_t − K_0 = 0 when all tiles share the pivot)
-        mean_b = tl.load(base + T * C, mask=cmask, other=0.0) + (tl.load(base + 3 * T * C, mask=cmask, other=0.0) - k0)
-        m2_b = tl.load(base + 2 * T * C, mask=cmask, other=0.0)
+        mean_b = tl.load(base + T * C, mask=ok, other=0.0) + (tl.load(base + 3 * T * C, mask=ok, other=0.0) - k0)
+        m2_b = tl.load(base + 2 * T * C, mask=ok, other=0.0)
         count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    tl.store(mean_ptr + cols, k0 + mean, mask=cmask)
-    tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
+    if FINAL:
+        tl.store(out_ptr + cols, k0 + mean, mask=cmask)
+        tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
+    else:
+        store_partial(out_ptr, tl.program_id(1), tl.num_programs(1), C, cols, count, mean, m2, k0)
+
+
+@triton.jit
+def sum_groups_kernel(
+    part_ptr,  # [P, S, L] partial sums (fp32 or fp64), contiguous
+    out_ptr,   # [P, G, L] out: out[p, g] = Σ part[p, s] over s = g·ROWS, g·ROWS + 1, … < min((g+1)·ROWS, S)
+    S: tl.constexpr, L, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # summed in row order in part's dtype, one rounding to out's dtype at the store: deterministic
+    rl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rl < L
+    first = tl.program_id(1) * ROWS
+    plane = tl.program_id(2) * S
+    acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    left = tl.full([BLOCK], S, tl.int32) - first  # rows from `first` on (a vector: the interpreter's masks)
+    for i in range(ROWS):
+        acc += tl.load(part_ptr + (plane + first + i) * L + rl, mask=ok & (left > i), other=0.0)
+    tl.store(out_ptr + (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * L + rl,
+             acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---- host side -----------------------------------------------------------------------------------------------------
@@ -244,16 +273,55 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
     return merge_partials(part)
 
 
+def merge_rows(t: int) -> int:
+    """Rows one program of a merge walks for t partial rows: all of them when t <= 4, else ⌈√t⌉ — a two-level
+    merge (groups of ⌈√t⌉ rows in parallel, then the ⌈t / ⌈√t⌉⌉ group results), so no program walks more than
+    ⌈√t⌉ rows (32 for the 1,024 row tiles of a CIFAR stage-1 conv at batch 128). A function of t only: the merge
+    order, hence the result, is reproducible bit for bit."""
+    return t if t <= 4 else math.isqrt(t - 1) + 1
+
+
 def merge_partials(part: Tensor) -> Tuple[Tensor, Tensor]:
     """(mean, biased var) [C] in part's dtype (fp32/fp64) from per-tile partials part [4, T, C] = (count, mean of
-    x − K_t, M2, K_t), merged in tile order (deterministic). Written by `_stats_partial_kernel` and by the tier-B conv
-    epilogue (`kernels.conv`)."""
+    x − K_t, M2, K_t), merged in tile order in groups of `merge_rows(T)` tiles, then the groups in order
+    (deterministic). Written by `_stats_partial_kernel` and by the tier-B conv epilogue (`kernels.conv`)."""
     _, t, c = part.shape
     mean = torch.empty(c, dtype=part.dtype, device=part.device)
     var = torch.empty(c, dtype=part.dtype, device=part.device)
     block_c = channel_block(c)
-    _stats_merge_kernel[(triton.cdiv(c, block_c),)](part, mean, var, c, t, ACC=tl_dtype(part.dtype), BLOCK_C=block_c)
+    acc = tl_dtype(part.dtype)
+    rows = merge_rows(t)
+    if rows < t:
+        groups = triton.cdiv(t, rows)
+        level1 = torch.empty((4, groups, c), dtype=part.dtype, device=part.device)
+        _stats_merge_kernel[(triton.cdiv(c, block_c), groups)](part, level1, level1, c, t, rows, ACC=acc,
+                                                               FINAL=False, BLOCK_C=block_c)
+        part, t = level1, groups
+    _stats_merge_kernel[(triton.cdiv(c, block_c), 1)](part, mean, var, c, t, t, ACC=acc, FINAL=True,
+                                                      BLOCK_C=block_c)
     return mean, var
+
+
+def sum_groups(part: Tensor, rows: int, out: Optional[Tensor] = None) -> Tensor:
+    """out[P, G, L] (G = ⌈S / rows⌉; a new tensor in part's dtype if None, else any float dtype, contiguous): the sums
+    of part[P, S, L] (fp32/fp64, contiguous) over groups of `rows` consecutive rows, each in row order."""
+    p, s, length = part.shape
+    groups = triton.cdiv(s, rows)
+    if out is None:
+        out = torch.empty((p, groups, length), dtype=part.dtype, device=part.device)
+    block = min(256, triton.next_power_of_2(length))
+    sum_groups_kernel[(triton.cdiv(length, block), groups, p)](part, out, s, length, rows, BLOCK=block)
+    return out
+
+
+def sum_rows(part: Tensor, out: Tensor) -> Tensor:
+    """out[P, L] (any float dtype, contiguous) = part[P, S, L].sum(1) (fp32/fp64, contiguous), summed in row order
+    in groups of `merge_rows(S)` rows, then the group sums in order (deterministic)."""
+    rows = merge_rows(part.shape[1])
+    if rows < part.shape[1]:
+        part = sum_groups(part, rows)
+    sum_groups(part, part.shape[1], out[:, None])
+    return out
 
 
 def batch_stats(x: Tensor, *, block_m: Optional[int] = None, tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:

@@ -74,13 +74,23 @@ class Backend:
         self, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
         stride, padding, training: bool, need_weight_grad: bool = True,
     ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-        """Returns (dx, dweight, Σdz, Σdz·x̂): the activation is recomputed from x for wgrad, the ReLU mask from x."""
+        """Returns (dx, dweight, Σdz, Σdz·x̂): the activation is recomputed from x for wgrad, the ReLU mask from x.
+
+        bf16 on CPU runs the conv backward in fp32 (results rounded back to bf16): ATen's CPU bf16 weight gradient
+        leaves the taps that only ever meet padding uninitialised for some channels_last shapes (PyTorch 2.13, e.g.
+        a 3×3 stride-2 conv on inputs of width 1 returns values up to 1e38 there), and CPU bf16 is no speed target.
+        """
         a = self.bn_relu(x, scale, shift, weight.dtype)
+        w = weight
+        if dy.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            dy, a, w = dy.float(), a.float(), weight.float()
         da, dweight, _ = torch.ops.aten.convolution_backward(
-            dy, a, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+            dy, a, w, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
             [True, need_weight_grad, False],
         )
         del a
+        if dweight is not None:
+            dweight = dweight.to(weight.dtype)
         dx, sum_dz, sum_dz_xhat = self.bn_relu_backward(da, x, scale, shift, mean, rstd, training)
         return dx, dweight, sum_dz, sum_dz_xhat
 
