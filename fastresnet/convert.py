@@ -20,6 +20,17 @@ What changes in a converted module (its "owner"):
 Why BN → ReLU alone is fused too: `BNReLU2d` is one kernel (read x, write a) instead of two (BN writes z, ReLU reads z
 and writes a), half the memory traffic of that step, with the same saved tensors and the same state-dict keys.
 
+Also recognised: timm's `BatchNormAct2d` (BN, a no-op `drop`, an `nn.ReLU` `act`; same state-dict keys as a
+BatchNorm2d) as BN → ReLU, and `nn.Identity` modules between BN, ReLU and conv (timm resnet's `drop_block`, `aa`).
+
+Branches: the rewritten forward is one trace of the original; `_Guards` records what that trace assumed besides
+tensor values (plain attributes read, isinstance tests of the arguments, arguments not None) and while any of it
+differs, a call runs the original forward with the original modules put back for that call (torchvision's
+`_DenseLayer` taking a Tensor instead of a list, timm's `grad_checkpointing`). docs/convert.md lists what is not seen.
+
+FLOP counters: FlopCounterMode counts the fused ops like the eager layers (fastresnet/ops/flops.py); for fvcore or
+ptflops, which cannot see inside the fused ops, count `unconvert(model)` (same arithmetic).
+
 Chains that cannot be proved equivalent are left alone and listed in the report with the reason. Limitations: only
 `forward` is rewritten (other methods that call a fused BN see None); whole-module pickling (`torch.save(model)`) of a
 converted non-Sequential owner is unsupported (save the state dict); a forward that branches on `self.training` or
@@ -27,11 +38,14 @@ that torch.fx cannot trace is left alone and reported.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import copy
 import functools
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +58,9 @@ __all__ = ["BatchNormReLU2d", "ConversionReport", "ConversionResult", "FusedChai
 
 _RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
 _RELU_METHODS = ("relu", "relu_")
+# nn.Module's own bookkeeping in an instance __dict__ (training, _parameters, hook dicts, ...): not configuration
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+_NO_DEFAULT = object()
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -142,12 +159,77 @@ class _KeyMap:
 
 @dataclass
 class _Conversion:
-    """Stored on a converted owner as `_fastresnet_conversion`; what `unconvert` needs to undo it."""
+    """Stored on a converted owner as `_fastresnet_conversion`: the slots it changed, as (path, original module,
+    fused module) in the order changed, so `unconvert` (for good) and a guarded forward's fallback (for one call)
+    can put the original modules back."""
     original_class: type
-    preact: List[Tuple[str, str, Optional[str], Optional[nn.Module]]] = field(default_factory=list)
-    bn_relu: List[Tuple[str, Optional[str], Optional[nn.Module]]] = field(default_factory=list)
+    slots: List[Tuple[str, Optional[nn.Module], Optional[nn.Module]]] = field(default_factory=list)
     keymap: _KeyMap = field(default_factory=_KeyMap)
     handles: list = field(default_factory=list)
+
+    def change(self, owner: nn.Module, path: str, fused: Optional[nn.Module]) -> None:
+        """Put `fused` in owner's slot `path`, remembering what was there."""
+        self.slots.append((path, owner.get_submodule(path), fused))
+        _set(owner, path, fused)
+
+    def restore(self, owner: nn.Module) -> None:
+        """The original modules back in their slots, holding the fused layers' current tensors."""
+        for path, original, fused in reversed(self.slots):
+            if isinstance(fused, BNReLU2d):   # shares tensors with original; re-point in case they were replaced
+                original._parameters.update(fused._parameters)
+                original._buffers.update(fused._buffers)
+                original.train(fused.training)
+            _set(owner, path, original)
+
+    def refuse(self, owner: nn.Module) -> None:
+        """The fused modules back in their slots (after `restore`)."""
+        for path, original, fused in self.slots:
+            _set(owner, path, fused)
+
+
+@dataclass(frozen=True)
+class _Guards:
+    """What the trace of an owner's forward took for granted besides tensor values; the rewritten forward runs only
+    while all of it holds, else the original forward runs with the original modules (`_guarded`).
+
+    - attrs: plain attributes of the owner its forward read (configuration such as `grad_checkpointing`,
+      `drop_rate`, `memory_efficient`) with their values then: scalars and tuples compared by value, other objects
+      by identity;
+    - params: forward's arguments (position, name, default); the trace stood a tensor proxy in for each, so any
+      `arg is None` test was answered "not None": an argument that is None (or left at a None default) falls back;
+    - types: isinstance(argument, cls) tests made by forward's code, with the answers the trace got (False for a
+      Tensor class: a proxy is not a Tensor), e.g. torchvision's `_DenseLayer` taking a Tensor or a list.
+    """
+    attrs: Tuple[Tuple[str, Any, bool], ...]      # (name, value, compared by value)
+    params: Tuple[Tuple[int, str, Any], ...]
+    types: Tuple[Tuple[int, type, bool], ...]
+
+    def hold(self, owner: nn.Module, args: tuple, kwargs: dict) -> bool:
+        for name, value, by_value in self.attrs:
+            now = getattr(owner, name)
+            if not (now is value or (by_value and type(now) is type(value) and now == value)):
+                return False
+        values = [args[i] if i < len(args) else kwargs.get(name, default) for i, name, default in self.params]
+        if any(v is None for v in values):
+            return False
+        return all(isinstance(values[i], cls) == answer for i, cls, answer in self.types)
+
+
+def _guarded(fused_forward, guards: _Guards):
+    """The forward of a rewritten owner: the fused code while `guards` hold, else (another branch of the original
+    code) the original forward with the original modules in their slots for this one call."""
+
+    def forward(self, *args, **kwargs):
+        if guards.hold(self, args, kwargs):
+            return fused_forward(self, *args, **kwargs)
+        record: _Conversion = self._fastresnet_conversion
+        record.restore(self)
+        try:
+            return record.original_class.forward(self, *args, **kwargs)
+        finally:
+            record.refuse(self)
+
+    return forward
 
 
 # ---- module-tree helpers -------------------------------------------------------------------------------------------
@@ -162,11 +244,10 @@ def _set(owner: nn.Module, path: str, module: Optional[nn.Module]) -> None:
     owner.get_submodule(parent)._modules[name] = module
 
 
-def _vacate(owner: nn.Module, path: str) -> None:
-    """Empty a slot whose work moved into a fused layer: nn.Identity inside a Sequential, else None (a later call
-    of the old attribute fails loudly instead of silently skipping BN)."""
-    parent, _ = _split(path)
-    _set(owner, path, nn.Identity() if isinstance(owner.get_submodule(parent), nn.Sequential) else None)
+def _vacancy(owner: nn.Module, path: str) -> Optional[nn.Module]:
+    """What fills a slot whose work moved into a fused layer: nn.Identity inside a Sequential, else None (a later
+    call of the old attribute fails loudly instead of silently skipping BN)."""
+    return nn.Identity() if isinstance(owner.get_submodule(_split(path)[0]), nn.Sequential) else None
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -191,8 +272,8 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         return F.relu(super().forward(x))
 
 
-def _bn_from(layer: BNReLU2d, cls=nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """The inverse of `_bn_relu_from`: a plain `cls` (BatchNorm2d or BatchNormReLU2d) sharing layer's tensors."""
+def _bn_from(layer: BNReLU2d, cls: type) -> nn.BatchNorm2d:
+    """The inverse of `_bn_relu_from`: a `cls` (a BatchNorm2d class, e.g. BatchNormReLU2d) sharing layer's tensors."""
     bn = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, device="meta")
     bn._parameters.update(layer._parameters)
     bn._buffers.update(layer._buffers)
@@ -238,22 +319,79 @@ def _leaves(owner: nn.Module, prefix: str = ""):
             yield f"{prefix}{name}", child
 
 
-def _trace(owner: nn.Module) -> fx.Graph:
-    """The owner's forward graph, checked to be the same in train and eval mode (else it branches on the mode)."""
+def _by_value(value: Any) -> bool:
+    """Whether a guard compares this attribute value by value (scalars, tuples of them) rather than by identity."""
+    if isinstance(value, tuple):
+        return all(_by_value(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+@contextlib.contextmanager
+def _recording(owner: nn.Module) -> Iterator[Tuple[Dict[str, Any], List[Tuple[fx.Node, type, bool]]]]:
+    """While owner's forward is traced, record what the trace decides outside the graph: the owner's plain
+    attributes read (`attrs`, name -> value) and isinstance tests on traced values made by code outside torch
+    (`checks`, (node, cls, answer)). The owner's class is swapped for a recording subclass and `builtins.isinstance`
+    for a recording wrapper for the duration of the trace only."""
+    attrs: Dict[str, Any] = {}
+    checks: List[Tuple[fx.Node, type, bool]] = []
+    cls, real_isinstance = type(owner), builtins.isinstance
+
+    def __getattribute__(self, name):
+        value = super(recorder, self).__getattribute__(name)
+        if name not in _MODULE_STATE and name in object.__getattribute__(self, "__dict__"):
+            attrs.setdefault(name, value)
+        return value
+
+    def recording_isinstance(obj, classes):
+        answer = real_isinstance(obj, classes)
+        if issubclass(type(obj), fx.Proxy) and \
+                not sys._getframe(1).f_globals.get("__name__", "").startswith("torch."):
+            checks.append((obj.node, classes, answer))
+        return answer
+
+    recorder = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+    owner.__class__, builtins.isinstance = recorder, recording_isinstance
+    try:
+        yield attrs, checks
+    finally:
+        owner.__class__, builtins.isinstance = cls, real_isinstance
+
+
+def _guards(graph: fx.Graph, attrs: Dict[str, Any], checks) -> _Guards:
+    """The `_Guards` of a traced forward, or _Untraceable when the trace rests on something no guard can check."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(n.target.startswith("*") for n in placeholders):
+        raise _Untraceable("forward takes *args / **kwargs (its arguments cannot be guarded)")
+    position = {n: i for i, n in enumerate(placeholders)}
+    types = []
+    for node, classes, answer in checks:
+        if node not in position:
+            raise _Untraceable(f"forward tests the type of an intermediate value (isinstance(..., {classes})), "
+                               "which the trace answers once for all inputs")
+        types.append((position[node], classes, answer))
+    params = tuple((i, n.target, n.args[0] if n.args else _NO_DEFAULT) for i, n in enumerate(placeholders))
+    return _Guards(tuple((k, v, _by_value(v)) for k, v in attrs.items()), params, tuple(dict.fromkeys(types)))
+
+
+def _trace(owner: nn.Module) -> Tuple[fx.Graph, _Guards]:
+    """The owner's forward graph, checked to be the same in train and eval mode (else it branches on the mode), and
+    the guards under which it stands for the original forward."""
     modes = {m: m.training for m in owner.modules()}
     try:
         codes, graphs = [], []
-        for training in (True, False):
-            owner.train(training)
-            graph = _ChildTracer().trace(owner)
-            graphs.append(graph)
-            codes.append(graph.python_code("self").src)
+        with _recording(owner) as (attrs, checks):
+            for training in (True, False):
+                owner.train(training)
+                graph = _ChildTracer().trace(owner)
+                graphs.append(graph)
+                codes.append(graph.python_code("self").src)
     finally:
         for m, training in modes.items():
             m.training = training
     if codes[0] != codes[1]:
         raise _Untraceable("forward differs between train and eval mode (it branches on self.training)")
-    return graphs[0]
+    # both traces recorded; keep the checks made on the first trace's nodes (the second repeats them)
+    return graphs[0], _guards(graphs[0], attrs, [c for c in checks if c[0].graph is graphs[0]])
 
 
 class _Untraceable(Exception):
@@ -282,106 +420,176 @@ def _describe(node: fx.Node, owner: nn.Module) -> str:
     return "the module output" if node.op == "output" else node.op
 
 
+def _timm_bn_act() -> Optional[type]:
+    """timm's BatchNormAct2d class if timm is loaded (a model holding one has imported it), else None: timm is
+    never imported here."""
+    return getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
+
+
+def _bn_kind(m: nn.Module) -> Optional[str]:
+    """"bn" for a plain nn.BatchNorm2d, "bn_act" for timm's BatchNormAct2d (BN, then its `drop`, then its `act`,
+    same state-dict keys as a BatchNorm2d) or a subclass that keeps its forward, else None."""
+    if type(m) is nn.BatchNorm2d:
+        return "bn"
+    bn_act = _timm_bn_act()
+    if bn_act is not None and isinstance(m, bn_act) and type(m).forward is bn_act.forward:
+        return "bn_act"
+    return None
+
+
+def _bn_act_problem(m: nn.Module) -> Optional[str]:
+    """Why a BatchNormAct2d is not BN → ReLU (its drop must be a no-op, its act an nn.ReLU), or None."""
+    name = type(m).__name__
+    if type(m.drop) is not nn.Identity:
+        return f"{name}.drop is {type(m.drop).__name__}, not nn.Identity"
+    if type(m.act) is not nn.ReLU:
+        return f"{name}.act is {type(m.act).__name__}, not nn.ReLU"
+    if _has_hooks(m.drop) or _has_hooks(m.act):
+        return f"{name}.drop or .act has hooks, which a fused layer would bypass"
+    return None
+
+
+def _through_noops(node: fx.Node, owner: nn.Module) -> Tuple[fx.Node, List[fx.Node]]:
+    """Follow node's single reader through no-op modules (nn.Identity without hooks, called with one argument, e.g.
+    timm's drop_block / aa slots when unused): (the last node reached, the no-op nodes passed)."""
+    passed = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+            break
+        m = owner.get_submodule(user.target)
+        if type(m) is not nn.Identity or _has_hooks(m):
+            break
+        passed.append(user)
+        node = user
+    return node, passed
+
+
+def _conv_after(relu: fx.Node, owner: nn.Module, bn: nn.Module, calls, registrations):
+    """(conv node, conv module, no-op nodes between) if relu's output goes only to a Conv2d that can take the fused
+    BN-ReLU, else (None, None, reason) — BN → ReLU is then fused alone."""
+    last, noops = _through_noops(relu, owner)
+    users = list(last.users)
+    if len(users) != 1:
+        return None, None, f"ReLU output has {len(users)} users"
+    conv_node = users[0]
+    if conv_node.op != "call_module":
+        return None, None, "ReLU output does not go to a Conv2d module"
+    conv = owner.get_submodule(conv_node.target)
+    why = _conv_problem(conv)
+    if why is None and (len(conv_node.args) != 1 or conv_node.kwargs):
+        why = "conv called with extra arguments"
+    elif why is None and (calls[conv_node.target] > 1 or registrations[id(conv)] > 1):
+        why = "conv module is shared (called or registered more than once)"
+    elif why is None and _has_hooks(conv):
+        why = "conv has hooks, which a fused layer would bypass"
+    elif why is None and {(t.dtype, t.device) for t in _float_tensors(bn)} - {(conv.weight.dtype, conv.weight.device)}:
+        why = "BN and conv tensors differ in dtype or device"
+    return (None, None, why) if why is not None else (conv_node, conv, noops)
+
+
 # ---- the rewrite of one owner -------------------------------------------------------------------------------------
-def _rewrite(owner: nn.Module, graph: fx.Graph, path: str, backend: Optional[str], report: ConversionReport,
-             registrations: Dict[int, int]) -> None:
+def _rewrite(owner: nn.Module, graph: fx.Graph, guards: _Guards, path: str, backend: Optional[str],
+             report: ConversionReport, registrations: Dict[int, int]) -> None:
     """Fuse the chains of owner's traced forward `graph`, mutating owner (see the module docstring)."""
     calls: Dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
-    is_seq = isinstance(owner, nn.Sequential)
     record = _Conversion(type(owner))
     full = (lambda p: f"{path}.{p}" if path else p)
+    graph_changed = False
 
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(owner.get_submodule(node.target)) is not nn.BatchNorm2d:
+        kind = _bn_kind(owner.get_submodule(node.target)) if node.op == "call_module" else None
+        if kind is None:
             continue
         bn_path, bn = node.target, owner.get_submodule(node.target)
 
         def skip(reason: str) -> None:
             report.skipped.append(SkippedChain(path, full(bn_path), reason))
 
-        users = list(node.users)
         if len(node.args) != 1 or node.kwargs:
-            skip("BatchNorm2d called with extra arguments"); continue
+            skip(f"{type(bn).__name__} called with extra arguments"); continue
         if calls[bn_path] > 1 or registrations[id(bn)] > 1:
-            skip("BatchNorm2d module is shared (called or registered more than once)"); continue
+            skip(f"{type(bn).__name__} module is shared (called or registered more than once)"); continue
         if _has_hooks(bn):
-            skip("BatchNorm2d has forward/backward hooks, which a fused layer would bypass"); continue
-        if len(users) != 1:
-            skip(f"BN output has {len(users)} users (the fused layer does not expose it)"); continue
-        relu = users[0]
-        kind = _relu_kind(relu, owner, full)
-        if kind is None:
-            skip(f"BN output goes to {_describe(relu, owner)}, not a ReLU"); continue
-        relu_mod = owner.get_submodule(relu.target) if relu.op == "call_module" else None
-        relu_in_seq = relu_mod is not None and isinstance(owner.get_submodule(_split(relu.target)[0]), nn.Sequential)
-        if relu_mod is not None and (_has_hooks(relu_mod) or (relu_in_seq and calls[relu.target] > 1)):
-            skip("the ReLU module has hooks or is a Sequential slot called more than once"); continue
-
-        relu_users = list(relu.users)
-        conv_node = relu_users[0] if len(relu_users) == 1 else None
-        conv = owner.get_submodule(conv_node.target) if conv_node is not None and conv_node.op == "call_module" \
-            else None
-        why_not_conv = None
-        if conv_node is None:
-            why_not_conv = f"ReLU output has {len(relu_users)} users"
-        elif conv is None:
-            why_not_conv = "ReLU output does not go to a Conv2d module"
+            skip(f"{type(bn).__name__} has forward/backward hooks, which a fused layer would bypass"); continue
+        relu_slot = relu_mod = None
+        noops: List[fx.Node] = []
+        if kind == "bn_act":
+            why = _bn_act_problem(bn)
+            if why is not None:
+                skip(why); continue
+            relu, how = node, f"{type(bn).__name__}.act (nn.ReLU)"
         else:
-            why_not_conv = _conv_problem(conv)
-            if why_not_conv is None and (len(conv_node.args) != 1 or conv_node.kwargs):
-                why_not_conv = "conv called with extra arguments"
-            elif why_not_conv is None and (calls[conv_node.target] > 1 or registrations[id(conv)] > 1):
-                why_not_conv = "conv module is shared (called or registered more than once)"
-            elif why_not_conv is None and _has_hooks(conv):
-                why_not_conv = "conv has hooks, which a fused layer would bypass"
-            elif why_not_conv is None and conv.training != bn.training:
-                skip(f"train/eval mismatch: BN training={bn.training}, conv training={conv.training}"); continue
-            elif why_not_conv is None and {(t.dtype, t.device) for t in _float_tensors(bn)} - {
-                    (conv.weight.dtype, conv.weight.device)}:
-                why_not_conv = "BN and conv tensors differ in dtype or device"
-        relu_slot = relu.target if relu_in_seq else None
+            last, noops = _through_noops(node, owner)
+            users = list(last.users)
+            if len(users) != 1:
+                skip(f"BN output has {len(users)} users (the fused layer does not expose it)"); continue
+            relu = users[0]
+            how = _relu_kind(relu, owner, full)
+            if how is None:
+                skip(f"BN output goes to {_describe(relu, owner)}, not a ReLU"); continue
+            relu_mod = owner.get_submodule(relu.target) if relu.op == "call_module" else None
+            if relu_mod is not None and isinstance(owner.get_submodule(_split(relu.target)[0]), nn.Sequential):
+                relu_slot = relu.target
+            if relu_mod is not None and (_has_hooks(relu_mod) or (relu_slot and calls[relu.target] > 1)):
+                skip("the ReLU module has hooks or is a Sequential slot called more than once"); continue
 
-        if why_not_conv is None:
+        conv_node, conv, noops_or_why = _conv_after(relu, owner, bn, calls, registrations)
+        if conv is not None and conv.training != bn.training:
+            skip(f"train/eval mismatch: BN training={bn.training}, conv training={conv.training}"); continue
+        if conv is not None:
             fused = PreActConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                  bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend,
                                  device="meta")
             fused.bn, fused.conv = bn, conv
             fused.train(conv.training)
             conv_path = conv_node.target
-            _set(owner, conv_path, fused)
-            _vacate(owner, bn_path)
+            record.change(owner, conv_path, fused)
+            record.change(owner, bn_path, _vacancy(owner, bn_path))
             if relu_slot is not None:
-                _set(owner, relu_slot, nn.Identity())
-            record.preact.append((conv_path, bn_path, relu_slot, relu_mod if relu_slot else None))
+                record.change(owner, relu_slot, nn.Identity())
             record.keymap.add(f"{conv_path}.bn", bn_path, bn.state_dict().keys())
             record.keymap.add(f"{conv_path}.conv", conv_path, conv.state_dict().keys())
+            for sub, _ in bn.named_modules():   # a BatchNormAct2d's drop / act: module metadata only, no tensors
+                if sub:
+                    record.keymap.module_paths[f"{conv_path}.bn.{sub}"] = f"{bn_path}.{sub}"
             record.keymap.module_paths[conv_path] = None
             conv_node.args = (node.args[0],)
-            graph.erase_node(relu)
+            for n in reversed(noops_or_why):
+                graph.erase_node(n)
+            if relu is not node:
+                graph.erase_node(relu)
+            for n in reversed(noops):
+                graph.erase_node(n)
             graph.erase_node(node)
-            report.fused.append(FusedChain(path, full(bn_path), kind, full(conv_path), "PreActConv2d"))
+            graph_changed = True
+            report.fused.append(FusedChain(path, full(bn_path), how, full(conv_path), "PreActConv2d"))
         else:
-            _set(owner, bn_path, _bn_relu_from(bn, backend))
+            record.change(owner, bn_path, _bn_relu_from(bn, backend))
             if relu_slot is not None:
-                _set(owner, relu_slot, nn.Identity())
-            record.bn_relu.append((bn_path, relu_slot, relu_mod if relu_slot else None))
-            relu.replace_all_uses_with(node)
-            graph.erase_node(relu)
-            report.fused.append(FusedChain(path, full(bn_path), f"{kind} ({why_not_conv}: BN → ReLU fused alone)",
-                                           None, "BNReLU2d"))
+                record.change(owner, relu_slot, nn.Identity())
+            if relu is not node:   # a BatchNormAct2d keeps its call: the forward code need not change
+                relu.replace_all_uses_with(node)
+                graph.erase_node(relu)
+                for n in reversed(noops):
+                    graph.erase_node(n)
+                graph_changed = True
+            report.fused.append(FusedChain(path, full(bn_path), f"{how} ({noops_or_why}: BN → ReLU fused alone)", None,
+                                           "BNReLU2d"))
 
-    if not (record.preact or record.bn_relu):
+    if not record.slots:
         return
     graph.lint()
-    if not is_seq:  # a Sequential's own forward already runs the new slots; any other owner gets the new code
+    if graph_changed and not isinstance(owner, nn.Sequential):
+        # a Sequential's own forward already runs the new slots; any other owner gets the new code, guarded
         code = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
         cls = type(owner)
-        owner.__class__ = type(cls.__name__, (cls,), {"forward": type(code).forward, "__module__": cls.__module__,
-                                                      "__doc__": cls.__doc__})
-    if record.preact:
+        owner.__class__ = type(cls.__name__, (cls,), {"forward": _guarded(type(code).forward, guards),
+                                                      "__module__": cls.__module__, "__doc__": cls.__doc__})
+    if record.keymap.fused_to_plain:
         # partials, not bound methods: torch tags public-API hooks with an attribute
         record.handles = [owner.register_state_dict_post_hook(functools.partial(_KeyMap.save, record.keymap)),
                           owner.register_load_state_dict_pre_hook(functools.partial(_KeyMap.load, record.keymap))]
@@ -389,25 +597,28 @@ def _rewrite(owner: nn.Module, graph: fx.Graph, path: str, backend: Optional[str
 
 
 def _eligible(m: nn.Module) -> bool:
-    """Worth tracing: has its own forward, is user code or a Sequential, and holds a BatchNorm2d leaf."""
+    """Worth tracing: has its own forward, is user code or a Sequential, and holds a BatchNorm2d (or timm
+    BatchNormAct2d) leaf."""
     if type(m).forward is nn.Module.forward or hasattr(m, "_fastresnet_conversion"):
         return False
     if not isinstance(m, nn.Sequential) and type(m).__module__.startswith("torch."):
         return False
-    return any(type(leaf) is nn.BatchNorm2d for _, leaf in _leaves(m))
+    bn_act = _timm_bn_act()
+    return any(type(leaf) is nn.BatchNorm2d or (bn_act is not None and isinstance(leaf, bn_act))
+               for _, leaf in _leaves(m))
 
 
 def _walk(m: nn.Module, path: str, backend, report: ConversionReport, registrations, covered: bool) -> None:
     traced = covered
     if not covered and _eligible(m):
         try:
-            graph = _trace(m)
+            graph, guards = _trace(m)
         except _Untraceable as e:
             report.untraced[path] = str(e)
         except Exception as e:  # noqa: BLE001  torch.fx raises many types; the module stays as it is
             report.untraced[path] = f"torch.fx cannot trace forward: {type(e).__name__}: {str(e).splitlines()[0]}"
         else:
-            _rewrite(m, graph, path, backend, report, registrations)
+            _rewrite(m, graph, guards, path, backend, report, registrations)
             traced = True
     for name, child in list(m._modules.items()):
         if child is None or isinstance(child, (PreActConv2d, BNReLU2d)):
@@ -457,16 +668,7 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
         record: _Conversion = owner.__dict__.pop("_fastresnet_conversion")
         for handle in record.handles:
             handle.remove()
-        for conv_path, bn_path, relu_slot, relu_mod in reversed(record.preact):
-            fused = owner.get_submodule(conv_path)
-            _set(owner, bn_path, fused.bn)
-            _set(owner, conv_path, fused.conv)
-            if relu_slot is not None:
-                _set(owner, relu_slot, relu_mod)
-        for bn_path, relu_slot, relu_mod in reversed(record.bn_relu):
-            _set(owner, bn_path, _bn_from(owner.get_submodule(bn_path)))
-            if relu_slot is not None:
-                _set(owner, relu_slot, relu_mod)
+        record.restore(owner)
         owner.__class__ = record.original_class
     _unfuse_native(model)
     return model

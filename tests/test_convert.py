@@ -388,3 +388,62 @@ def test_bad_arguments():
 def test_exported():
     assert fastresnet.convert is convert and fastresnet.unconvert is unconvert
     assert {"convert", "unconvert"} <= set(fastresnet.__all__)
+
+
+# ---- no-op modules in the chain, and forwards that branch on more than tensor values ------------------------------
+class IdentityBetween(nn.Module):
+    """timm resnet style: BN → drop_block (nn.Identity) → ReLU → aa (nn.Identity) → conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.drop_block, self.act, self.aa = nn.BatchNorm2d(4), nn.Identity(), nn.ReLU(), nn.Identity()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(self.aa(self.act(self.drop_block(self.bn(x)))))
+
+
+def test_looks_through_identity():
+    orig, fused, report = converted(IdentityBetween())
+    assert report.num_preact == 1 and not report.skipped, str(report)
+    for training in (True, False):
+        assert_same(orig, fused, x_input((2, 4, 5, 3)), training)
+    assert type(unconvert(fused).bn) is nn.BatchNorm2d
+
+
+class BranchesOnAttribute(Chain):
+    """Forward reads configuration (like timm's grad_checkpointing or torchvision's memory_efficient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.double_it = False
+
+    def forward(self, x):
+        y = self.conv(F.relu(self.bn(x)))
+        return y * 2 if self.double_it else y
+
+
+class OptionalArgument(Chain):
+    def forward(self, x, mask=None):
+        y = self.conv(F.relu(self.bn(x)))
+        return y if mask is None else y * mask
+
+
+def test_attribute_branch_kept():
+    orig, fused, report = converted(BranchesOnAttribute())
+    assert report.num_preact == 1
+    x = x_input((2, 4, 5, 3))
+    assert_same(orig, fused, x, training=False)
+    orig.double_it = fused.double_it = True   # the other branch: the original forward runs, with the original modules
+    assert_same(orig, fused, x, training=False)
+    assert isinstance(fused.conv, PreActConv2d) and fused.bn is None   # the fused slots are back after the call
+
+
+def test_optional_argument_branch_kept():
+    orig, fused, report = converted(OptionalArgument())
+    assert report.num_preact == 1
+    x = x_input((2, 4, 5, 3))
+    mask = torch.rand(2, 6, 5, 3, dtype=torch.float64)
+    orig.eval(); fused.eval()
+    torch.testing.assert_close(fused(x, mask), orig(x, mask), **TOL)   # traced path (mask given)
+    torch.testing.assert_close(fused(x), orig(x), **TOL)               # mask None: the trace assumed a tensor

@@ -1,4 +1,4 @@
-"""Backend registry and selection (DESIGN.md §1).
+"""Backend registry and selection (docs/architecture.md §1).
 
 A backend implements the primitive ops of `fastresnet.reference` (see `Backend`). Selection, in order of precedence:
 the `backend=` argument of a layer or functional call, `fastresnet.set_backend(...)`, the `FASTRESNET_BACKEND`
@@ -95,8 +95,26 @@ def _lazy(module: str, cls: str) -> Callable[[], Backend]:
 
 register_backend("torch", TorchBackend)
 # "auto" preference: Triton tier B (CUDA tensors; it times its own conv against the tier-A path per layer shape and
-# keeps the faster, DESIGN.md §3), then the C++/CUDA extension (CUDA tensors, and CPU tensors: its C++ kernels), then
+# keeps the faster, docs/architecture.md §3), then the extension (CUDA tensors, and CPU tensors: its C++ kernels), then
 # Triton tier A, then "torch".
 register_backend("triton", _lazy("fastresnet.backends.triton_backend", "TritonBackend"), auto_rank=0)
 register_backend("cuda", _lazy("fastresnet.backends.cuda_backend", "CudaBackend"), auto_rank=0)
 register_backend("triton_conv", _lazy("fastresnet.backends.triton_conv_backend", "TritonConvBackend"), auto_rank=0)
+
+
+def _create_registered() -> None:
+    """Create every registered backend now, at import, before anything can be traced.
+
+    Creating a backend imports its module (`_lazy`), which torch.compile's Dynamo does not trace: done inside a
+    compiled forward (the first fused call of a fresh process, backend "auto" or a named one) it is a graph break at
+    each call site. Created here, `resolve` only reads `_INSTANCES` when traced. A backend whose creation raises here
+    (e.g. a bad FASTRESNET_TRITON_CONV value) is left uncreated, so the error is raised at its first use, as it was.
+    """
+    for name in _FACTORIES:
+        try:
+            get_backend_impl(name)
+        except Exception:  # noqa: BLE001 - deferred on purpose: get_backend_impl raises it again at first use
+            pass
+
+
+_create_registered()
