@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastresnet import ops, reference
+from fastresnet import ops, recompute, reference
 from fastresnet.backends import resolve
 from fastresnet.ops.bn_ops import conv_out_shape
 
@@ -107,7 +107,12 @@ def bn_statistics(
     `stats` if a producer (e.g. `add_stats`) already computed them — and the running buffers updated once.
     Eval: the running statistics. `process_group` (training only): the batch is split across its ranks and the
     statistics are those of the global batch (`fastresnet.distributed.combine_batch_stats`); this synchronises the
-    forward only — use the layers' `process_group` (or `fastresnet.distributed`) for the matching backward."""
+    forward only — use the layers' `process_group` (or `fastresnet.distributed`) for the matching backward.
+    Inside a recomputed unit's replay (`fastresnet.recompute`) the first forward's (mean, rstd) come back instead:
+    nothing is computed, communicated or updated again."""
+    replayed = recompute.replayed_statistics(x)
+    if replayed is not None:
+        return replayed
     use_batch = training or running_mean is None
     if use_batch:
         mean, var = stats if stats is not None else ops.batch_stats(x, backend)
@@ -121,7 +126,9 @@ def bn_statistics(
     else:
         mean, var = running_mean, running_var
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return mean.to(acc), torch.rsqrt(var.to(acc) + eps)
+    mean, rstd = mean.to(acc), torch.rsqrt(var.to(acc) + eps)
+    recompute.record_statistics(mean, rstd)
+    return mean, rstd
 
 
 def _conv_weight(weight: Tensor, x: Tensor) -> Tensor:
@@ -185,7 +192,7 @@ def bn_relu_conv2d(
     residual: [N, C_out, H_out, W_out], added before the single rounding of y (y then has the promoted dtype of the
     conv and the residual); it receives dy as its gradient.
     return_stats: return (y, mean, var) with y's per-channel batch statistics (fp32, biased var), for the next BN's
-    `stats=` (DESIGN.md §3): tier B ("triton_conv") computes them (and adds the residual) in the conv epilogue,
+    `stats=` (docs/architecture.md §3): tier B ("triton_conv") computes them (+ the residual add) in the conv epilogue,
     tier A with its add + statistics kernel.
     """
     stride, padding = check_conv_input(x, weight, training, stride, padding,

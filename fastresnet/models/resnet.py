@@ -1,6 +1,6 @@
-"""CIFAR and ImageNet ResNets of [1] and [PA], every Table 1 / Table 2 / Table 3 variant (PAPER.md §1–4).
+"""CIFAR and ImageNet ResNets of [1] and [PA], every Table 1 / Table 2 / Table 3 variant (docs/paper.md §1–4).
 
-Defaults follow the paper where PAPER.md §8 lists an uncertainty, each overridable by keyword:
+Defaults follow the paper where docs/paper.md §8 lists an uncertainty, each overridable by keyword:
 - `shortcut`: basic CIFAR nets use option "A" (zero-pad, [1]'s CIFAR choice, "same as [1]"); bottleneck and
   ImageNet nets use "B" (projection when the shape changes).
 - `shortcut_bn`: BN after projections in post-activation nets ([1]'s ImageNet models, fb.resnet.torch), none in
@@ -10,7 +10,7 @@ Defaults follow the paper where PAPER.md §8 lists an uncertainty, each overrida
 - `preact_shortcut`: in full pre-activation nets the first unit after the stem and every projection shortcut take the
   pre-activated input (the paper's appendix); option-A shortcuts of later stages take the raw x_l by default (a pure
   identity path), or the pre-activated one with `preact_shortcut=True` (fb.resnet.torch's 'both_preact').
-Init: He normal, fan-out (std = sqrt(2 / (k·k·C_out))), BN γ=1, β=0, FC bias 0 (PAPER.md §5.3).
+Init: He normal, fan-out (std = sqrt(2 / (k·k·C_out))), BN γ=1, β=0, FC bias 0 (docs/paper.md §5.3).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastresnet import recompute
 from fastresnet.models.registry import register_model
 from fastresnet.nn.layers import BNReLU2d
 from fastresnet.nn.units import VARIANTS, ResidualUnit
@@ -51,12 +52,16 @@ class ResNet(nn.Module):
         stem: "cifar" (3×3 conv, 16 filters) or "imagenet" (7×7/2 conv, 64 filters, 3×3/2 max pool).
         stem_width: filters of the stem conv.
         variant: activation placement (`fastresnet.nn.VARIANTS`).
+        checkpoint: what training keeps for backward (`set_checkpoint`): "none" (every fused layer's input),
+            "unit" (each unit's input x_l only) or "segment" (every `segment_size`-th x_l only).
+        segment_size: units per recomputed segment in "segment" mode; None: ⌈√(number of units)⌉.
         unit_kw: passed to every unit (shortcut, shortcut_bn, stride_on, merge and its parameters, backend).
     """
 
     def __init__(self, form: str, units: Sequence[int], widths: Sequence[int], num_classes: int, *,
                  stem: str = "cifar", stem_width: int = 16, variant: str = "full_preact",
-                 preact_shortcut: bool = False, backend: Optional[str] = None, **unit_kw):
+                 preact_shortcut: bool = False, backend: Optional[str] = None, checkpoint: str = "none",
+                 segment_size: Optional[int] = None, **unit_kw):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
@@ -91,7 +96,30 @@ class ResNet(nn.Module):
         self.num_features = in_ch
         self.chained = variant == "full_preact" and all(
             u.chainable for u in self.modules() if isinstance(u, ResidualUnit))
+        self.set_checkpoint(checkpoint, segment_size)
         self.reset_parameters()
+
+    @property
+    def units(self) -> List[ResidualUnit]:
+        """The residual units in forward order, across stages."""
+        return [u for stage in self.stages for u in stage]
+
+    def set_checkpoint(self, mode: str, segment_size: Optional[int] = None) -> None:
+        """Choose what a training forward keeps for backward (`fastresnet.recompute`; memory: docs/memory.md).
+
+        "none": every fused layer keeps its BN input. "unit": each unit keeps only its input x_l (and that input's
+        batch statistics) and is recomputed in backward. "segment": runs of `segment_size` units (default
+        ⌈√units⌉) keep only their first input and are recomputed together. Results (outputs, gradients, running
+        statistics) are bitwise those of "none" where the kernels are deterministic; the price is one more forward
+        of the recomputed units."""
+        if mode not in recompute.MODES:
+            raise ValueError(f"checkpoint: expected one of {recompute.MODES}, got {mode!r}")
+        if segment_size is not None and (isinstance(segment_size, bool) or not isinstance(segment_size, int)
+                                         or segment_size < 1):
+            raise ValueError(f"segment_size: expected a positive int or None, got {segment_size!r}")
+        if segment_size is not None and mode != "segment":
+            raise ValueError(f"segment_size: only applies to checkpoint='segment', got checkpoint={mode!r}")
+        self.checkpoint, self.segment_size = mode, segment_size
 
     def reset_parameters(self) -> None:
         """He normal (fan-out) convs, BN γ=1 β=0, FC bias 0 (FC weight keeps PyTorch's default); gate biases keep
@@ -108,9 +136,15 @@ class ResNet(nn.Module):
         """[N, 3, H, W] -> [N, num_features, H', W'] (after the head activation, before pooling).
 
         Training a full pre-activation net runs the units as one chain (`ResidualUnit.forward_chained`): each fused
-        conv hands its output's batch statistics to the next BN, so none is computed by re-reading a tensor.
+        conv hands its output's batch statistics to the next BN, so none is computed by re-reading a tensor. With
+        `checkpoint` "unit" or "segment" the units run in recomputed segments (`fastresnet.recompute`).
         """
         x = self.stem(x)
+        if self.training and self.checkpoint != "none" and torch.is_grad_enabled():
+            units = self.units
+            size = recompute.segment_size(self.checkpoint, len(units), self.segment_size)
+            x, stats = recompute.run_recomputed(units, x, size, self.chained)
+            return self.head_act(x, stats) if self.chained else self.head_act(x)
         if not (self.training and self.chained):
             return self.head_act(self.stages(x))
         stats = None

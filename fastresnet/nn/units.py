@@ -1,4 +1,4 @@
-"""Residual units of every form and activation placement in the paper (PAPER.md §1–3).
+"""Residual units of every form and activation placement in the paper (docs/paper.md §1–3).
 
 A unit computes x_{l+1} = after( merge(h(x_l), F(x_l)) ). F is a chain of weight layers W1 … Wk (k = 1 for the
 1-layer-skip unit, 2 for basic, 3 for bottleneck). Inside F, every layer after the first is preceded by BN → ReLU,
@@ -18,11 +18,16 @@ F and the shortcut — the paper's first unit after conv1 and its pre-activated 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from fastresnet import functional as FF
+from fastresnet import recompute
+from fastresnet.backends import resolve
+from fastresnet.ops import unit_ops
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
 
@@ -158,12 +163,24 @@ class ResidualUnit(nn.Module):
 
     def forward_chained(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
                         ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        """Training forward of a full pre-activation unit as a chain of fused kernels (DESIGN.md §3).
+        """Training forward of a full pre-activation unit as a chain of fused kernels (docs/architecture.md §3).
 
         `stats`: the batch statistics of x if its producer computed them. Each conv returns its output's statistics
         for the next BN, and the last conv adds the shortcut and returns the statistics of x_{l+1}, so no kernel
         reads a tensor only to compute statistics. Returns (x_{l+1}, its (mean, var)); same values as `forward`.
         """
+        y, y_stats, h, last = self.chain_to_last(x, stats)
+        if last is None:  # a shared single-conv unit: only the addition is left
+            out, mean, var = FF.add_stats(y, h, self.backend)
+        else:
+            out, mean, var = last.forward_stats(y, y_stats, residual=h)
+        return out, (mean, var)
+
+    def chain_to_last(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
+                      ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Tensor, Optional[PreActConv2d]]:
+        """`forward_chained` up to its last fused conv: (that conv's input y, y's statistics, the shortcut h, the
+        conv), or (conv1's output, None, h, None) for a shared single-conv unit. The recomputation of a unit
+        (`fastresnet.recompute`) stops here: the last conv's output is not needed for backward."""
         if self.share_preact:  # conv1 is a plain conv on the shared activation: its output statistics are unknown
             a = self.preact(x, stats)
             h = self.shortcut(a)
@@ -171,14 +188,38 @@ class ResidualUnit(nn.Module):
         else:
             h = self.shortcut(x)
             y, y_stats, fused = x, stats, range(1, self.num_layers + 1)
-        if not fused:  # a shared single-conv unit: only the addition is left
-            out, mean, var = FF.add_stats(y, h, self.backend)
-            return out, (mean, var)
+        if not fused:
+            return y, y_stats, h, None
+        replay = recompute.replaying()  # the next BN reads its statistics from the tape: none to compute
         for i in fused[:-1]:
-            y, mean, var = getattr(self, f"conv{i}").forward_stats(y, y_stats)
-            y_stats = (mean, var)
-        out, mean, var = getattr(self, f"conv{fused[-1]}").forward_stats(y, y_stats, residual=h)
-        return out, (mean, var)
+            conv = getattr(self, f"conv{i}")
+            if replay:
+                y, y_stats = conv(y), None
+            else:
+                y, mean, var = conv.forward_stats(y, y_stats)
+                y_stats = (mean, var)
+        return y, y_stats, h, getattr(self, f"conv{fused[-1]}")
+
+    @property
+    def last_fused_conv(self) -> Optional[PreActConv2d]:
+        """The fused conv that ends the chain (and adds the shortcut); None for a shared single-conv unit."""
+        return None if self.share_preact and self.num_layers == 1 else getattr(self, f"conv{self.num_layers}")
+
+    def last_conv_backward(self, y: Tensor, h: Tensor, stats_used: Tuple[Tensor, Tensor], dout: Tensor
+                           ) -> Tuple[Tensor, Tensor, Dict[Tensor, Tensor]]:
+        """The backward of the last fused conv, `forward_stats(y, residual=h)`, given the gradient `dout` of its
+        output, without running its forward: its (mean, rstd) `stats_used` and y are exactly what that forward
+        saved, and the stats op's own backward runs on them. Returns (dy, dh, {parameter: gradient}). Used by the
+        recomputation, whose replay needs y and h only (not per-device synchronised BN: its backward differs)."""
+        conv = self.last_fused_conv
+        bn, weight = conv.bn, conv.conv.weight
+        with torch.no_grad():
+            w = FF._conv_weight(weight, y)  # the autocast copy the forward convolved with
+            ctx = SimpleNamespace(saved_tensors=(y.detach(), w, *stats_used, bn.weight, bn.bias), res_dtype=h.dtype,
+                                  stride=list(conv.conv.stride), padding=list(conv.conv.padding), training=True,
+                                  backend=resolve(y, conv.backend))
+            dy, dw, _, _, dgamma, dbeta, dh, *_ = unit_ops._backward(ctx, dout, None, None)
+        return dy, dh, {weight: dw.to(weight.dtype), bn.weight: dgamma, bn.bias: dbeta}
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, variant={self.variant!r}, merge={self.merge_kind!r}"
