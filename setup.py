@@ -11,6 +11,7 @@ Environment flags:
   FASTRESNET_SKIP_CUDA=1       build only the C++ CPU kernels
   FASTRESNET_CUDA_ARCH="80;90" compute capabilities of the CUDA kernels (sm_80 and sm_90 by default)
 """
+import importlib.metadata
 import os
 import shutil
 import warnings
@@ -43,7 +44,8 @@ def _extension_build():
             nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         ext = cpp_extension.CUDAExtension(
             "fastresnet._C", sources + ["csrc/bn_cuda.cpp", "csrc/cuda/bn_kernels.cu"],
-            extra_compile_args={"cxx": cxx + ["-DFASTRESNET_WITH_CUDA"], "nvcc": nvcc})
+            extra_compile_args={"nvcc": nvcc, "cxx": cxx + [
+                "-DFASTRESNET_WITH_CUDA", f"-DFASTRESNET_CUDA_ARCHS={'_'.join(archs)}"]})  # _C.cuda_archs
     else:
         why = ("FASTRESNET_SKIP_CUDA is set" if _flag("FASTRESNET_SKIP_CUDA") else
                "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA_HOME not found")
@@ -64,6 +66,18 @@ def _extension_build():
     return [ext], {"build_ext": BuildExt}
 
 
+def _torchvision_for_installed_torch() -> str:
+    """The torchvision requirement of the test extras. timm (real timm/torchvision models in tests/) needs
+    torchvision, and every torchvision release pins one torch release, so an unpinned torchvision makes pip replace
+    the installed torch with the newest. Torch 2.m pairs with torchvision 0.(m+15) (2.13 with 0.28), so that pin keeps
+    the installed torch; with no torch installed yet pip picks a matching pair itself."""
+    try:
+        major, minor = importlib.metadata.version("torch").split("+")[0].split(".")[:2]
+    except importlib.metadata.PackageNotFoundError:
+        return "torchvision"
+    return f"torchvision==0.{int(minor) + 15}.*" if major == "2" else "torchvision"
+
+
 ext_modules, cmdclass = _extension_build()
 
 setup(
@@ -76,7 +90,10 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy"],
     entry_points={"console_scripts": ["fastresnet=fastresnet.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "scikit-learn", "matplotlib"],
+        # hypothesis: property-based tests of every fused op (random shapes, layouts, dtypes, with shrinking of a
+        # failing case to a minimal one), which hand-written parameter grids cover far less well
+        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "scikit-learn", "matplotlib", "hypothesis",
+                 "timm", _torchvision_for_installed_torch()],
         "train": ["scikit-learn", "matplotlib"],
     },
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""Micro benchmarks of each fused primitive, per backend, against the "torch" reference (DESIGN.md §5).
+"""Micro benchmarks of each fused primitive, per backend, against the "torch" reference (docs/architecture.md §5).
 
     pytest benchmarks/bench_kernels.py --benchmark-only          # GPU: CIFAR and ImageNet shapes
     FASTRESNET_BENCH_DEVICE=cpu pytest benchmarks/bench_kernels.py --benchmark-only   # tiny, labelled cpu
@@ -14,7 +14,7 @@ and writes a; bn_relu_backward and add_stats read two tensors and write one (a t
 figure is an effective bandwidth against that floor) — and TFLOP/s = 2·MACs / time for the conv ops (backward:
 dgrad + wgrad, 4·MACs). Both as a share of the device's ceilings measured in the same run: a large device-to-device
 copy (GB/s = 2·bytes / time) and a large bf16 matmul (TFLOP/s). Rows (JSON Lines) go to $FASTRESNET_BENCH_OUT or
-benchmarks/results/kernels_<device>_<run id>.jsonl when the session ends; on CPU they are marked smoke.
+<$FASTRESNET_BENCH_DIR or ./benchmark-results>/kernels_<device>_<run id>.jsonl at the end; on CPU they are smoke.
 """
 from __future__ import annotations
 
@@ -59,30 +59,11 @@ class SyncEvery:
             common.synchronize(DEVICE)
 
 
-def _copy_gbps(n_bytes: int) -> float:
-    """Device-to-device copy bandwidth: 2·n_bytes (read + write) / median time of 10 copies."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ms = common.quantile(common.time_calls(lambda: dst.copy_(src), 10, DEVICE), 0.5)
-    return 2 * n_bytes / (ms * 1e-3) / 1e9
-
-
-def _matmul_tflops(k: int) -> float:
-    """bf16 [k, k] @ [k, k] throughput: 2·k³ / median time of 10 products."""
-    a = torch.randn(k, k, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(k, k, device=DEVICE, dtype=torch.bfloat16)
-    a @ b
-    ms = common.quantile(common.time_calls(lambda: a @ b, 10, DEVICE), 0.5)
-    return 2 * k**3 / (ms * 1e-3) / 1e12
-
-
 @pytest.fixture(scope="module")
 def ceilings() -> Dict[str, object]:
     """The device's measured ceilings, once per run: 1 GiB copy and 8192² bf16 matmul on a GPU (64 MiB, 256² on
     CPU)."""
-    return {"ceiling_copy_gbps": _copy_gbps(2**30 if ON_GPU else 2**26),
-            "ceiling_matmul_tflops": _matmul_tflops(8192 if ON_GPU else 256), "ceiling_matmul_dtype": "bf16"}
+    return common.ceilings(DEVICE)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,4 @@
-"""Training-step benchmark of whole models: eager PyTorch vs torch.compile vs every fastresnet backend (DESIGN.md §5).
+"""Training-step benchmark of whole models: eager PyTorch vs torch.compile vs each backend (docs/architecture.md §5).
 
     python -m benchmarks.bench_models                      # the full matrix on the GPU (see --help)
     python -m benchmarks.bench_models --cpu-smoke          # a tiny run on CPU that checks the harness
@@ -44,6 +44,7 @@ from benchmarks import common
 from fastresnet import create_model
 from fastresnet.backends import BACKEND_NAMES
 from fastresnet.convert import unconvert
+from fastresnet.kernels import conv_fp32_precision
 from fastresnet.models.registry import default_num_classes
 from fastresnet.profile import default_input_size, profile
 
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         row = dict(env, bench="models", smoke=args.cpu_smoke, model=model_name, provider=provider.name,
                    backend=provider.backend, cuda_graph=provider.graph, compile_mode=provider.compile_mode,
                    dtype=dtype, batch=args.batch, image_size=sizes[model_name], channels_last=args.channels_last,
-                   cudnn_benchmark=torch.backends.cudnn.benchmark, tf32_conv=torch.backends.cudnn.allow_tf32,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark, tf32_conv=conv_fp32_precision() == "tf32",
                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, macs_per_image=macs[model_name],
                    warmup=args.warmup)
         skip = skip_reason(provider, model_name, dtype, device, compile_models)
@@ -224,8 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds; cells that would start later are recorded as skipped")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="JSON Lines file to append to (default: benchmarks/results/"
-                   "models_<device>_<run id>.jsonl)")
+    p.add_argument("--out", default=None, help="JSON Lines file to append to (default: $FASTRESNET_BENCH_DIR or "
+                   "./benchmark-results/, models_<device>_<run id>.jsonl)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny CPU run that checks the harness: preact_resnet20, batch 4, 16x16, 2 warm-up + 3 timed "
                    "steps, eager / eager+graph / fastresnet backends, fp32 (add bf16 with --dtypes fp32,bf16)")

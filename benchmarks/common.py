@@ -1,5 +1,5 @@
-"""Shared benchmark machinery (DESIGN.md §5): environment metadata, timing, result rows, and the training step that
-every provider times.
+"""Shared benchmark machinery (docs/architecture.md §5): environment metadata, timing, result rows, and the training
+step that every provider times.
 
 Rows are flat dicts written as JSON Lines; every row carries the environment of `environment()` (device name or
 "cpu", torch / CUDA / cuDNN / triton versions, date, git revision), so a results file is self-describing.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import subprocess
 import time
@@ -24,7 +25,8 @@ import fastresnet
 from fastresnet.backends import get_backend_impl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"   # the committed rows the README cites; runs never write here
+OUTPUT_DIR_ENV = "FASTRESNET_BENCH_DIR"
 # dtype name in rows -> autocast dtype (None: plain fp32, no autocast). Parameters stay fp32 in both.
 DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}
 CPU_PEAK_REASON = "CPU: no peak-memory statistic (torch.cuda.max_memory_allocated is CUDA-only); reported as None"
@@ -84,10 +86,16 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 # ---- result rows ---------------------------------------------------------------------------------------------------
+def output_dir() -> Path:
+    """The folder benchmark runs write to unless given --out: $FASTRESNET_BENCH_DIR, else benchmark-results/ in the
+    current folder — a place the user chooses, not the checkout's committed benchmarks/results/."""
+    return Path(os.environ.get(OUTPUT_DIR_ENV) or "benchmark-results")
+
+
 def default_out(bench: str, env: Dict[str, object]) -> Path:
-    """benchmarks/results/<bench>_<device slug>_<run id>.jsonl."""
+    """<output_dir()>/<bench>_<device slug>_<run id>.jsonl."""
     slug = "".join(c if c.isalnum() else "-" for c in str(env["device"]).lower()).strip("-")
-    return RESULTS_DIR / f"{bench}_{slug}_{env['run_id']}.jsonl"
+    return output_dir() / f"{bench}_{slug}_{env['run_id']}.jsonl"
 
 
 def write_rows(path: Path, rows: Iterable[Dict[str, object]]) -> None:
@@ -139,6 +147,32 @@ def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> Li
 def quantile(values: List[float], q: float) -> float:
     """The q-quantile (0 ≤ q ≤ 1) of values by linear interpolation; q = 0.5 is the median."""
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
+
+
+def copy_gbps(n_bytes: int, device: torch.device) -> float:
+    """Device-to-device copy bandwidth: 2·n_bytes (read + write) / median time of 10 copies."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = quantile(time_calls(lambda: dst.copy_(src), 10, device), 0.5)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(k: int, device: torch.device) -> float:
+    """bf16 [k, k] @ [k, k] throughput: 2·k³ / median time of 10 products."""
+    a = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+    a @ b
+    ms = quantile(time_calls(lambda: a @ b, 10, device), 0.5)
+    return 2 * k**3 / (ms * 1e-3) / 1e12
+
+
+def ceilings(device: torch.device) -> Dict[str, object]:
+    """The device's measured ceilings, as row fields: a 1 GiB copy and an 8192² bf16 matmul on a GPU (64 MiB and
+    256² on CPU, where they only exercise the code)."""
+    gpu = device.type == "cuda"
+    return {"ceiling_copy_gbps": copy_gbps(2**30 if gpu else 2**26, device),
+            "ceiling_matmul_tflops": matmul_tflops(8192 if gpu else 256, device), "ceiling_matmul_dtype": "bf16"}
 
 
 def iterations_for(step_ms: float, seconds: float, min_iters: int, max_iters: int) -> int:

@@ -1,16 +1,22 @@
-"""Markdown tables and PNG plots from benchmark rows (the JSON Lines files under benchmarks/results/).
+"""Markdown tables and PNG plots from benchmark rows (JSON Lines files).
 
-    python -m benchmarks.report                       # print the tables of every results file, write plots
+    python -m benchmarks.report                       # the committed rows and your runs: tables, plots
+    python -m benchmarks.report FILE ... --include-smoke
     python -m benchmarks.report FILE ... --write-readme [README.md]
 
-For each (device, bench, cell) the newest row wins, so re-running a benchmark replaces its numbers. Rows from
-`--cpu-smoke` runs are left out unless --include-smoke. `--write-readme` replaces the text between the markers
-`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (both must be present) with the tables and plot links.
+Default files: the committed rows in benchmarks/results/ and your runs in $FASTRESNET_BENCH_DIR or
+./benchmark-results/ (`common.output_dir()`). For each (device, bench, cell) the newest row wins, so re-running a
+benchmark replaces its numbers. Rows from `--cpu-smoke` runs (tiny harness checks) are left out unless
+--include-smoke, and the report says how many it left out. `--write-readme` replaces the text between the markers
+`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (both must be present) with the tables and plot links, and
+the text between `<!-- numerics-table:start -->` and `<!-- numerics-table:end -->` with the numerics judge's table
+(rows of `fastresnet numerics --out`).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -18,13 +24,20 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from benchmarks import common
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+NUMERICS_START, NUMERICS_END = "<!-- numerics-table:start -->", "<!-- numerics-table:end -->"
 # the fields that name one measurement cell of each bench (the newest row per cell and device wins)
 CELL_KEYS = {
     "models": ("model", "provider", "dtype", "batch", "image_size", "channels_last"),
     "memory": ("model", "provider", "dtype", "batch", "image_size"),
     "kernels": ("op", "backend", "dtype", "shape"),
+    "numerics": ("net", "backend", "dtype", "chained", "layout"),
 }
 Row = Dict[str, object]
+
+
+def count_smoke(rows: Iterable[Row]) -> int:
+    """How many rows of the benches in CELL_KEYS come from --cpu-smoke runs."""
+    return sum(1 for r in rows if r.get("bench") in CELL_KEYS and r.get("smoke"))
 
 
 def latest(rows: Iterable[Row], include_smoke: bool = False) -> List[Row]:
@@ -202,6 +215,26 @@ def plot(rows: List[Row], out_dir: Path) -> List[Path]:
     return written
 
 
+def numerics_table(rows: List[Row]) -> str:
+    """The whole-net numerics judge (`fastresnet numerics` rows), per device: each net and backend's global gradient
+    error against float64 beside plain PyTorch's (the "torch" backend) in the same configuration, channels_last,
+    chained, per dtype; the verdict over every configuration of that net and backend."""
+    out = []
+    dtypes = ("float32", "float16", "bfloat16")
+    for device, rs in _by_device(rows, "numerics").items():
+        cells = {(r["net"], r["backend"], r["dtype"]): r for r in rs if r["chained"] and r["layout"] == "nhwc"}
+        body = []
+        for net, backend in sorted({(r["net"], r["backend"]) for r in rs if r["backend"] != "torch"}):
+            verdicts = [r["ok"] for r in rs if r["net"] == net and r["backend"] == backend]
+            body.append([net, f"`{backend}`"] + [
+                f"{cells[(net, backend, d)]['errors']['grad']:.2e} ({cells[(net, backend, d)]['baseline']['grad']:.2e})"
+                if (net, backend, d) in cells else "–" for d in dtypes]
+                + [f"{sum(verdicts)} / {len(verdicts)} pass"])
+        out += [f"Numerics on {device}: global gradient error, fused (plain PyTorch)", ""]
+        out += _table(["net", "backend"] + list(dtypes) + ["all configurations"], body) + [""]
+    return "\n".join(out)
+
+
 def render(rows: List[Row], plots: Sequence[Path] = (), relative_to: Optional[Path] = None) -> str:
     """All tables (models, memory, kernels) and links to the plots, as one markdown block."""
     text = "\n".join(t for t in (models_table(rows), memory_table(rows), kernels_table(rows)) if t)
@@ -209,33 +242,48 @@ def render(rows: List[Row], plots: Sequence[Path] = (), relative_to: Optional[Pa
     return text + ("\n" + "\n".join(links) + "\n" if links else "")
 
 
-def write_readme(readme: Path, block: str) -> None:
-    """Replace the text between the perf-table markers of readme with block."""
+def write_readme(readme: Path, block: str, start: str = START, end: str = END) -> None:
+    """Replace the text between the markers start and end of readme with block."""
     text = readme.read_text()
-    i, j = text.find(START), text.find(END)
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"--write-readme: {readme} needs the markers {START} and {END}, in that order")
-    readme.write_text(text[: i + len(START)] + "\n" + block.strip() + "\n" + text[j:])
+        raise ValueError(f"--write-readme: {readme} needs the markers {start} and {end}, in that order")
+    readme.write_text(text[: i + len(start)] + "\n" + block.strip() + "\n" + text[j:])
+
+
+def default_files() -> List[Path]:
+    """The committed rows and the user's runs, for every bench of CELL_KEYS."""
+    return sorted(f for folder in (common.RESULTS_DIR, common.output_dir()) for bench in CELL_KEYS
+                  for f in folder.glob(f"{bench}_*.jsonl"))
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: benchmarks/results/"
-                   "{models,memory,kernels}_*.jsonl)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: {models,memory,kernels}_*.jsonl "
+                   "in benchmarks/results/ and in $FASTRESNET_BENCH_DIR or ./benchmark-results/)")
     p.add_argument("--include-smoke", action="store_true", help="keep rows of --cpu-smoke runs")
-    p.add_argument("--plots-dir", type=Path, default=common.RESULTS_DIR / "plots")
+    p.add_argument("--plots-dir", type=Path, default=None, help="default: plots/ beside your runs "
+                   "($FASTRESNET_BENCH_DIR or ./benchmark-results/); with --write-readme benchmarks/results/plots/, "
+                   "which the README links")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--write-readme", type=Path, nargs="?", const=common.REPO_ROOT / "README.md", default=None,
                    metavar="README", help="rewrite the perf-table block of this README (default: the repo's)")
     args = p.parse_args(argv)
-    files = args.files or sorted(f for bench in CELL_KEYS for f in common.RESULTS_DIR.glob(f"{bench}_*.jsonl"))
+    files = args.files or default_files()
     for f in files:
         if not f.is_file():
-            raise SystemExit(f"files: {f} does not exist")
-    rows = latest(common.read_rows(files), args.include_smoke)
+            p.error(f"files: {f} does not exist")
+    all_rows = common.read_rows(files)
+    rows = latest(all_rows, args.include_smoke)
+    smoke = 0 if args.include_smoke else count_smoke(all_rows)
+    if smoke:
+        print(f"left out {smoke} rows of --cpu-smoke runs (tiny harness checks); --include-smoke shows them",
+              file=sys.stderr)
     if not rows:
-        print(f"no rows in {[str(f) for f in files]}" + ("" if args.include_smoke else " (smoke rows left out)"))
+        print(f"no rows to report in {[str(f) for f in files]}")
         return ""
+    if args.plots_dir is None:
+        args.plots_dir = (common.RESULTS_DIR if args.write_readme else common.output_dir()) / "plots"
     plots = []
     if not args.no_plots:
         try:
@@ -244,10 +292,13 @@ def main(argv=None) -> str:
             print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
     base = args.write_readme.resolve().parent if args.write_readme else None
     block = render(rows, [q.resolve() for q in plots] if base else plots, base)
-    print(block)
+    numerics = numerics_table(rows)
+    print(block + ("\n" + numerics if numerics else ""))
     if args.write_readme:
         write_readme(args.write_readme, block)
-        print(f"wrote the perf-table block of {args.write_readme}")
+        if numerics:
+            write_readme(args.write_readme, numerics, NUMERICS_START, NUMERICS_END)
+        print(f"wrote the perf-table (and numerics-table) blocks of {args.write_readme}")
     return block
 
 

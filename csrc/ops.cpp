@@ -20,6 +20,9 @@ TORCH_LIBRARY(fastresnet_ext, m) {
   m.def("add_stats(Tensor a, Tensor b) -> (Tensor y, Tensor mean, Tensor var)");
 }
 
+#define FASTRESNET_STR_(x) #x
+#define FASTRESNET_STR(x) FASTRESNET_STR_(x)
+
 namespace {
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
@@ -33,11 +36,15 @@ PyMODINIT_FUNC PyInit__C() {
   if (mod == nullptr) return nullptr;
 #ifdef FASTRESNET_WITH_CUDA
   const long with_cuda = 1;
+  const char* cuda_archs = FASTRESNET_STR(FASTRESNET_CUDA_ARCHS);
 #else
   const long with_cuda = 0;
+  const char* cuda_archs = "";
 #endif
   // with_cuda: whether the CUDA kernels were compiled in (else only the CPU kernels are registered).
-  if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) != 0) {
+  // cuda_archs: their compute capabilities as setup.py passed them ("80_90"; "" without CUDA).
+  if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) != 0 ||
+      PyModule_AddStringConstant(mod, "cuda_archs", cuda_archs) != 0) {
     Py_DECREF(mod);
     return nullptr;
   }

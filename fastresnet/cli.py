@@ -1,29 +1,109 @@
-"""The `fastresnet` console script: `fastresnet train ...` (fastresnet.train) and `fastresnet profile ...`
-(fastresnet.profile); arguments after the subcommand go to it unchanged."""
+"""The `fastresnet` console script: `fastresnet <command> [args]`, one module per command (`COMMANDS`); the
+arguments after the command go to that module's `main(argv) -> int` unchanged.
+
+Every command runs through `run_command`, also when started as `python -m fastresnet.<module>`, so all of them
+follow one convention for errors:
+- bad arguments: argparse prints usage and the error and exits 2;
+- bad input found later (a value, a missing or unreadable file, a refused pickle or checkpoint, an unknown model, a
+  backend this machine lacks, a missing optional package): one line `fastresnet <command>: error: <message>` on
+  stderr, exit 2; `--debug` anywhere in the arguments (or FASTRESNET_DEBUG=1) shows the traceback instead;
+- Ctrl-C before a command has installed its own handler (the trainer's saves a checkpoint): one line, exit 130;
+- output piped into a reader that stops early (`| head`): no message, exit 141 (128 + SIGPIPE, what a process
+  killed by the signal reports).
+Other exceptions are bugs and keep their traceback.
+"""
 from __future__ import annotations
 
+import importlib
+import os
+import pickle
 import sys
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
+from fastresnet.backends.base import BackendUnsupportedError
+from fastresnet.checkpoint import CheckpointError
+
+# command -> (module with `main(argv) -> int`, one-line description)
 COMMANDS = {
-    "train": ("fastresnet.train", "train a model (PAPER.md §5 recipes; default: the digits job)"),
+    "train": ("fastresnet.train", "train a model (the paper's recipes, docs/paper.md §5; default: the digits job)"),
     "profile": ("fastresnet.profile", "parameters and MACs of every model beside the paper's numbers"),
+    "info": ("fastresnet.info", "versions, devices, backends and the extension build of this machine"),
+    "reproduce": ("fastresnet.reproduce", "the paper's CIFAR tables and figures, resumable and shardable"),
+    "numerics": ("fastresnet.numerics", "judge every backend's training step of deep nets against float64"),
 }
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "FASTRESNET_DEBUG"
+EPILOG = f"On an error, {DEBUG_FLAG} (or {DEBUG_ENV}=1) prints the full traceback."
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+# exceptions that mean bad input rather than a bug (module docstring); OSError includes FileNotFoundError
+USER_ERRORS = (ValueError, OSError, ImportError, pickle.UnpicklingError, CheckpointError, BackendUnsupportedError)
+
+
+def _split_debug(argv: Sequence[str]) -> Tuple[List[str], bool]:
+    """(argv without --debug, whether tracebacks are wanted); arguments after a bare `--` are left alone."""
+    args = list(argv)
+    end = args.index("--") if "--" in args else len(args)
+    debug = DEBUG_FLAG in args[:end] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return [a for a in args[:end] if a != DEBUG_FLAG] + args[end:], debug
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def run_command(name: str, main: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str]) -> int:
+    """Run a command's `main(argv)` under the error convention of the module docstring; returns the exit code."""
+    args, debug = _split_debug(argv)
+    return _run(name, main, args, debug)
+
+
+def _run(name: str, main: Callable[[Sequence[str]], Optional[int]], args: Sequence[str], debug: bool) -> int:
+    try:
+        code = main(args)
+        sys.stdout.flush()  # inside the try: a reader that went away shows up here at the latest
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fastresnet {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fastresnet {name}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return code if isinstance(code, int) else 0
+
+
+def _usage() -> str:
+    lines = [f"  {name:8s} {text}" for name, (_, text) in COMMANDS.items()]
+    return (f"usage: fastresnet {{{','.join(COMMANDS)}}} [args] [{DEBUG_FLAG}]\n\ncommands:\n" + "\n".join(lines)
+            + f"\n\n`fastresnet <command> --help` describes a command. {EPILOG}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch `fastresnet <command> [args]` to the command's module through `run_command`."""
+    args, debug = _split_debug(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        lines = [f"  {name:8s} {text}" for name, (_, text) in COMMANDS.items()]
-        print("usage: fastresnet {train,profile} [args]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if args else 2
+        print(_usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else EXIT_USAGE
     if args[0] not in COMMANDS:
-        print(f"fastresnet: unknown command {args[0]!r}; expected one of {tuple(COMMANDS)}", file=sys.stderr)
-        return 2
-    import importlib
-    module = importlib.import_module(COMMANDS[args[0]][0])
-    code = module.main(args[1:])
-    return code if isinstance(code, int) else 0
+        print(f"fastresnet: error: unknown command {args[0]!r}; expected one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    name = args[0]
+
+    def load_and_run(rest: Sequence[str]) -> Optional[int]:
+        # importing the command (torch, the models) is part of start-up: Ctrl-C there is handled too
+        return importlib.import_module(COMMANDS[name][0]).main(rest)
+
+    return _run(name, load_and_run, args[1:], debug)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def load_digits(size: int = 8) -> Tuple[ImageData, ImageData]:
     return ImageData(x[tr], y[tr], 10, mean, std), ImageData(x[te], y[te], 10, mean, std)
 
 
-# CIFAR per-channel statistics of the training sets as fb.resnet.torch uses them (PAPER.md §5.3), in [0, 1] units.
+# CIFAR per-channel statistics of the training sets as fb.resnet.torch uses them (docs/paper.md §5.3), in [0, 1] units.
 CIFAR_MEAN_STD = {
     10: ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
     100: ((129.3 / 255, 124.1 / 255, 112.4 / 255), (68.2 / 255, 65.4 / 255, 70.4 / 255)),
@@ -208,7 +208,13 @@ def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tupl
             os.path.join(root, archive)) and not os.path.isfile(root):
         import urllib.request
         os.makedirs(root, exist_ok=True)
-        urllib.request.urlretrieve(url, os.path.join(root, archive))
+        part = os.path.join(root, archive + ".part")   # renamed when complete: Ctrl-C leaves no truncated archive
+        try:
+            urllib.request.urlretrieve(url, part)
+            os.replace(part, os.path.join(root, archive))
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
     files = _read_cifar_files(root, num_classes)
 
     def split(names: Sequence[str]) -> Tuple[Tensor, Tensor]:

@@ -1,23 +1,28 @@
-"""Model profiler: parameters in the paper's two conventions (PAPER.md §1.5) and multiply-accumulates per image (§6).
+"""Model profiler: parameters in the paper's two conventions (docs/paper.md §1.5) and multiply-accumulates per image
+(§6).
 
-`python -m fastresnet.profile` prints every registered model beside the paper's numbers.
+`fastresnet profile` (or `python -m fastresnet.profile`) prints every registered model beside the paper's numbers,
+in natural order (resnet110 before resnet1001).
 MACs count conv and FC layers (FC weights only; BN, ReLU, adds and pooling excluded; option-A shortcuts are free),
 measured by a shape-only forward on the meta device, so no arithmetic runs.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from fastresnet import cli
 from fastresnet.models import create_model, list_models
 from fastresnet.models.registry import default_num_classes
 from fastresnet.nn.layers import PreActConv2d
 
-# name -> (paper params, paper MACs) as PAPER.md §1.5 / §6 states them (M = 1e6); None where the paper gives none.
+# name -> (paper params, paper MACs) as docs/paper.md §1.5 / §6 states them (M = 1e6); None where it gives none.
 PAPER: Dict[str, Tuple[Optional[str], Optional[str]]] = {
     "resnet20": ("0.27M", "40.6M"), "resnet32": ("0.46M", "68.9M"), "resnet44": ("0.66M", "97.2M"),
     "resnet56": ("0.85M", "125.5M"), "resnet110": ("1.7M", "252.9M"), "preact_resnet110": ("1.7M", "252.9M"),
@@ -92,19 +97,32 @@ def _fmt(n: int) -> str:
     return f"{n / 1e9:.3f}G" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def natural_key(name: str) -> List[Union[str, int]]:
+    """Sort key that compares digit runs as numbers: resnet20 < resnet110 < resnet1001 < resnet1202."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the table; the exit code follows `fastresnet.cli.run_command`."""
+    p = argparse.ArgumentParser(prog="fastresnet profile", description=__doc__.splitlines()[0], epilog=cli.EPILOG)
     p.add_argument("--models", default="*", help="shell-style filter on model names (default: all)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's, 10 for "
+                   "CIFAR nets, 1000 for ImageNet nets)")
     args = p.parse_args(argv)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num-classes: expected a positive integer, got {args.num_classes}")
+    names = sorted(list_models(args.models), key=natural_key)
+    if not names:
+        raise ValueError(f"--models: no model matches {args.models!r}; `fastresnet profile` lists them all")
     print(f"{'model':30s} {'params (weights)':>17s} {'params (+BN)':>13s} {'paper':>7s} {'MACs/image':>11s} "
-          f"{'paper':>7s}")
-    for name in list_models(args.models):
+          f"{'paper':>7s}", flush=True)
+    for name in names:
         pr = profile(name, args.num_classes)
         paper_p, paper_m = PAPER.get(name, (None, None))
         print(f"{name:30s} {pr.params_weights:17,d} {pr.params_with_bn:13,d} {paper_p or '-':>7s} "
-              f"{_fmt(pr.macs):>11s} {paper_m or '-':>7s}")
+              f"{_fmt(pr.macs):>11s} {paper_m or '-':>7s}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_command("profile", main, sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every fused op (DESIGN.md §2): the oracle all backends are tested against.
+"""Plain-PyTorch reference of every fused op (docs/architecture.md §2): the oracle all backends are tested against.
 
 Tensors are logical NCHW (any memory format). Per channel c, over M = N·H·W elements:
 mean, var = batch mean and biased variance of x; rstd = 1/sqrt(var + eps); scale = gamma·rstd;

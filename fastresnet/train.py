@@ -1,4 +1,4 @@
-"""The trainer: PAPER.md §5's recipe end to end, with exact resume, plots and multi-GPU through torchrun.
+"""The trainer: docs/paper.md §5's recipe end to end, with exact resume, plots and multi-GPU through torchrun.
 
     python -m fastresnet.train                       # the embedded job: preact_resnet20 on scikit-learn digits
     python -m fastresnet.train --preset cifar10 --data-dir ~/data --warmup-iters 400
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastresnet
-from fastresnet import checkpoint, data
+from fastresnet import checkpoint, cli, data, memory
 from fastresnet.distributed import convert_sync_batchnorm
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,7 +86,7 @@ class TrainConfig:
     milestones: List[float] = _opt(help="LR decay points of the step schedule, in milestone_unit", factory=list)
     milestone_unit: str = _opt("iter", "iter | epoch")
     lr_decay: float = 0.1
-    warmup_iters: int = _opt(0, "lr = warmup_lr for the first warmup_iters iterations (PAPER.md §5.1: 400, 0.01)")
+    warmup_iters: int = _opt(0, "lr = warmup_lr for the first warmup_iters iterations (docs/paper.md §5.1: 400, 0.01)")
     warmup_lr: float = 0.01
     pad: int = _opt(1, "translation augmentation: zero-pad and random crop (CIFAR: 4)")
     flip: bool = _opt(False, "random horizontal flip (CIFAR: on)")
@@ -97,13 +97,17 @@ class TrainConfig:
     backend: str = _opt("auto", "fastresnet.set_backend")
     device: str = _opt("auto", "auto (cuda if available) | cpu | cuda")
     sync_bn: bool = _opt(False, "synchronised BN across ranks (torchrun)")
+    checkpoint: str = _opt("none", "none | unit | segment: recompute residual units in backward, keeping only their "
+                           "inputs (less memory, one more forward; docs/memory.md)")
     seed: int = 0
     runs: int = _opt(1, "> 1: repeat with seeds seed, seed+1, ...; report median and mean±std")
-    out_dir: str = "runs/digits"
+    out_dir: str = _opt("", "output folder; default: a new runs/<dataset>-<model>, suffixed -2, -3, ... if it "
+                        "exists (with --resume auto: the newest such folder)")
     log_every: int = 50
     eval_every: int = _opt(50, "0: evaluate at the end only")
     ckpt_every: int = _opt(0, "0: checkpoint at the end (and on SIGINT/SIGTERM) only")
-    resume: str = _opt("", "\"auto\" (out_dir/last.pt) or a checkpoint path")
+    resume: str = _opt("", "\"auto\": out_dir/last.pt (without --out-dir: in the newest runs/<dataset>-<model>[-N]); "
+                       "or a checkpoint path (its folder becomes out_dir)")
     stop_at: int = _opt(0, "> 0: stop after this iteration as a kill would (checkpoint, exit)")
     workers: int = _opt(4, "image-folder loader processes")
     plot: bool = True
@@ -114,16 +118,21 @@ _CIFAR_RECIPE = dict(model="preact_resnet110", batch_size=128, iterations=64000,
                      pad=4, flip=True, log_every=100, eval_every=2000, ckpt_every=2000)
 PRESETS: Dict[str, Dict[str, Any]] = {
     "digits": {},
-    "cifar10": dict(_CIFAR_RECIPE, dataset="cifar10", out_dir="runs/cifar10"),
-    "cifar100": dict(_CIFAR_RECIPE, dataset="cifar100", out_dir="runs/cifar100"),
-    # PAPER.md §5.4: lr 0.1 ÷10 at epochs 30 and 60, batch 256; 90 epochs (fb.resnet.torch's default)
+    "cifar10": dict(_CIFAR_RECIPE, dataset="cifar10"),
+    "cifar100": dict(_CIFAR_RECIPE, dataset="cifar100"),
+    # docs/paper.md §5.4: lr 0.1 ÷10 at epochs 30 and 60, batch 256; 90 epochs (fb.resnet.torch's default)
     "imagenet": dict(dataset="imagenet", model="preact_resnet200", batch_size=256, epochs=90, lr=0.1,
                      weight_decay=1e-4, schedule="step", milestones=[30, 60], milestone_unit="epoch", pad=0,
-                     flip=True, log_every=100, eval_every=5000, ckpt_every=1000, out_dir="runs/imagenet"),
+                     flip=True, log_every=100, eval_every=5000, ckpt_every=1000),
 }
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
+class ConfigError(ValueError, RuntimeError):
+    """A setting this machine or run cannot honour (e.g. --device cuda without a GPU). A ValueError, so the command
+    line reports it in one line; a RuntimeError, because the value itself is valid."""
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -131,7 +140,7 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """One flag per `TrainConfig` field; every default is suppressed so only given flags override."""
     p = argparse.ArgumentParser(prog="fastresnet train", description=__doc__.split("\n\n")[0],
-                                argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS, epilog=cli.EPILOG)
     defaults = TrainConfig()
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(TrainConfig):
@@ -152,8 +161,13 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     given = vars(build_parser().parse_args(argv))
     from_file: Dict[str, Any] = {}
     if given.get("config"):
-        with open(given["config"]) as f:
-            from_file = json.load(f)
+        try:
+            with open(given["config"]) as f:
+                from_file = json.load(f)
+        except OSError as e:
+            raise ValueError(f"--config: cannot read {given['config']}: {e.strerror or e}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config: {given['config']} is not valid JSON ({e})") from e
         if not isinstance(from_file, dict):
             raise ValueError(f"config: {given['config']} must hold a JSON object of TrainConfig fields")
     preset = given.get("preset", from_file.get("preset", "digits"))
@@ -183,7 +197,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.log_every > 0, "log_every", "a positive integer"),
         (cfg.runs > 0, "runs", "a positive integer"),
         (cfg.pad >= 0, "pad", "a non-negative integer"),
+        (cfg.checkpoint in ("none", "unit", "segment"), "checkpoint", "none, unit or segment"),
         (cfg.backend in fastresnet.backends.BACKEND_NAMES, "backend", f"one of {fastresnet.backends.BACKEND_NAMES}"),
+        (cfg.model in fastresnet.list_models(), "model", "a name from `fastresnet profile` (fastresnet.list_models())"),
+        (cfg.resume in ("", "auto") or os.path.isfile(cfg.resume), "resume", "\"auto\" or an existing checkpoint file"),
     ]
     for ok, name, expected in checks:
         if not ok:
@@ -250,12 +267,12 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
+            raise ConfigError("--device cuda: no CUDA device is available")
         self.device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
         if cfg.cuda_graph and self.device.type != "cuda":
-            raise RuntimeError("--cuda-graph: needs a CUDA device (this run is on the CPU)")
+            raise ConfigError("--cuda-graph: needs a CUDA device (this run is on the CPU)")
         if cfg.cuda_graph and self.world > 1:
-            raise RuntimeError("--cuda-graph: single-process runs only (DDP capture is not supported here)")
+            raise ConfigError("--cuda-graph: single-process runs only (DDP capture is not supported here)")
         if want_cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -270,6 +287,7 @@ class Trainer:
         self.iteration = 0
         self._stop_signal: Optional[int] = None
         self._graph = None
+        self.cfg = cfg = with_out_dir(cfg)                  # a no-op when run() has chosen it
         if self.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
             _write_text_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2) + "\n")
@@ -305,10 +323,20 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        model = fastresnet.create_model(cfg.model, num_classes=cfg.num_classes or self.num_classes,
-                                        **cfg.model_kwargs).to(self.device)
+        try:
+            model = fastresnet.create_model(cfg.model, num_classes=cfg.num_classes or self.num_classes,
+                                            **cfg.model_kwargs).to(self.device)
+        except TypeError as e:
+            if not cfg.model_kwargs:
+                raise
+            raise ValueError(f"--model-kwargs: {cfg.model} does not take them ({e})") from e
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.checkpoint != "none":
+            if not hasattr(model, "set_checkpoint"):
+                raise ValueError(f"--checkpoint: {cfg.model} has no recomputation modes (fastresnet ResNets do)")
+            model.set_checkpoint(cfg.checkpoint, model.segment_size if cfg.checkpoint == "segment" else None)
+        self.memory_plan = self._plan_memory(model)
         if cfg.sync_bn and self.world > 1:
             model = convert_sync_batchnorm(model)
         self.model = model                                  # the parameters' owner: checkpoints, evaluation
@@ -324,6 +352,39 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = net
+
+    def _plan_memory(self, model: nn.Module) -> Optional[memory.MemoryPlan]:
+        """The planner's peak memory of one rank's training step, logged (rank 0); None for nets it does not
+        model (the reason is logged)."""
+        cfg = self.cfg
+        size = self.train_data.images.shape[-1] if self.folder is None else (cfg.image_size or 224)
+        dtype = "fp32" if cfg.amp == "none" else "bf16"  # fp16 activations take the bytes of bf16 ones
+        try:
+            plan = memory.plan(model, max(cfg.batch_size // self.world, 1), size, dtype,
+                               optimizer_states=1 if cfg.momentum else 0)
+        except ValueError as e:
+            if self.rank == 0:
+                _log(f"memory plan: none ({e})")
+            return None
+        if self.rank == 0:
+            mib = {k: getattr(plan, f"{k}_bytes") / 2**20 for k in ("peak", "params", "optimizer", "saved",
+                                                                     "transient")}
+            _log(f"memory plan (checkpoint {plan.checkpoint}, batch {plan.batch} per rank, {size}², {dtype}): peak "
+                 f"{mib['peak']:.1f} MiB = parameters {mib['params']:.1f} + optimizer {mib['optimizer']:.1f} + "
+                 f"saved activations {mib['saved']:.1f} + transient (gradients included) {mib['transient']:.1f} + "
+                 f"input")
+        return plan
+
+    def _report_memory(self) -> None:
+        """Log the peak memory the run used beside the plan (rank 0); kept in `self.memory_used`."""
+        if self.device.type == "cuda":
+            used, what = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated"
+        else:
+            used, what = memory.process_peak_rss(), "peak RSS of the whole process: libraries, data, evaluation"
+        self.memory_used = used
+        if self.rank == 0:
+            planned = "" if self.memory_plan is None else f"; planned peak {self.memory_plan.peak_bytes / 2**20:.1f} MiB"
+            _log(f"memory used: {used / 2**20:.1f} MiB ({what}){planned}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def _prepare(self, x: Tensor) -> Tensor:
@@ -375,7 +436,7 @@ class Trainer:
         return loss.detach(), (out.argmax(1) != y).sum()
 
     def _capture(self, x: Tensor, y: Tensor) -> None:
-        """Capture `_step` as one CUDA graph on static input buffers (DESIGN.md §4). Three warm-up steps on a side
+        """Capture `_step` as one CUDA graph on static inputs (docs/architecture.md §4). Three warm-up steps on a side
         stream allocate the gradients and momentum buffers; the model and optimizer state is restored afterwards,
         so capturing changes no result (a zero momentum buffer gives the same first SGD step as none)."""
         saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -617,11 +678,12 @@ class Trainer:
                     self.plot()
                 if stopped:
                     if self.rank == 0:
-                        _log(f"stopped after iteration {done} ({stopped}); checkpoint {path}; "
-                             f"continue with --resume auto")
+                        _log(f"stopped after iteration {done} ({stopped}); outputs in {cfg.out_dir}; continue with "
+                             f"--resume {path}")
                     if self._stop_signal is not None:
                         raise SystemExit(128 + self._stop_signal)
                     break
+        self._report_memory()
         final = self.history["eval"][-1] if self.history["eval"] and not stopped else {}
         return {"iteration": self.iteration, "stopped": bool(stopped), **final,
                 "test_acc": 100.0 - final["test_err"] if final else None, "time_s": time.perf_counter() - t0}
@@ -652,9 +714,64 @@ class Trainer:
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
+RUNS_ROOT = "runs"
+
+
+def _run_folders(base: str) -> List[str]:
+    """The existing folders base, base-2, base-3, ... in that order."""
+    parent, name = os.path.split(base)
+    found = {1: base} if os.path.isdir(base) else {}
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        suffix = entry[len(name) + 1:] if entry.startswith(name + "-") else ""
+        if suffix.isdigit() and int(suffix) >= 2 and os.path.isdir(os.path.join(parent, entry)):
+            found[int(suffix)] = os.path.join(parent, entry)
+    return [found[k] for k in sorted(found)]
+
+
+def with_out_dir(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `out_dir` chosen when it is empty: `--resume PATH` continues in PATH's folder, `--resume auto` in
+    the newest runs/<dataset>-<model>[-N], and a new run gets a new folder, runs/<dataset>-<model> or the first free
+    -2, -3, ... suffix, created here by rank 0 (os.makedirs fails on an existing folder, so two runs started at once
+    never share one). Other ranks of a new run never write files: the name they get is not used."""
+    if cfg.out_dir:
+        return cfg
+    if cfg.resume and cfg.resume != "auto":
+        return dataclasses.replace(cfg, out_dir=os.path.dirname(cfg.resume) or ".")
+    base = os.path.join(RUNS_ROOT, f"{cfg.dataset}-{cfg.model}")
+    if cfg.resume == "auto":
+        folders = _run_folders(base)
+        if not folders:
+            raise ValueError(f"--resume auto: no earlier run in {base} (or {base}-N); pass the run's folder with "
+                             "--out-dir, or a checkpoint path with --resume")
+        return dataclasses.replace(cfg, out_dir=folders[-1])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return dataclasses.replace(cfg, out_dir=base)
+    os.makedirs(RUNS_ROOT, exist_ok=True)
+    path, k = base, 1
+    while True:
+        try:
+            os.mkdir(path)
+            return dataclasses.replace(cfg, out_dir=path)
+        except FileExistsError:
+            k += 1
+            path = f"{base}-{k}"
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train `cfg.runs` times (seeds seed, seed+1, ...; out_dir/run<k> when runs > 1); returns the final metrics,
-    and for several runs the median and mean ± std of the test error, as the paper reports."""
+    """Train `cfg.runs` times (seeds seed, seed+1, ...; out_dir/run<k> when runs > 1); returns the final metrics
+    with the output folder ("out_dir"), and for several runs the median and mean ± std of the test error, as the
+    paper reports. A folder made here for a new run is removed again if the run fails before writing into it."""
+    new_folder = not cfg.out_dir and not cfg.resume and int(os.environ.get("RANK", "0")) == 0
+    cfg = with_out_dir(cfg)
+    try:
+        return {**_run_all(cfg), "out_dir": cfg.out_dir}
+    except BaseException:
+        if new_folder and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):
+            os.rmdir(cfg.out_dir)
+        raise
+
+
+def _run_all(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.runs == 1:
         return Trainer(cfg).fit()
     results = []
@@ -670,6 +787,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`fastresnet train`: train, print the result; the last line names the output folder (a run stopped by a signal
+    ends in the trainer's log line that names its checkpoint instead). Exit codes: `fastresnet.cli.run_command`."""
     cfg = resolve_config(argv)
     try:
         result = run(cfg)
@@ -683,10 +802,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif result.get("test_acc") is not None:
             print(f"final test accuracy {result['test_acc']:.2f}% (test error {result['test_err']:.2f}%) after "
                   f"{result['iteration']} iterations in {result['time_s']:.1f} s")
-        else:
-            print(f"stopped at iteration {result['iteration']}; resume with --resume auto")
+        print(f"outputs in {result['out_dir']}")   # a stopped run: its log line above says how to continue
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_command("train", main, sys.argv[1:]))

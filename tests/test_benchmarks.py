@@ -96,14 +96,16 @@ def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
 
 def test_memory_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "memory.jsonl"
-    bench_memory.main(["--cpu-smoke", "--out", str(out), "--backends", "torch"])
+    bench_memory.main(["--cpu-smoke", "--out", str(out), "--backend", "torch"])
     rows = common.read_rows([out])
     assert [(r["depth"], r["provider"]) for r in rows] == [
-        (11, "eager"), (11, "fastresnet:torch"), (20, "eager"), (20, "fastresnet:torch")]
+        (11, "eager"), (11, "fastresnet:torch"), (11, "fastresnet:torch+unit"), (11, "fastresnet:torch+segment")]
     for r in rows:
         assert ENV_FIELDS <= set(r) and r["status"] == "ok" and r["peak_mem_bytes"] is None
-        assert r["max_batch"] is None and "CPU" in r["max_batch_note"]
-    assert "| preact_bottleneck20 | 20 | fp32 | `eager` | 2 |" in report.memory_table(rows)
+        assert r["peak_kind"].startswith("cpu_peak_rss") and r["peak_growth_bytes"] > 0 and r["cpu_ms_per_step"] > 0
+        assert abs(r["planned_saved_error"]) < 0.05 and r["saved_bytes"] > 0
+    assert [r["saved_vs_eager"] < 1 for r in rows] == [False, True, True, True]
+    assert "| preact_bottleneck11 | 11 | fp32 | `eager` | 2 |" in report.memory_table(rows)
 
 
 def test_kernels_cpu_smoke_writes_rows(tmp_path):

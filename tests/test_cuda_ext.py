@@ -249,7 +249,7 @@ def test_nvcc_compiles(source, arch, tmp_path):
 
 
 def test_cu_files_include_only_cuda_headers():
-    """DESIGN.md §6: .cu files must not include torch headers (they do not compile on CPU-only torch)."""
+    """docs/architecture.md §6: .cu files must not include torch headers (they do not compile on CPU-only torch)."""
     for path in CSRC.rglob("*.cu"):
         includes = [ln for ln in path.read_text().splitlines() if ln.startswith("#include")]
         assert not [i for i in includes if "torch" in i or "ATen" in i or "c10" in i], (path, includes)

@@ -126,7 +126,7 @@ def test_bn_relu2d_matches_unfused(backend, shape, momentum):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_applies_to_activation(backend):
-    """DESIGN.md §2 trap: zero padding of the conv pads a = relu(BN(x)), not x. With β > 0 the wrong order gives
+    """docs/architecture.md §2: zero padding of the conv pads a = relu(BN(x)), not x. With β > 0 the wrong order gives
     relu(β) ≠ 0 on the border, so the wrong result differs from the right one — check both."""
     fused = PreActConv2d(4, 3, 3, 1, 1, backend=backend).to(DEVICE)
     randomize_bn(fused.bn, 3, shift=1.0)

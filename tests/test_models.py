@@ -9,7 +9,7 @@ from fastresnet.models.registry import default_num_classes
 from fastresnet.nn import PreActConv2d, ResidualUnit
 from fastresnet.profile import count_macs, count_params, profile
 
-# PAPER.md §1.5: (weights only, with BN γ/β), CIFAR-10 heads.
+# docs/paper.md §1.5: (weights only, with BN γ/β), CIFAR-10 heads.
 PARAMS = {
     "resnet20": (268_346, 269_722),
     "resnet32": (461_882, 464_154),
@@ -21,9 +21,9 @@ PARAMS = {
     "preact_resnet164": (1_679_034, 1_703_258),
     "preact_resnet1001": (10_178_490, 10_327_706),
 }
-# PAPER.md §1.5, CIFAR-100 heads.
+# docs/paper.md §1.5, CIFAR-100 heads.
 PARAMS_C100 = {"preact_resnet164": (1_702_164, 1_726_388), "preact_resnet1001": (10_201_620, 10_350_836)}
-# PAPER.md §6 (MACs per 32×32 image); the test allows 0.2%.
+# docs/paper.md §6 (MACs per 32×32 image); the test allows 0.2%.
 MACS = {
     "resnet20": 40.6e6, "resnet32": 68.9e6, "resnet44": 97.2e6, "resnet56": 125.5e6, "resnet110": 252.9e6,
     "preact_resnet110": 252.9e6, "resnet110_1layer": 252.9e6, "preact_resnet110_1layer": 252.9e6,
@@ -66,7 +66,7 @@ def test_macs_match_paper(name):
 
 
 def test_macs_stride_on_3x3_variant():
-    # PAPER.md §6: stride on the 3×3 gives 247.6M (ResNet-164) and 1.491G (ResNet-1001).
+    # docs/paper.md §6: stride on the 3×3 gives 247.6M (ResNet-164) and 1.491G (ResNet-1001).
     assert abs(profile("preact_resnet164", stride_on="3x3").macs / 247.6e6 - 1) < 2e-3
     assert abs(profile("preact_resnet1001", stride_on="3x3").macs / 1.491e9 - 1) < 2e-3
 

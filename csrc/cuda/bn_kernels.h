@@ -1,5 +1,5 @@
 // Plain launchers of the CUDA kernels in bn_kernels.cu: raw device pointers, sizes and a cudaStream_t, no torch
-// headers (DESIGN.md §6), so the kernels compile standalone with nvcc. Semantics: fastresnet/reference.py.
+// headers (docs/architecture.md §6), so the kernels compile standalone with nvcc. Semantics: fastresnet/reference.py.
 //
 // Tensors are dense 4-D [N, C, H, W] in NHWC (channels_last) or NCHW (contiguous) order, per Geom::nhwc. Statistics,
 // scale/shift/mean/rstd and all workspaces use the accumulation type: double for kFloat64 data, float otherwise.

@@ -1,4 +1,4 @@
-"""The "triton" backend (tier A, DESIGN.md §3): the four primitives run as Triton kernels (`fastresnet.kernels`);
+"""The "triton" backend (tier A, docs/architecture.md §3): the primitives run as Triton kernels (`fastresnet.kernels`);
 the conv-level ops are the base class's tier A (the primitives around ATen/cuDNN convolution).
 
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (`TRITON_INTERPRET=1`, for tests; it is

@@ -1,4 +1,4 @@
-"""The "triton_conv" backend (tier B, DESIGN.md §3): BN-ReLU-conv forward and backward as Triton implicit-GEMM
+"""Backend "triton_conv" (tier B, docs/architecture.md §3): BN-ReLU-conv forward and backward as Triton implicit-GEMM
 kernels that own the conv (`fastresnet.kernels.conv`): the BN-ReLU activation is recomputed in the conv's prologue
 (forward and wgrad) and never stored; dgrad's epilogue recomputes the ReLU mask and reduces Σdz, Σdz·x̂.
 

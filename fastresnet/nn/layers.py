@@ -85,7 +85,7 @@ class PreActConv2d(nn.Module):
     def forward_stats(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None,
                       residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """(y, mean, var): the forward (+ residual, added before the single rounding of y) that also returns y's
-        per-channel batch statistics (fp32, biased), for the next BN's `stats=` (DESIGN.md §3 chaining).
+        per-channel batch statistics (fp32, biased), for the next BN's `stats=` (docs/architecture.md §3 chaining).
         With a process group (synchronised BN) the layer runs its synchronised forward and the statistics come
         from the add + statistics op: local statistics, which the next synchronised BN combines across ranks."""
         bn = self.bn

@@ -1,4 +1,4 @@
-"""Shortcut paths h(x) and the Table 1 ways of merging h(x) with the residual branch F(x) (PAPER.md §1.1, §2)."""
+"""Shortcut paths h(x) and the Table 1 ways of merging h(x) with the residual branch F(x) (docs/paper.md §1.1, §2)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ class ZeroPadShortcut(nn.Module):
     """Option A of [1]: identity with stride-s subsampling and zero channels appended for the extra width.
 
     Parameter-free. The zero channels go after the copied ones (fb.resnet.torch's Concat(Identity, MulConstant(0));
-    PAPER.md §1.1), which differs from padding on both sides only in channel order.
+    docs/paper.md §1.1), which differs from padding on both sides only in channel order.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -39,7 +39,7 @@ class Projection(nn.Sequential):
 
 
 class ExclusiveGate(nn.Module):
-    """Table 1 gating, g(x) = sigmoid(conv1×1(x) + b_g) from the unit input (PAPER.md §2).
+    """Table 1 gating, g(x) = sigmoid(conv1×1(x) + b_g) from the unit input (docs/paper.md §2).
 
     exclusive=True: out = (1 − g)·h(x) + g·F(x); exclusive=False (shortcut-only): out = (1 − g)·h(x) + F(x).
     The gate bias starts at `bias_init` (the paper searched 0 … −10; −6 was best).

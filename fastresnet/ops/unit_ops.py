@@ -1,4 +1,4 @@
-"""Custom op for chaining fused convs inside a residual unit (DESIGN.md §3): BN-ReLU-conv (+ residual) that also
+"""Custom op chaining fused convs in a residual unit (docs/architecture.md §3): BN-ReLU-conv (+ residual) that also
 returns the batch statistics of its output, so the next BN reads them instead of re-reading the tensor.
 
 `fastresnet::bn_relu_conv_stats(x, weight, mean, rstd, γ, β, residual, stride, padding, training, backend)

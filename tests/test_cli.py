@@ -1,0 +1,205 @@
+"""The command line as a user meets it: one-line errors with exit code 2 for every documented bad input, a new
+output folder per run, a last line that names it, Ctrl-C at start-up, `| head`, `fastresnet info`, the profile's
+order and the benchmark report's smoke rows."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import fastresnet
+from benchmarks import common, report
+from fastresnet import cli, profile, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--batch-size", "16", "--iterations", "1", "--eval-every", "0", "--no-plot"]
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _cifar_with_hostile_pickle(root):
+    """A CIFAR-10 folder whose first batch is a pickle that would run a shell command when loaded unsafely."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": _Hostile(), b"labels": [0]}, protocol=2))
+    return root
+
+
+BAD_INPUTS = ["amp", "unknown-model", "model-kwargs", "backend-name", "missing-config", "config-not-json",
+              "missing-checkpoint", "missing-data", "hostile-pickle", "profile-filter", "profile-classes", "no-cuda"]
+
+
+def _bad_inputs(tmp):
+    """id -> (command line, text the one-line error must contain: the argument's name or the refusal)."""
+    (tmp / "bad.json").write_text("{not json")
+    (tmp / "empty").mkdir()
+    cases = {
+        "amp": (["train", "--amp", "fp8"], "--amp"),
+        "unknown-model": (["train", "--model", "preact_resnet2O"], "--model"),
+        "model-kwargs": (["train", *TINY, "--model-kwargs", '{"widen": 2}'], "--model-kwargs"),
+        "backend-name": (["train", "--backend", "fastest"], "--backend"),
+        "missing-config": (["train", "--config", str(tmp / "nope.json")], "--config"),
+        "config-not-json": (["train", "--config", str(tmp / "bad.json")], "--config"),
+        "missing-checkpoint": (["train", "--resume", str(tmp / "nope" / "last.pt")], "--resume"),
+        "missing-data": (["train", "--dataset", "cifar10", "--data-dir", str(tmp / "empty")], "data_dir"),
+        "hostile-pickle": (["train", "--dataset", "cifar10", "--data-dir", str(_cifar_with_hostile_pickle(tmp / "c"))],
+                           "refusing to load the global posix.system"),
+        "profile-filter": (["profile", "--models", "vgg*"], "--models"),
+        "profile-classes": (["profile", "--num-classes", "0"], "--num-classes"),
+        "no-cuda": (["train", "--device", "cuda"], "--device"),
+    }
+    if torch.cuda.is_available():
+        del cases["no-cuda"]
+    return cases
+
+
+def _fastresnet(args, cwd, **kw):
+    """Run the console script's code (`python -m fastresnet.cli`) in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FASTRESNET_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "fastresnet.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every bad input in its own process, four at a time (each spends ~2 s importing torch)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    cases = _bad_inputs(tmp)
+    assert set(cases) <= set(BAD_INPUTS)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        procs = dict(zip(cases, pool.map(lambda args: _fastresnet(args, cwd=tmp), [c[0] for c in cases.values()])))
+    return {k: (cases[k], procs[k]) for k in cases}, tmp
+
+
+@pytest.mark.parametrize("case_id", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(bad_input_runs, case_id):
+    runs, tmp = bad_input_runs
+    if case_id not in runs:
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    (args, needle), proc = runs[case_id]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"fastresnet {args[0]}: error: ") and needle in lines[0], lines[0]
+    assert not (tmp / "runs").exists() or not any((tmp / "runs").iterdir())  # no run folder left behind
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(ValueError, match="--amp"):
+        cli.main(["train", "--amp", "fp8", "--debug"])
+    monkeypatch.setenv("FASTRESNET_DEBUG", "1")
+    with pytest.raises(ValueError, match="--amp"):
+        cli.main(["train", "--amp", "fp8"])
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny runs on a small shared machine: one thread is the fastest and steadiest
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_each_run_gets_its_own_folder_and_the_last_line_names_it(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+
+    def last_line(args):
+        assert train.main([*TINY, *args]) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    assert last_line([]) == "outputs in runs/digits-preact_resnet20"
+    assert last_line([]) == "outputs in runs/digits-preact_resnet20-2"          # the first is not overwritten
+    assert last_line(["--model", "preact_resnet32"]) == "outputs in runs/digits-preact_resnet32"
+    # --resume auto continues the newest run of that dataset and model, in its folder
+    assert last_line(["--iterations", "2", "--resume", "auto"]) == "outputs in runs/digits-preact_resnet20-2"
+    assert json.loads((tmp_path / "runs/digits-preact_resnet20-2/metrics.json").read_text())["config"][
+        "iterations"] == 2
+    assert (tmp_path / "runs/digits-preact_resnet20/last.pt").is_file()
+    # a stopped run ends with the folder too; --out-dir is used as given
+    assert last_line(["--iterations", "3", "--stop-at", "1", "--out-dir", "mine"]) == "outputs in mine"
+    assert (tmp_path / "mine/last.pt").is_file()
+    assert sorted(os.listdir(tmp_path / "runs")) == [
+        "digits-preact_resnet20", "digits-preact_resnet20-2", "digits-preact_resnet32"]
+    # a run that fails at start-up removes the folder it had claimed
+    assert cli.main(["train", *TINY, "--model-kwargs", '{"widen": 2}']) == 2
+    assert len(os.listdir(tmp_path / "runs")) == 3
+
+
+def test_resume_auto_without_an_earlier_run_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", "auto"]) == 2
+    assert "--resume auto: no earlier run in runs/digits-preact_resnet20" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
+    # Ctrl-C while the data loads (before the trainer's own SIGINT handler exists), simulated by the loader raising
+    code = ("import sys, fastresnet.data as d\n"
+            "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+            "d.load_digits = interrupted\n"
+            "from fastresnet import cli\n"
+            "sys.exit(cli.main(['train']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "fastresnet train: interrupted"
+    assert not os.listdir(tmp_path / "runs")   # the folder claimed for the run is gone again
+
+
+def test_profile_into_head_ends_quietly(tmp_path):
+    proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -m fastresnet.profile | head -3; '
+                           'echo "status ${PIPESTATUS[0]}" >&2'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert len(proc.stdout.splitlines()) == 3 and proc.stdout.startswith("model")
+    assert proc.stderr.strip() == "status 141", proc.stderr   # 128 + SIGPIPE, no traceback
+
+
+def test_profile_help_names_the_command_and_sorts_naturally(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["profile", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: fastresnet profile")
+    assert profile.main(["--models", "preact_resnet1[01]*"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["preact_resnet101", "preact_resnet110", "preact_resnet110_1layer", "preact_resnet1001"]
+
+
+def test_info_reports_versions_backends_and_the_build(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] == torch.__version__ and info["versions"]["python"]
+    assert info["backends"] == fastresnet.available_backends()
+    from fastresnet import _C
+    assert info["extension"].startswith("C++ CPU kernels")
+    assert ("CUDA kernels for sm_" in info["extension"]) == _C.with_cuda
+    assert info["triton_cache"]
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "triton cache" in text and "extension" in text and torch.__version__ in text
+
+
+def test_report_says_which_smoke_rows_it_leaves_out(capsys):
+    files = [os.path.join(REPO, "benchmarks/results", f) for f in ("models_cpu.jsonl", "kernels_cpu.jsonl")]
+    smoke = report.count_smoke(common.read_rows(files))
+    assert smoke > 0   # the committed per-op CPU rows come from a --cpu-smoke run
+    block = report.main([*files, "--no-plots"])
+    assert f"left out {smoke} rows of --cpu-smoke runs" in capsys.readouterr().err
+    assert "Training step" in block and "Fused kernels" not in block
+    block = report.main([*files, "--no-plots", "--include-smoke"])
+    assert "Fused kernels" in block and "left out" not in capsys.readouterr().err
+
+
+def test_benchmark_runs_write_outside_the_checkout(tmp_path, monkeypatch):
+    env = {"device": "cpu", "run_id": "20260101T000000Z"}
+    monkeypatch.delenv(common.OUTPUT_DIR_ENV, raising=False)
+    assert common.default_out("models", env) == common.output_dir() / "models_cpu_20260101T000000Z.jsonl"
+    assert common.output_dir().name == "benchmark-results" and not common.output_dir().is_absolute()
+    monkeypatch.setenv(common.OUTPUT_DIR_ENV, str(tmp_path))
+    assert common.default_out("kernels", env).parent == tmp_path
