@@ -1,0 +1,509 @@
+"""Static sm_90 gate: every Triton kernel launch the zoo's nets make, compiled for Hopper without a GPU.
+
+    python benchmarks/static_sm90.py --out benchmarks/results/static_sm90.jsonl   # the whole set, one row a launch
+    python benchmarks/static_sm90.py --subset --check                             # CI: a representative subset
+
+What it does, without running anything on a GPU:
+1. Traces a forward + backward of each net on the meta device (batch, resolution, dtype and NHWC layout below) and
+   records every distinct `fastresnet::` op call with its shapes (no kernel runs: meta tensors carry shapes only).
+2. Replays each call through the tier-B backend (`triton_conv`, own conv kernels at every shape) with the tensors
+   posing as CUDA tensors (`_PoseAsCuda`), so the host launchers take their GPU branches (tile sizes, tensor-core dot
+   dtypes, 132 SMs); `JITFunction.run` is replaced by a recorder that applies Triton's own argument specialisation
+   for a CUDA backend (integers equal to 1 or divisible by 16, 16-byte-aligned pointers; torch allocations are) and
+   keeps the grid, constexprs and launch options instead of launching.
+3. Compiles each distinct launch with `triton.compile` for `GPUTarget("cuda", 90, 32)` — what the GPU's JIT would
+   build — and reads registers and spills from ptxas's report, shared memory from the compiled metadata,
+   tensor-core instructions (`mma` / `wgmma`) from the PTX.
+
+Each row: net, dtype, kernel, shape (the launch's constexprs and sizes), programs (grid size) against 132 SMs,
+registers, spill bytes, shared memory, blocks per SM (occupancy limit from registers, shared memory and warps),
+longest serial loop (trip count of the kernel's loops for this launch, nested loops multiplied; every loop bound is
+a constexpr), and for CIFAR nets the floor: max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak), bytes counting every tensor argument
+once (a lower bound: each byte read or written at least once), FLOPs 2·M·N·K for the conv GEMMs (0 otherwise);
+peak 790 TFLOP/s for bf16/fp16 dots, half that for fp32 (TF32, the PyTorch default for convs; its dense tensor-core
+rate is half of bf16's on H100/H200).
+
+`--check` fails (exit 1, one line per violation) on: shared memory over 227 KB (232,448 B) per block; spills in a
+CIFAR bf16/fp16 launch, except the kernels listed in `SPILL_EXCEPTIONS` (with the reason); a bf16/fp16 dot kernel
+without `mma`/`wgmma`; a longest loop above `LOOP_BOUND`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+from unittest import mock
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+# ---- the target: H100/H200 SXM (sm_90) -----------------------------------------------------------------------------
+SMS = 132
+SMEM_PER_BLOCK = 232448        # 227 KB: the opt-in maximum of dynamic shared memory per block
+SMEM_PER_SM = 233472           # 228 KB per SM, of which 1 KB is reserved per resident block
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+HBM_BYTES_PER_S = 4.3e12       # measured copy bandwidth of an H200
+PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}  # measured bf16 dense; fp32 convs run TF32 (half)
+
+NETS = (("preact_resnet164", 128, 32), ("preact_resnet1001", 128, 32), ("preact_resnet50", 64, 224))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUBSET = {"nets": ("preact_resnet164",), "dtypes": ("bf16", "fp32")}  # CI: CIFAR bf16 (the gated config) + fp32
+
+# Longest serial loop allowed per program (trip count). The longest today is the conv K loop of ImageNet's 512→512
+# 3×3 layers (9 taps × 8 channel blocks of 64); the merges walk at most ⌈√T⌉ partial rows (`kernels.stats.merge_rows`:
+# 32 at CIFAR stage 1 at batch 128, 40 at ImageNet's 56×56 stage at batch 64) where they walked all T (1,024; 1,568).
+LOOP_BOUND = 72
+# CIFAR bf16/fp16 launches allowed to spill, at most the spill-store bytes given: (kernel, dtype, C_in, C_out, k,
+# stride) -> bytes. Reason: the tier-B conv uses one tile shape for every layer (128 rows × the next power of two of
+# the output channels up to 128, 4 warps); at these shapes its accumulator and operand tiles need more than the 255
+# registers a thread can have. Per-shape tile and warp choices are the fix; until then the gate holds each of these
+# launches at today's spill bytes and fails on any other launch that spills.
+SPILL_EXCEPTIONS: Dict[Tuple[str, str, int, int, int, int], int] = {
+    ("_conv_fwd_kernel", "bf16", 64, 64, 3, 1): 192,      # stage 3, 64→64 3×3
+    ("_conv_fwd_kernel", "fp16", 64, 64, 3, 1): 64,
+    ("_conv_fwd_kernel", "bf16", 256, 64, 1, 1): 12,      # stage 3, 256→64 1×1
+    ("_conv_fwd_kernel", "fp16", 256, 64, 1, 1): 12,
+    ("_conv_dgrad_kernel", "bf16", 64, 64, 3, 1): 56,
+    ("_conv_dgrad_kernel", "fp16", 64, 64, 3, 1): 56,
+    ("_conv_dgrad_kernel", "bf16", 128, 32, 1, 1): 312,   # stage 2, 128→32 1×1
+    ("_conv_dgrad_kernel", "fp16", 128, 32, 1, 1): 260,
+    ("_conv_dgrad_kernel", "bf16", 256, 64, 1, 1): 420,   # stage 3, 256→64 1×1
+    ("_conv_dgrad_kernel", "fp16", 256, 64, 1, 1): 336,
+}
+_LOOP_CALLS = ("range", "static_range")
+
+
+# ---- 1. trace the nets' op calls on the meta device ---------------------------------------------------------------
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), a.dtype, tuple(a.stride()))
+    return ("L", tuple(a)) if isinstance(a, list) else ("V", a)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records each distinct `fastresnet::` op call (op, argument descriptions) in order of first appearance."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Dict[tuple, None] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("fastresnet."):
+            self.calls[(func._schema.name, tuple(_describe(a) for a in args))] = None
+        return func(*args, **(kwargs or {}))
+
+
+def trace_calls(net: str, batch: int, res: int, dtype: torch.dtype) -> List[tuple]:
+    """Distinct fastresnet op calls of one training step (forward + backward) and one inference forward of `net`
+    on meta tensors."""
+    import fastresnet.functional as FF
+    from fastresnet.models.registry import create_model
+
+    with torch.device("meta"):
+        model = create_model(net).to(dtype).to(memory_format=torch.channels_last)
+    x = torch.empty(batch, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    rec = _RecordOps()
+    # the fused layers resolve their backend from the input's device; meta resolves to the tier-B backend here
+    with mock.patch.object(FF, "resolve", lambda t, backend=None: "triton_conv"), rec:
+        model(x).float().sum().backward()
+        model.eval()  # inference launches too (running statistics: convs without the statistics epilogue)
+        with torch.no_grad():
+            model(x)
+    return list(rec.calls)
+
+
+def _nhwc(shape, dtype, stride):
+    # meta convs (the stem) return NCHW strides where cuDNN returns channels_last: every 4-D activation is NHWC
+    t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def _materialise(desc):
+    kind, *rest = desc
+    if kind == "T":
+        return _nhwc(*rest)
+    return list(rest[0]) if kind == "L" else rest[0]
+
+
+# ---- 2. replay through the launchers, recording launches ----------------------------------------------------------
+class _PoseAsCuda(TorchFunctionMode):
+    """Meta tensors report device cuda:0 and factory calls for cuda make meta tensors: the launchers take their GPU
+    branches while nothing is allocated or run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cuda", 0)
+        if func == torch.Tensor.is_cuda.__get__:
+            return True
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
+            kwargs = dict(kwargs, device="meta")
+        return func(*args, **kwargs)
+
+
+class _Props:
+    multi_processor_count = SMS
+
+
+def _sm90_backend():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    return make_backend(GPUTarget("cuda", 90, 32))
+
+
+def _tensor_bytes(args: Iterable) -> int:
+    seen = {}
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            seen[id(a)] = a.numel() * a.element_size()
+    return sum(seen.values())
+
+
+def record_launches(calls: List[tuple]) -> List[dict]:
+    """Every kernel launch the tier-B backend makes for the op calls, as the GPU would specialise it."""
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from fastresnet.backends import get_backend_impl
+
+    backend = _sm90_backend()
+    launches: List[dict] = []
+    current: Dict[str, object] = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        grid = tuple(grid(bound) if callable(grid) else grid) + (1, 1)
+        launches.append(dict(fn=self, op=current["op"], signature=signature, constexprs=constexprs, attrs=attrs,
+                             options=options, grid=grid[:3], values=dict(bound), bytes=_tensor_bytes(bound.values())))
+
+    ops = _op_functions()
+    # "always": the own conv kernels at every shape, every launch the code can make (no timing against cuDNN)
+    with mock.patch.object(get_backend_impl("triton_conv"), "select", "always"), \
+            mock.patch.object(JITFunction, "run", record), \
+            mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: _Props()), \
+            mock.patch.object(torch.cuda, "current_device", lambda: 0), _PoseAsCuda():
+        for name, descs in calls:
+            current["op"] = name.split("::")[-1]
+            ops[name](*[_materialise(d) for d in descs])
+    return launches
+
+
+def _op_functions() -> Dict[str, object]:
+    """fastresnet op name -> its Python implementation (the function the custom op wraps)."""
+    from torch._library.custom_ops import CustomOpDef
+    from fastresnet.ops import bn_ops, unit_ops
+    out = {}
+    for module in (bn_ops, unit_ops):
+        for obj in vars(module).values():
+            if isinstance(obj, CustomOpDef):
+                out[obj._qualname] = obj._init_fn
+    return out
+
+
+# ---- launch properties read from the launch itself ----------------------------------------------------------------
+def _loop_nests(fn) -> List[List[str]]:
+    """The loop-bound names of each chain of nested `for` loops in a kernel's source ([[KH, KW, K_BLOCKS], ...])."""
+    tree = ast.parse(textwrap.dedent(fn.src))  # the source Triton compiled (captured at import)
+    nests: List[List[str]] = []
+
+    def walk(node, outer):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.For) and isinstance(child.iter, ast.Call):
+                call = child.iter
+                name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+                if name in _LOOP_CALLS and len(call.args) == 1 and isinstance(call.args[0], ast.Name):
+                    chain = outer + [call.args[0].id]
+                    nests.append(chain)
+                    walk(child, chain)
+                    continue
+                raise ValueError(f"{fn.fn.__name__}: loop bound {ast.unparse(call)} is not a constexpr name")
+            walk(child, outer)
+
+    walk(tree, [])
+    return nests
+
+
+def longest_loop(launch: dict) -> int:
+    """Trip count of the kernel's longest nested loop chain for this launch (1 when it has no loop)."""
+    values = launch["values"]
+    trips = [math.prod(int(values[n]) for n in chain) for chain in _loop_nests(launch["fn"])]
+    return max(trips, default=1)
+
+
+def conv_flops(launch: dict) -> int:
+    """2·M·N·K of a conv kernel's GEMM for this launch (the conv's multiply-adds), 0 for the other kernels."""
+    v = launch["values"]
+    if "C_out" not in v:
+        return 0
+    m_out = int(v["M"])
+    if launch["fn"].fn.__name__ == "_conv_dgrad_kernel":  # its rows are the input's: M·Ho·Wo/(H·W) output rows
+        m_out = m_out * int(v["Ho"]) * int(v["Wo"]) // (int(v["H"]) * int(v["W"]))
+    return 2 * m_out * int(v["C_in"]) * int(v["C_out"]) * int(v["KH"]) * int(v["KW"])
+
+
+def _shape(launch: dict) -> dict:
+    """The launch's identifying sizes: integer and constexpr arguments (not strides or pointers)."""
+    out = {}
+    for k, v in launch["values"].items():
+        if isinstance(v, torch.Tensor) or (k.startswith("s") and len(k) <= 4 and k[1:2] in "xdwy"):
+            continue
+        out[k] = str(v) if not isinstance(v, (int, float, bool, str)) else v
+    out["num_warps"] = launch["options"].num_warps
+    out["num_stages"] = launch["options"].num_stages
+    return out
+
+
+def _compile_key(launch: dict) -> str:
+    """What decides the compiled code: the kernel (its source and that of the functions it calls, Triton's
+    `cache_key`), the specialised signature, constexprs, options and the compiler version."""
+    import triton
+    return json.dumps([triton.__version__, launch["fn"].cache_key, launch["fn"].fn.__name__, launch["signature"],
+                       {str(k): str(v) for k, v in launch["constexprs"].items()},
+                       {str(k): str(v) for k, v in launch["attrs"].items()}, str(launch["options"])], sort_keys=True)
+
+
+# ---- 3. compile for sm_90 -----------------------------------------------------------------------------------------
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_sm90(module: str, name: str, signature: dict, constexprs: dict, attrs: dict, options: dict) -> dict:
+    """Compile one launch for sm_90 (in a worker process): registers, spills, shared memory, tensor-core ops."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(module), name)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.cache.scope():
+        knobs.nvidia.dump_ptxas_log = True                   # ptxas -v's report: registers and spills
+        knobs.cache.dir = tempfile.mkdtemp(prefix="static_sm90_")  # a fresh cache: ptxas always runs
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                    target=GPUTarget("cuda", 90, 32), options=options)
+    report = log.getvalue()
+    regs = [int(r) for r in _PTXAS.findall(report)]
+    spills = [(int(s), int(l)) for s, l in _SPILL.findall(report)]
+    if not regs or not spills:
+        raise RuntimeError(f"{name}: no ptxas resource report in the compile log:\n{report[-2000:]}")
+    ptx = kernel.asm["ptx"]
+    return dict(registers=max(regs), spill_store_bytes=max(s for s, _ in spills),
+                spill_load_bytes=max(l for _, l in spills), shared_bytes=int(kernel.metadata.shared),
+                mma=len(re.findall(r"^\s*mma\.", ptx, re.M)), wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
+                local_ops=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)))
+
+
+def blocks_per_sm(registers: int, shared: int, num_warps: int) -> Tuple[int, str]:
+    """Resident blocks per SM for this launch and the resource that limits it (register allocation is per warp in
+    units of 256 registers)."""
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    limits = {
+        "registers": REGS_PER_SM // (regs_per_warp * num_warps),
+        "shared": SMEM_PER_SM // (shared + 1024),
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit  # 0 blocks: the launch cannot run (over the shared-memory or register file limit)
+
+
+# ---- rows and the gate --------------------------------------------------------------------------------------------
+def _uses_half_dot(row: dict) -> bool:
+    return row["shape"].get("DOT_DTYPE") in ("bf16", "fp16")
+
+
+def spill_key(row: dict) -> Tuple[str, str, int, int, int, int]:
+    """(kernel, dtype, C_in, C_out, k, stride) of a conv row (zeros for the sizes of other kernels)."""
+    sh = row["shape"]
+    return (row["kernel"], row["dtype"], sh.get("C_in", 0), sh.get("C_out", 0), sh.get("KH", 0), sh.get("STRIDE", 0))
+
+
+def violations(row: dict) -> List[str]:
+    """What a row breaks of the gate (see module docstring); empty when it passes."""
+    where = f"{row['net']} {row['dtype']} {row['kernel']} {row['op']} programs={row['programs']}"
+    out = []
+    if row["shared_bytes"] > SMEM_PER_BLOCK:
+        out.append(f"{where}: shared memory {row['shared_bytes']} B > {SMEM_PER_BLOCK} B per block")
+    spilled = row["spill_store_bytes"] or row["spill_load_bytes"]
+    if row["cifar"] and row["dtype"] in ("bf16", "fp16") and spilled:
+        allowed = SPILL_EXCEPTIONS.get(spill_key(row), 0)
+        if row["spill_store_bytes"] > allowed or (row["spill_load_bytes"] and not allowed):
+            out.append(f"{where} {spill_key(row)}: spills {row['spill_store_bytes']} B stores / "
+                       f"{row['spill_load_bytes']} B loads (allowed: {allowed} B stores)")
+    if _uses_half_dot(row) and not (row["mma"] or row["wgmma"]):
+        out.append(f"{where}: {row['shape']['DOT_DTYPE']} dot without mma/wgmma in the PTX")
+    if row["longest_loop"] > LOOP_BOUND:
+        out.append(f"{where}: longest loop {row['longest_loop']} > {LOOP_BOUND}")
+    return out
+
+
+def _load_cache(path: Optional[Path]) -> Dict[str, dict]:
+    if path is None or not path.exists():
+        return {}
+    with path.open() as f:
+        return json.load(f)
+
+
+def _save_cache(path: Optional[Path], results: Dict[str, dict]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results))
+        os.replace(tmp, path)
+
+
+def build_rows(nets, dtypes, jobs: int, cache: Optional[Path] = None, progress=print) -> List[dict]:
+    """One row per distinct (net, dtype, kernel launch): traced, recorded, compiled (each launch once; compile
+    results are kept in `cache`, keyed by the kernel's source hash, the launch and the triton version)."""
+    cifar = {n for n, _, res in NETS if res == 32}
+    entries = []
+    for net, batch, res in NETS:
+        if net not in nets:
+            continue
+        for dname in dtypes:
+            t0 = time.time()
+            launches = record_launches(trace_calls(net, batch, res, DTYPES[dname]))
+            seen = {}
+            for la in launches:
+                seen.setdefault((_compile_key(la), la["grid"]), la)
+            progress(f"{net} {dname}: {len(launches)} launches, {len(seen)} distinct ({time.time() - t0:.1f} s)")
+            entries += [(net, batch, res, dname, net in cifar, la) for la in seen.values()]
+    keys = {}
+    for *_, la in entries:
+        keys.setdefault(_compile_key(la), la)
+    results = _load_cache(cache)
+    todo = {k: la for k, la in keys.items() if k not in results}
+    progress(f"compiling {len(todo)} distinct kernels for sm_90 with {jobs} processes "
+             f"({len(keys) - len(todo)} more from the cache {cache})")
+    t0 = time.time()
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = {k: pool.submit(compile_sm90, la["fn"].fn.__module__, la["fn"].fn.__name__, la["signature"],
+                                  la["constexprs"], la["attrs"], la["options"].__dict__) for k, la in todo.items()}
+        for i, (k, fut) in enumerate(futures.items(), 1):
+            results[k] = fut.result()
+            if i % 10 == 0 or i == len(futures):
+                _save_cache(cache, results)
+                progress(f"  {i}/{len(futures)} compiled ({time.time() - t0:.0f} s)")
+    rows = []
+    for net, batch, res, dname, is_cifar, la in entries:
+        res_ = results[_compile_key(la)]
+        warps = la["options"].num_warps
+        blocks, limit = blocks_per_sm(res_["registers"], res_["shared_bytes"], warps)
+        programs = math.prod(la["grid"])
+        flops = conv_flops(la)
+        row = dict(net=net, batch=batch, resolution=res, dtype=dname, layout="NHWC", cifar=is_cifar, op=la["op"],
+                   kernel=la["fn"].fn.__name__, shape=_shape(la), grid=list(la["grid"]), programs=programs,
+                   waves=round(programs / (SMS * blocks), 3) if blocks else None, sms_busy=min(programs, SMS), **res_,
+                   blocks_per_sm=blocks, occupancy_limit=limit, longest_loop=longest_loop(la),
+                   bytes=la["bytes"], flops=flops)
+        if is_cifar:
+            row["floor_us"] = round(max(la["bytes"] / HBM_BYTES_PER_S, flops / PEAK_FLOPS[dname]) * 1e6, 3)
+        rows.append(row)
+    return rows
+
+
+def write_atomic(path: Path, rows: List[dict], meta: dict) -> None:
+    """Replace path's rows of meta["label"] by rows (rows of other labels are kept: the before/after table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.exists():
+        with path.open() as f:
+            kept = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in kept if r.get("label") != meta["label"]]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in kept:
+            f.write(json.dumps(row) + "\n")
+        for row in rows:
+            f.write(json.dumps({**meta, **row}) + "\n")
+    os.replace(tmp, path)
+
+
+def _is_merge(kernel: str) -> bool:
+    """Whether a kernel merges per-tile partials (before: `_sum_rows_kernel`; after: `sum_groups_kernel`)."""
+    return "merge" in kernel or "sum_" in kernel
+
+
+def summary(rows: List[dict]) -> str:
+    """The table's headline numbers: launches over the shared-memory limit, spills per CIFAR config, merges' loops,
+    CIFAR grids below the SM count."""
+    lines = [f"{len(rows)} rows; over the shared-memory limit: "
+             f"{sum(r['shared_bytes'] > SMEM_PER_BLOCK for r in rows)}"]
+    for net in sorted({r["net"] for r in rows}):
+        for d in DTYPES:
+            sel = [r for r in rows if r["net"] == net and r["dtype"] == d]
+            if sel:
+                spill = sorted({(r["kernel"], r["spill_store_bytes"]) for r in sel if r["spill_store_bytes"]})
+                lines.append(f"{net} {d}: launches with spills {sum(1 for r in sel if r['spill_store_bytes'])}"
+                             f" {spill[:6]}; longest loop {max(r['longest_loop'] for r in sel)}"
+                             f"; max shared {max(r['shared_bytes'] for r in sel)} B")
+    merges = {}
+    for r in rows:
+        if _is_merge(r["kernel"]):
+            merges[r["kernel"]] = max(merges.get(r["kernel"], 0), r["longest_loop"])
+    lines.append(f"merges' longest loops: {merges}")
+    small = sorted({(r["kernel"], r["programs"]) for r in rows if r["cifar"] and r["programs"] < SMS
+                    and not _is_merge(r["kernel"])})
+    lines.append(f"CIFAR launches with fewer programs than {SMS} SMs (merges aside): {small}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="static_sm90", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="write the rows to this JSONL file (replaced atomically)")
+    p.add_argument("--label", default="current", help="the rows' label in --out (e.g. before / after a change); "
+                   "rows of other labels in the file are kept")
+    p.add_argument("--check", action="store_true", help="exit 1 if any row violates the gate")
+    p.add_argument("--subset", action="store_true", help=f"only {SUBSET} (the CI subset)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="JSON file of compile results to reuse and extend (e.g. ~/.cache/fastresnet/static_sm90.json);"
+                        " none by default: every launch is compiled")
+    p.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)), help="compile processes")
+    args = p.parse_args(argv)
+    from fastresnet.kernels import interpreting
+    if interpreting():  # the kernels must import as compiled `triton.jit` functions, not interpreted ones
+        p.error("TRITON_INTERPRET is set: run the gate without it (it compiles for sm_90 and runs nothing)")
+    if args.jobs < 1:
+        p.error(f"--jobs: expected a positive integer, got {args.jobs}")
+    t0 = time.time()
+    nets = SUBSET["nets"] if args.subset else [n for n, _, _ in NETS]
+    dtypes = SUBSET["dtypes"] if args.subset else list(DTYPES)
+    rows = build_rows(nets, dtypes, args.jobs, args.cache)
+    print(summary(rows))
+    if args.out:
+        from benchmarks.common import environment
+        import triton
+        meta = dict(environment(torch.device("cpu")), bench="static_sm90", label=args.label, target="sm_90",
+                    triton_compiler=triton.__version__, gate_seconds=round(time.time() - t0, 1))
+        write_atomic(args.out, rows, meta)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    bad = [v for r in rows for v in violations(r)]
+    for v in bad:
+        print(f"VIOLATION {v}")
+    print(f"{len(bad)} violations; {time.time() - t0:.0f} s")
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
