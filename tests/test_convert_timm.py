@@ -7,7 +7,6 @@ a real error. The numeric tests run the 48-chain pre-activation structure of res
 (timm's own ResNetV2 class) and timm resnet18 (the drop_block/aa Identity slots of resnet50's blocks); the full
 resnetv2_50 is converted and its chains counted.
 """
-import pytest
 import torch
 from torch import nn
 
