@@ -114,14 +114,20 @@ def models_table(rows: List[Row]) -> str:
 
 
 def memory_table(rows: List[Row]) -> str:
-    """Markdown: peak memory at a fixed batch and the largest batch that fits, against depth, per provider."""
+    """Markdown, against depth, per provider: bytes saved for backward (exact) and their ratio to eager, the step
+    time against the fused default ("none"), peak memory (GPU: max_memory_allocated; CPU rows have none, their RSS
+    growth stays in the rows: malloc keeps freed memory, so it ranks modes poorly) and the largest batch."""
     parts = []
     for device, rs in _by_device(rows, "memory").items():
         ok = sorted((r for r in rs if r["status"] == "ok"), key=lambda r: (r["dtype"], r["depth"], r["provider"]))
-        body = [[r["model"], r["depth"], r["dtype"], f"`{r['provider']}`", r["batch"], _gib(r["peak_mem_bytes"]),
-                 _num(r.get("memory_vs_eager"), ".2f"), _num(r.get("max_batch"), "d")] for r in ok]
+        body = [[r["model"], r["depth"], r["dtype"], f"`{r['provider']}`", r["batch"],
+                 _num(r.get("saved_bytes") and r["saved_bytes"] / 2**20, ".1f"), _num(r.get("saved_vs_eager"), ".3f"),
+                 _num(r.get("step_time_vs_none"), ".2f"), _gib(r["peak_mem_bytes"]),
+                 _num(r.get("memory_vs_eager") if r["peak_mem_bytes"] else None, ".2f"),
+                 _num(r.get("max_batch"), "d")] for r in ok]
         parts += ["Memory against depth, " + _header(rs[0]), ""]
-        parts += _table(["model", "depth", "dtype", "provider", "batch", "peak GiB", "mem× eager", "max batch"], body)
+        parts += _table(["model", "depth", "dtype", "provider", "batch", "saved MiB", "saved× eager",
+                         "time× none", "peak GiB", "peak× eager", "max batch"], body)
         notes = sorted({r["max_batch_note"] for r in ok if r.get("max_batch_note")})
         parts += ["", *notes] if notes else []
         missing = _not_measured(rs, "provider")

@@ -127,3 +127,17 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         numerics.main(["--dtypes", "float8"])
     assert e.value.code == 2 and "--dtypes" in capsys.readouterr().err
+
+
+def test_cli_rows_and_report_table(tmp_path, capsys):
+    """`fastresnet numerics --out` writes one row per configuration (the yardstick's included) that
+    benchmarks.report turns into the README's table."""
+    from benchmarks import report
+    out = tmp_path / "numerics.jsonl"
+    code = numerics.main(["--device", DEV, "--backends", "cuda", "--dtypes", "float32", "--nets", "preact_resnet32",
+                          "--out", str(out)])
+    assert code == 0 and "preact_resnet32" in capsys.readouterr().out
+    rows = report.latest(report.common.read_rows([out]))
+    assert len(rows) == 8 and {r["backend"] for r in rows} == {"torch", "cuda"}
+    table = report.numerics_table(rows)
+    assert "| preact_resnet32 | `cuda` |" in table and "4 / 4 pass" in table
