@@ -345,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from fastresnet.info import versions
         dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
         env = dict(bench="numerics", device=dev, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   **{k: versions()[k] for k in ("torch", "triton", "cuda", "numpy")})
+                   **{k: v for k, v in versions().items() if k in ("torch", "triton", "cuda", "numpy")})
         with open(a.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(dict(env, **asdict(r), ok=r.ok)) + "\n")
