@@ -31,6 +31,7 @@ from fastresnet import create_model
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import Backend
 from fastresnet.nn.layers import PreActConv2d
+from fastresnet.nn.units import run_per_layer
 
 MODELS = ("preact_resnet164", "preact_resnet1001")
 PROVIDERS = ("tier_b", "tier_a", "cudnn")
@@ -40,8 +41,8 @@ Shape = Tuple[Tuple[int, ...], Tuple[int, ...], int, int]   # (x shape, weight s
 def conv_shapes(model_name: str, batch: int, image_size: int) -> List[Shape]:
     """The distinct (x shape, weight shape, stride, padding) of the fused convs of one training forward, in order of
     first use (found on the meta device: no memory, no compute)."""
-    model = create_model(model_name, backend="torch").to("meta").train()
-    model.chained = False  # unit by unit, so every PreActConv2d's forward (and hook) runs
+    # layer by layer, so every PreActConv2d's forward (and hook) runs
+    model = run_per_layer(create_model(model_name, backend="torch").to("meta").train())
     seen: Dict[Shape, None] = {}
 
     def hook(mod, args):

@@ -17,7 +17,8 @@
 #   tests     150  GPU-marked tests, the kernel and op tests on CUDA tensors, the whole-net judge's tests
 #   numerics   60  the whole-net judge table (python -m fastresnet.numerics --device cuda)
 #   conv       45  per-shape conv timings, tier B vs tier A vs cuDNN, with floors (preact_resnet164/1001, bf16)
-#   models    100  training step of preact_resnet110/164/1001, bf16, batch 128, channels_last: eager, eager + CUDA
+#   overhead   15  host cost of a training step on tiny CUDA tensors (launch-bound), kernels per step, vs eager
+#   models     85  training step of preact_resnet110/164/1001, bf16, batch 128, channels_last: eager, eager + CUDA
 #                  graph, torch.compile (164 only: compiling 1001 layers takes minutes), and fastresnet's fastest
 #                  backend ± graph: triton_conv, which times its own conv against tier A per layer shape
 #   memory     20  peak memory per checkpoint mode, preact_resnet164
@@ -70,10 +71,15 @@ else
 fi
 stage conv 45 python3 -m benchmarks.bench_conv_shapes $SMOKE --out "$OUT/conv_shapes.jsonl"
 if [ $DRY -eq 1 ]; then
-  stage models 100 python3 -m benchmarks.bench_models --cpu-smoke --out "$OUT/models.jsonl"
+  stage overhead 15 python3 -m benchmarks.bench_overhead --smoke --device cpu --out "$OUT/overhead.jsonl"
 else
-  stage models 100 python3 -m benchmarks.bench_models --models preact_resnet110,preact_resnet164,preact_resnet1001 \
-    --dtypes bf16 --batch 128 --compile-models preact_resnet164 --time-budget 85 \
+  stage overhead 15 python3 -m benchmarks.bench_overhead --models preact_resnet110 --reps 7 --out "$OUT/overhead.jsonl"
+fi
+if [ $DRY -eq 1 ]; then
+  stage models 85 python3 -m benchmarks.bench_models --cpu-smoke --out "$OUT/models.jsonl"
+else
+  stage models 85 python3 -m benchmarks.bench_models --models preact_resnet110,preact_resnet164,preact_resnet1001 \
+    --dtypes bf16 --batch 128 --compile-models preact_resnet164 --time-budget 70 \
     --providers "eager,eager+graph,compile,fastresnet:triton_conv,fastresnet:triton_conv+graph" \
     --out "$OUT/models.jsonl"
 fi

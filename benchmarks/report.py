@@ -8,9 +8,10 @@ Default files: the committed rows in benchmarks/results/ and your runs in $FASTR
 ./benchmark-results/ (`common.output_dir()`). For each (device, bench, cell) the newest row wins, so re-running a
 benchmark replaces its numbers. Rows from `--cpu-smoke` runs (tiny harness checks) are left out unless
 --include-smoke, and the report says how many it left out. `--write-readme` replaces the text between the markers
-`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (both must be present) with the tables and plot links, and
-the text between `<!-- numerics-table:start -->` and `<!-- numerics-table:end -->` with the numerics judge's table
-(rows of `fastresnet numerics --out`).
+`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (both must be present) with the tables and plot links, the
+text between `<!-- numerics-table:start -->` and `<!-- numerics-table:end -->` with the numerics judge's table
+(rows of `fastresnet numerics --out`), and the text between `<!-- overhead-table:start -->` and
+`<!-- overhead-table:end -->` with the host-cost table (rows of `benchmarks.bench_overhead`).
 """
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ from benchmarks import common
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 NUMERICS_START, NUMERICS_END = "<!-- numerics-table:start -->", "<!-- numerics-table:end -->"
+OVERHEAD_START, OVERHEAD_END = "<!-- overhead-table:start -->", "<!-- overhead-table:end -->"
 # the fields that name one measurement cell of each bench (the newest row per cell and device wins)
 CELL_KEYS = {
     "models": ("model", "provider", "dtype", "batch", "image_size", "channels_last"),
     "memory": ("model", "provider", "dtype", "batch", "image_size"),
     "kernels": ("op", "backend", "dtype", "shape"),
     "numerics": ("net", "backend", "dtype", "chained", "layout"),
+    "overhead": ("model", "provider", "dtype", "batch", "image_size", "threads"),
 }
 Row = Dict[str, object]
 
@@ -130,6 +133,38 @@ def memory_table(rows: List[Row]) -> str:
                          "time× none", "peak GiB", "peak× eager", "max batch"], body)
         notes = sorted({r["max_batch_note"] for r in ok if r.get("max_batch_note")})
         parts += ["", *notes] if notes else []
+        missing = _not_measured(rs, "provider")
+        parts += (["", "Not measured:"] + missing) if missing else []
+        parts.append("")
+    return "\n".join(parts)
+
+
+def overhead_table(rows: List[Row]) -> str:
+    """Markdown: the host cost of a training step on tiny tensors per model and provider (median wall ms, its range
+    over the rounds, ratio to eager of the same run; the same for the process CPU time, steadier on a shared machine),
+    the kernels one step launches (all, optimizer, forward + backward per BN-ReLU-conv layer) and the share of the
+    profiled step spent in convolution ops."""
+    parts = []
+    for device, rs in _by_device(rows, "overhead").items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        body = [[r["model"], f"{r['batch']}×{r['image_size']}²", r["threads"],
+                 f"`{r['provider']}`" + (f" (→ `{r['resolved_backend']}`)" if r.get("resolved_backend") else ""),
+                 _num(r["ms_per_step"], ".2f"), f"{r['ms_min']:.2f}–{r['ms_max']:.2f}",
+                 _num(r.get("host_cost_vs_eager"), ".2f"), _num(r.get("cpu_ms_per_step"), ".2f"),
+                 _num(r.get("cpu_cost_vs_eager"), ".2f"), _num(r.get("kernels_per_step"), "d"),
+                 _num(r.get("kernels_optimizer"), "d"), _num(r.get("kernels_per_conv_layer"), ".2f"),
+                 _num(r.get("conv_share") and 100 * r["conv_share"], ".0f")] for r in ok]
+        layers = sorted({(r["model"], r["bn_relu_conv_layers"]) for r in ok if r.get("bn_relu_conv_layers")})
+        parts += [f"Host cost of a training step on tiny tensors (forward + backward + SGD; median of "
+                  f"{rs[0]['reps']} interleaved rounds), " + _header(rs[0]), ""]
+        parts += _table(["model", "batch×input", "threads", "provider", "ms/step", "min–max", "host× eager",
+                         "CPU ms/step", "CPU× eager", "kernels/step", "optimizer kernels",
+                         "fwd+bwd kernels / BN-ReLU-conv", "conv % of step"], body)
+        parts += ["", "BN-ReLU-conv layers: " + ", ".join(f"{m} {n}" for m, n in layers) + ". "
+                  + ("Kernels: CUDA kernel events of the profiler." if device != "cpu" else
+                     "Kernels on CPU: the ATen ops that would be GPU kernels (one per op, views and allocations "
+                     "left out), extension ops and Triton launches (rule in `benchmarks/bench_overhead.py`). ")
+                  + "conv %: self CPU time of the ATen convolution ops in one profiled step."]
         missing = _not_measured(rs, "provider")
         parts += (["", "Not measured:"] + missing) if missing else []
         parts.append("")
@@ -265,8 +300,8 @@ def default_files() -> List[Path]:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: {models,memory,kernels}_*.jsonl "
-                   "in benchmarks/results/ and in $FASTRESNET_BENCH_DIR or ./benchmark-results/)")
+    p.add_argument("files", nargs="*", type=Path, help="JSON Lines files (default: <bench>_*.jsonl for every bench "
+                   "of CELL_KEYS, in benchmarks/results/ and in $FASTRESNET_BENCH_DIR or ./benchmark-results/)")
     p.add_argument("--include-smoke", action="store_true", help="keep rows of --cpu-smoke runs")
     p.add_argument("--plots-dir", type=Path, default=None, help="default: plots/ beside your runs "
                    "($FASTRESNET_BENCH_DIR or ./benchmark-results/); with --write-readme benchmarks/results/plots/, "
@@ -298,13 +333,15 @@ def main(argv=None) -> str:
             print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
     base = args.write_readme.resolve().parent if args.write_readme else None
     block = render(rows, [q.resolve() for q in plots] if base else plots, base)
-    numerics = numerics_table(rows)
-    print(block + ("\n" + numerics if numerics else ""))
+    numerics, overhead = numerics_table(rows), overhead_table(rows)
+    print(block + "".join("\n" + t for t in (numerics, overhead) if t))
     if args.write_readme:
         write_readme(args.write_readme, block)
         if numerics:
             write_readme(args.write_readme, numerics, NUMERICS_START, NUMERICS_END)
-        print(f"wrote the perf-table (and numerics-table) blocks of {args.write_readme}")
+        if overhead:
+            write_readme(args.write_readme, overhead, OVERHEAD_START, OVERHEAD_END)
+        print(f"wrote the perf-table (and numerics-table, overhead-table) blocks of {args.write_readme}")
     return block
 
 

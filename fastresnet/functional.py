@@ -6,7 +6,7 @@ the BN input x keeps its own dtype (the residual stream may stay fp32) and stati
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from torch import Tensor
 from fastresnet import ops, recompute, reference
 from fastresnet.backends import resolve
 from fastresnet.ops.bn_ops import conv_out_shape
+from fastresnet.sync import combine_batch_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
@@ -106,8 +107,8 @@ def bn_statistics(
     """(mean, rstd) for BN of x, fp32. Training (or no running buffers): this batch's statistics — taken from
     `stats` if a producer (e.g. `add_stats`) already computed them — and the running buffers updated once.
     Eval: the running statistics. `process_group` (training only): the batch is split across its ranks and the
-    statistics are those of the global batch (`fastresnet.distributed.combine_batch_stats`); this synchronises the
-    forward only — use the layers' `process_group` (or `fastresnet.distributed`) for the matching backward.
+    statistics are those of the global batch (`fastresnet.sync.combine_batch_stats`); this synchronises the
+    forward only — use the layers' `process_group` (or `fastresnet.sync_functional`) for the matching backward.
     Inside a recomputed unit's replay (`fastresnet.recompute`) the first forward's (mean, rstd) come back instead:
     nothing is computed, communicated or updated again."""
     replayed = recompute.replayed_statistics(x)
@@ -118,7 +119,6 @@ def bn_statistics(
         mean, var = stats if stats is not None else ops.batch_stats(x, backend)
         count = x.numel() // x.shape[1]
         if process_group is not None and training:
-            from fastresnet.distributed import combine_batch_stats  # imports this module: resolved at call time
             mean, var, count = combine_batch_stats(mean, var, count, process_group)
         if training and running_mean is not None:
             reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
@@ -233,3 +233,113 @@ def add_stats(a: Tensor, b: Tensor, backend: Optional[str] = None) -> Tuple[Tens
     if a.dim() != 4:
         raise ValueError(f"a: expected a 4-D tensor [N, C, H, W], got shape {tuple(a.shape)}")
     return ops.add_stats(a, b, resolve(a, backend))
+
+
+class BNConv(NamedTuple):
+    """One BN → ReLU → conv layer of a residual unit (`preact_unit`): the conv weight [C_out, C_in, kh, kw], the BN's
+    affine parameters and running buffers (None where absent), its momentum and eps, and the conv's (stride,
+    padding) pairs."""
+    weight: Tensor
+    bn_weight: Optional[Tensor]
+    bn_bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+
+
+def _check_unit(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_weight: Optional[Tensor],
+                shortcut_stride: int, stats) -> List[int]:
+    """Validate `preact_unit`'s arguments; returns N·H·W of every BN's input (its statistics' sample count)."""
+    if shortcut not in ops.unit_ops.SHORTCUTS:
+        raise ValueError(f"shortcut: expected one of {ops.unit_ops.SHORTCUTS}, got {shortcut!r}")
+    if len(layers) == 0:
+        raise ValueError("layers: expected at least one BNConv layer")
+    if isinstance(shortcut_stride, bool) or not isinstance(shortcut_stride, int) or shortcut_stride < 1:
+        raise ValueError(f"shortcut_stride: expected a positive int, got {shortcut_stride!r}")
+    shape, counts = x.shape, []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, BNConv):
+            raise TypeError(f"layers[{i}]: expected a BNConv, got {type(layer).__name__}")
+        params = [("bn_weight", layer.bn_weight), ("bn_bias", layer.bn_bias), ("running_mean", layer.running_mean),
+                  ("running_var", layer.running_var)]
+        if i == 0:
+            check_conv_input(x, layer.weight, True, layer.stride, layer.padding, params, stats)
+        elif not isinstance(layer.weight, Tensor) or layer.weight.dim() != 4 or layer.weight.shape[1] != shape[1]:
+            raise ValueError(f"layers[{i}].weight: expected a 4-D conv weight with {shape[1]} input channels (the "
+                             f"output channels of layers[{i - 1}]), got "
+                             f"{tuple(layer.weight.shape) if isinstance(layer.weight, Tensor) else layer.weight!r}")
+        else:
+            for name, t in params:
+                if t is not None:
+                    _check_channel_vector(f"layers[{i}].{name}", t, x, shape[1])
+            if shape[0] * shape[2] * shape[3] <= 1:
+                raise ValueError(
+                    f"x: batch-norm training needs more than one value per channel, but layers[{i}]'s input has "
+                    f"shape {tuple(shape)} (N·H·W = 1) for x of shape {tuple(x.shape)}; use a larger batch or eval "
+                    "mode")
+        counts.append(shape[0] * shape[2] * shape[3])
+        shape = conv_out_shape(shape, layer.weight.shape, list(layer.stride), list(layer.padding))
+    out_channels, in_channels = shape[1], x.shape[1]
+    if shortcut == "shared_projection":
+        want = (out_channels, in_channels, 1, 1)
+        if not isinstance(shortcut_weight, Tensor) or tuple(shortcut_weight.shape) != want:
+            raise ValueError(f"shortcut_weight: expected a projection weight of shape {want}, got "
+                             f"{tuple(shortcut_weight.shape) if isinstance(shortcut_weight, Tensor) else None}")
+    elif shortcut_weight is not None:
+        raise ValueError(f"shortcut_weight: only the 'shared_projection' shortcut has a weight, got shortcut="
+                         f"{shortcut!r}")
+    if shortcut == "zero_pad":
+        if out_channels < in_channels:
+            raise ValueError(f"shortcut: zero_pad cannot reduce width ({in_channels} -> {out_channels})")
+        expected = [(d - 1) // shortcut_stride + 1 for d in x.shape[2:]]
+    elif shortcut == "shared_projection":
+        expected = [(d - 1) // shortcut_stride + 1 for d in x.shape[2:]]
+    else:
+        if out_channels != in_channels:
+            raise ValueError(f"shortcut: {shortcut!r} needs as many output channels as input channels, got "
+                             f"{in_channels} -> {out_channels}")
+        expected = list(x.shape[2:])
+    if list(shape[2:]) != expected:
+        raise ValueError(f"shortcut_stride: the shortcut gives spatial size {tuple(expected)}, the residual branch "
+                         f"{tuple(shape[2:])}")
+    return counts
+
+
+def preact_unit(
+    x: Tensor,
+    layers: Sequence[BNConv],
+    shortcut: str = "identity",
+    shortcut_weight: Optional[Tensor] = None,
+    shortcut_stride: int = 1,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward of a full pre-activation residual unit as one autograd node: x_{l+1} = h(x) + F(x) with
+    F = conv_k ∘ relu ∘ BN_k ∘ … ∘ conv_1 ∘ relu ∘ BN_1 (`layers`, batch statistics, each running buffer updated
+    once) and the shortcut h: "identity", "zero_pad" (option A, `shortcut_stride`), "shared_identity" (h =
+    relu(BN_1(x))) or "shared_projection" (h = conv1×1(relu(BN_1(x)), shortcut_weight, stride shortcut_stride)).
+
+    `stats`: x's batch (mean, biased var) if known (the previous unit returns them). Returns (x_{l+1}, its mean, its
+    var) for the next unit's `stats`. Saves x and the inner BN inputs; the backward runs the layers in reverse and
+    adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3).
+    """
+    counts = _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
+    name = resolve(x, backend)
+    mean, var = stats if stats is not None else ops.batch_stats(x, name)
+    weights = [_conv_weight(layer.weight, x) for layer in layers]
+    if shortcut_weight is not None:
+        weights.append(_conv_weight(shortcut_weight, x))
+    out, out_mean, out_var, *inner = ops.preact_unit(
+        x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
+        [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
+        [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
+    if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
+        reference.update_running_stats_many([
+            (layer.running_mean, layer.running_var, layer.num_batches_tracked, m, v, count, layer.momentum)
+            for layer, count, m, v in zip(layers, counts, [mean] + inner[0::2], [var] + inner[1::2])
+            if layer.running_mean is not None])
+    return out, out_mean, out_var

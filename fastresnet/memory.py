@@ -64,6 +64,7 @@ class Layer:
     # the part of `saved` that is the unit input x_l (kept anyway in recomputation) and the per-channel statistics
     input_bytes: int = 0
     stat_bytes: int = 0
+    one_op: bool = False  # part of a unit that runs as one op: its statistics never enter a recomputation tape
 
 
 @dataclass
@@ -110,7 +111,8 @@ class _Walker:
         out = (n, conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
         return out, _numel(shape) * self.act * saves_input + self._weight_copy(conv.weight), _numel(out) * self.act
 
-    def preact_conv(self, layer: nn.Module, shape: Shape, unit: Optional[int], eager: bool) -> Shape:
+    def preact_conv(self, layer: nn.Module, shape: Shape, unit: Optional[int], eager: bool,
+                    one_op: bool = False) -> Shape:
         """A fused `PreActConv2d` (saves its input and (mean, rstd)) or its eager Sequential(bn, relu, conv)
         (also the ReLU output, which the conv saves too)."""
         conv = layer.conv
@@ -118,32 +120,34 @@ class _Walker:
         out, w_copy, out_bytes = self.conv(conv, shape, saves_input=False)
         x_bytes = _numel(shape) * self.act
         saved = x_bytes + stats + w_copy + (x_bytes if eager else 0)
-        self.layers.append(Layer(saved, self._grads(layer), out_bytes + 3 * x_bytes, unit, x_bytes, stats))
+        self.layers.append(Layer(saved, self._grads(layer), out_bytes + 3 * x_bytes, unit, x_bytes, stats, one_op))
         return out
 
-    def bn_relu(self, shape: Shape, module: nn.Module, unit: Optional[int], eager: bool) -> int:
+    def bn_relu(self, shape: Shape, module: nn.Module, unit: Optional[int], eager: bool,
+                one_op: bool = False) -> int:
         """A fused `BNReLU2d` (saves x, (mean, rstd)) or eager BN → ReLU (also the output); returns the bytes of the
         activation it produces."""
         x_bytes, stats = _numel(shape) * self.act, 2 * shape[1] * STAT_BYTES
         saved = x_bytes + stats + (x_bytes if eager else 0)
-        self.layers.append(Layer(saved, self._grads(module), 3 * x_bytes, unit, x_bytes, stats))
+        self.layers.append(Layer(saved, self._grads(module), 3 * x_bytes, unit, x_bytes, stats, one_op))
         return x_bytes
 
     def unit(self, u: nn.Module, shape: Shape, index: int, eager: bool) -> Shape:
+        one_op = not eager and u.one_op() is not None  # `ResidualUnit.one_op`: the unit saves x, not activations
         if u.share_preact:
-            a_bytes = self.bn_relu(shape, u.preact, index, eager)
-            # conv1 and a projection shortcut both save the activation a: one storage, counted once (fused: here;
-            # eager: the ReLU already saved it)
+            a_bytes = self.bn_relu(shape, u.preact, index, eager, one_op)
+            # conv1 and a projection shortcut both read the activation a: eager, the ReLU saved it; per-layer fused,
+            # conv1 saves it (the projection saves the same storage); one op, it is recomputed from x
             y, w_copy, out_bytes = self.conv(u.conv1, shape, saves_input=False)
-            saved = (0 if eager else a_bytes) + w_copy
-            self.layers.append(Layer(saved, self._grads(u.conv1), out_bytes + 2 * a_bytes, index))
+            saved = (0 if eager or one_op else a_bytes) + w_copy
+            self.layers.append(Layer(saved, self._grads(u.conv1), out_bytes + 2 * a_bytes, index, one_op=one_op))
             self.shortcut(u.shortcut, shape, index)
             first = 2
         else:
             self.shortcut(u.shortcut, shape, index)
             y, first = shape, 1
         for i in range(first, u.num_layers + 1):
-            y = self.preact_conv(getattr(u, f"conv{i}"), y, index, eager)
+            y = self.preact_conv(getattr(u, f"conv{i}"), y, index, eager, one_op)
         return y
 
     def shortcut(self, sc: nn.Module, shape: Shape, index: int) -> None:
@@ -247,14 +251,16 @@ def plan(model: nn.Module, batch: int, image_size: int = 32, dtype: str = "fp32"
 
 
 def _kept_bytes(layers: List[Layer], segments: List[List[int]]) -> Dict[int, int]:
-    """Per recomputed segment (keyed by its index): what it keeps, x_l, the statistics of x_l it was handed (var
-    only: the mean is the storage its first BN's tape entry holds) and its statistics tape."""
+    """Per recomputed segment (keyed by its index): what it keeps, x_l, the statistics of x_l it was handed and its
+    statistics tape (the per-layer units' (mean, rstd); a one-op unit records none). Handed: (mean, var), or the
+    var only when the first BN is per-layer (its tape entry holds the mean's storage); the first unit gets none."""
     kept = {}
     for s, units in enumerate(segments):
         mine = [lay for lay in layers if lay.unit in units]
         first_input = next(lay.input_bytes for lay in mine if lay.input_bytes)
-        handed = (mine[0].stat_bytes // 2) if units[0] > 0 else 0  # the first unit gets no statistics
-        kept[s] = first_input + handed + sum(lay.stat_bytes for lay in mine)
+        vector = mine[0].stat_bytes // 2  # one [C] statistics vector of x_l
+        handed = 0 if units[0] == 0 else vector * (2 if mine[0].one_op else 1)
+        kept[s] = first_input + handed + sum(lay.stat_bytes for lay in mine if not lay.one_op)
     return kept
 
 

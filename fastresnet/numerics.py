@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from fastresnet.backends import available_backends
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
+from fastresnet.nn.units import run_per_layer
 
 # unit roundoff of each dtype (half an ulp at 1): 2^-(mantissa bits + 1)
 _UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -110,9 +111,7 @@ def separate_relu_ties(model: nn.Module, x: Tensor, margin: float = 1e-2) -> flo
     `model` are untouched (the copy takes the updates)."""
     if margin <= 0:
         raise ValueError(f"margin: expected a positive number, got {margin}")
-    twin = copy.deepcopy(model).double().train()
-    if hasattr(twin, "chained"):
-        twin.chained = False  # unit by unit, so every fused layer's forward (and its hook) runs; same values
+    twin = run_per_layer(copy.deepcopy(model).double().train())  # every fused layer's forward (and hook) runs
     shifts = [0.0]
     handles = []
     for (mod, bn), (_, orig_bn) in zip(_bn_relu_modules(twin), _bn_relu_modules(model)):

@@ -15,9 +15,8 @@ rstd) from the tape instead of computing it, so the recomputation
   the first forward), and never updates running statistics or `num_batches_tracked`: they change once per step;
 - reproduces the first forward bitwise: the kernels are deterministic and get the same inputs and statistics.
 
-The replay of a chain stops before the last fused conv of the segment: that conv's output is the segment's output,
-which backward does not need, so its own backward runs directly on the replayed input and the tape's statistics
-(`ResidualUnit.last_conv_backward`) and the conv, the residual add and their statistics are not recomputed.
+A unit that runs as one op (`ResidualUnit.one_op`) computes its inner statistics itself, bitwise again from the
+same input, so it neither records nor reads the tape; its replay only skips the running-statistics update.
 
 The replay also restores what else the first forward depended on: the autocast state of x's device, and the RNG
 state when the segment holds an active dropout (the dropout-shortcut units), so the same elements are dropped.
@@ -34,7 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import ExitStack, contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -134,21 +133,6 @@ class Segment:
                 x, stats = unit(x), None
         return x, stats
 
-    def replay(self, x: Tensor, stats: Stats, dout: Tensor) -> Tuple[List[Tensor], List[Tensor], Dict[Tensor, Tensor]]:
-        """Run the units again (in the replay context) for the backward of their output given its gradient `dout`:
-        returns (roots, their gradients, gradients already computed for some parameters). A chain stops before its
-        last fused conv, whose output nothing needs: that conv's backward runs directly on the replayed input
-        (`ResidualUnit.last_conv_backward`), saving the conv, the residual add and their statistics."""
-        *inner, final = self.units
-        x, stats = Segment(inner, self.chained)(x, stats)
-        last = final.last_fused_conv if self.chained else None
-        if last is None or last.process_group is not None:
-            out, _ = Segment([final], self.chained)(x, stats)
-            return [out], [dout], {}
-        y, _, h, _ = final.chain_to_last(x, stats)
-        dy, dh, param_grads = final.last_conv_backward(y, h, replayed_statistics(y), dout)
-        return [y, h], [dy, dh], param_grads
-
     def draws_random(self) -> bool:
         """Whether running the units consumes random numbers (an active dropout)."""
         return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in self.modules)
@@ -196,15 +180,13 @@ class _RecomputedUnits(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            roots, root_grads, computed = segment.replay(xr, None if mean is None else (mean, var), dout)
+            out, _ = segment(xr, None if mean is None else (mean, var))
         tape.check_consumed()
-        known = {id(p): g for p, g in computed.items()}
         wanted = [xr] if xr.requires_grad else []
-        wanted += [p for p, need in zip(segment.params, ctx.needs_input_grad[4:]) if need and id(p) not in known]
-        grads = iter(torch.autograd.grad(roots, wanted, root_grads, allow_unused=True))
+        wanted += [p for p, need in zip(segment.params, ctx.needs_input_grad[4:]) if need]
+        grads = iter(torch.autograd.grad([out], wanted, [dout], allow_unused=True))
         dx = next(grads) if xr.requires_grad else None
-        dparams = [None if not need else known[id(p)] if id(p) in known else next(grads)
-                   for p, need in zip(segment.params, ctx.needs_input_grad[4:])]
+        dparams = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
         return (None, dx, None, None, *dparams)
 
 

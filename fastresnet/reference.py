@@ -8,7 +8,7 @@ All arithmetic runs in float32 (float64 stays float64); outputs are rounded once
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,11 @@ from torch import Tensor
 def _acc(x: Tensor) -> Tensor:
     """The accumulation dtype for x: float64 stays float64, everything else computes in float32."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it already is (skips a dispatcher call on the per-layer host path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _per_channel(v: Tensor) -> Tensor:
@@ -39,8 +44,8 @@ def scale_shift(
     mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """Fold BN into a per-channel affine map: scale = gamma·rstd, shift = beta − mean·scale (gamma=1, beta=0 if None)."""
-    scale = rstd if weight is None else weight.to(rstd.dtype) * rstd
-    shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale
+    scale = rstd if weight is None else cast(weight, rstd.dtype) * rstd
+    shift = -mean * scale if bias is None else cast(bias, rstd.dtype) - mean * scale
     return scale, shift
 
 
@@ -112,15 +117,31 @@ def update_running_stats(
     num_batches_tracked += 1; factor = momentum, or 1/num_batches_tracked when momentum is None (cumulative
     average); running = (1 − factor)·running + factor·batch, with the unbiased variance var·M/(M − 1).
     """
+    update_running_stats_many([(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)])
+
+
+def update_running_stats_many(
+    entries: Sequence[Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor, int, Optional[float]]],
+) -> None:
+    """`update_running_stats` for several BNs at once, each entry its arguments in order: BNs sharing a momentum
+    and a buffer dtype update with one multi-tensor op per step (four for a whole residual unit, whatever its depth),
+    the same arithmetic as one BN at a time."""
     with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
-        else:
-            factor = momentum
-        unbiased = var * (count / (count - 1))
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+        nbts = [e[2] for e in entries if e[2] is not None]
+        if nbts:
+            torch._foreach_add_(nbts, 1)
+        groups = {}
+        for rm, rv, nbt, mean, var, count, momentum in entries:
+            if momentum is None:
+                if nbt is None:
+                    raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+                factor = 1.0 / nbt.to(rm.dtype)
+                rm.lerp_(cast(mean, rm.dtype), factor)
+                rv.lerp_(cast(var * (count / (count - 1)), rv.dtype), factor)
+            else:
+                groups.setdefault((momentum, rm.dtype, rv.dtype), []).append((rm, rv, mean, var, count))
+        for (momentum, mean_dtype, var_dtype), group in groups.items():
+            rms, rvs, means, variances, counts = zip(*group)
+            unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
+            torch._foreach_lerp_(list(rms), [cast(m, mean_dtype) for m in means], momentum)
+            torch._foreach_lerp_(list(rvs), [cast(u, var_dtype) for u in unbiased], momentum)

@@ -5,7 +5,8 @@ Shapes (logical NCHW as in PyTorch; the kernels address memory through strides, 
 layout, and NCHW both work without a copy; the GEMM K loop runs over (kh, kw, C) with C innermost, which is the
 contiguous axis of NHWC):
   x   [N, C_in, H, W]        BN input (fp32 / fp16 / bf16; loaded and upcast to fp32 at once)
-  w   [C_out, C_in, KH, KW]  conv weight; its dtype is the conv's compute dtype
+  w   [C_out, C_in, KH, KW]  conv weight; its dtype is the conv's compute dtype. The kernels read it as a contiguous
+                             [C_out, KH, KW, C_in] tensor (`_weight_ohwi`), so weight tiles are contiguous loads
   y   [N, C_out, Ho, Wo]     conv output, in w's dtype; Ho = (H + 2·PAD − KH) // STRIDE + 1
 Per-channel vectors (scale, shift, mean, rstd, statistics) are fp32 [C].
 
@@ -24,13 +25,17 @@ tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partial
 split order by `kernels.stats.sum_rows`.
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
+Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = KH·KW·K_BLOCKS steps, a constexpr —
+which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split.
+Tiles, warps and stages per launch: `gemm_tiles` / `wgrad_tiles` (a deterministic rule, see "launchers").
+
 Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses TF32 exactly
 when cuDNN convs do, `fastresnet.kernels.conv_fp32_precision`). Interpreter (CPU): fp32 for
 fp32 and bf16 (the interpreter miscomputes bf16 arithmetic and bf16 `tl.dot`, docs/architecture.md §6), fp16 for fp16.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -39,7 +44,9 @@ from torch import Tensor
 
 from fastresnet.kernels import conv_fp32_precision, interpreting
 from fastresnet.kernels.bn_relu import bn_backward_from_partials
-from fastresnet.kernels.stats import chunk_summary, memory_format, merge_partials, store_partial, sum_rows
+from fastresnet.kernels.stats import (
+    _sm_count, chunk_summary, memory_format, merge_partials, store_partial, sum_rows,
+)
 
 
 # ---- device helpers ------------------------------------------------------------------------------------------------
@@ -61,16 +68,18 @@ def _gemm_tile(M, H, W, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _offsets(nb, h, w, ch, sn, sc, sh, sw):
-    """Offsets [BLOCK_M, BLOCK_CH] of positions (nb, h, w) [BLOCK_M] × channels ch [BLOCK_CH], strides sn..sw."""
-    return (nb * sn + h * sh + w * sw)[:, None] + ch[None, :] * sc
+def _k_step(kk, C, KW: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr):
+    """Step kk of the flattened K loop over (tap, channel block), channel blocks innermost: the tap (kh, kw), the
+    channels rk [BLOCK_K] of this step and their mask."""
+    tap = kk // K_BLOCKS
+    rk = (kk % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tap // KW, tap % KW, tap, rk, rk < C
 
 
 @triton.jit
-def _dot_weight(acc, a, w_ptr, rk, k_ok, sk, rn, n_ok, sn, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N], w[k, n] at w_ptr + rk[k]·sk + rn[n]·sn (0 where masked)."""
-    wv = tl.load(w_ptr + rk[:, None] * sk + rn[None, :] * sn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    return tl.dot(a.to(DOT_DTYPE), wv.to(tl.float32).to(DOT_DTYPE), acc, input_precision=PRECISION)
+def _offsets(nb, h, w, ch, sn, sc, sh, sw):
+    """Offsets [BLOCK_M, BLOCK_CH] of positions (nb, h, w) [BLOCK_M] × channels ch [BLOCK_CH], strides sn..sw."""
+    return (nb * sn + h * sh + w * sw)[:, None] + ch[None, :] * sc
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
@@ -78,36 +87,34 @@ def _dot_weight(acc, a, w_ptr, rk, k_ok, sk, rn, n_ok, sn, DOT_DTYPE: tl.constex
 def _conv_fwd_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0)
-    w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
+    w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous: row co is K = (kh, kw, ci)
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
     part_ptr,                   # [4, tiles_m, C_out] fp32 per-tile partials of the stored y (STATS; kernels.stats)
     M, C_in, H, W, C_out, Ho, Wo,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
+    K_ITERS: tl.constexpr,
 ):
     # rows m = (n, ho, wo) of y × output channels co
     m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            hi = ho * STRIDE - PAD + kh
-            wi = wo * STRIDE - PAD + kw
-            pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x_row = nb * sxn + hi * sxh + wi * sxw                      # [BLOCK_M] offset of (n, hi, wi)
-            for kb in range(K_BLOCKS):                                    # K_BLOCKS = cdiv(C_in, BLOCK_K)
-                rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)                 # input channels ci of this K slice
-                k_ok = rk < C_in
-                a_mask = pos_ok[:, None] & k_ok[None, :]
-                xv = tl.load(x_ptr + x_row[:, None] + rk[None, :] * sxc, mask=a_mask, other=0.0).to(tl.float32)
-                s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
-                t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
-                # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
-                a = tl.maximum(xv * s[None, :] + t[None, :], 0.0)
-                a = tl.where(a_mask, a, 0.0)
-                acc = _dot_weight(acc, a, w_ptr + kh * swh + kw * sww, rk, k_ok, swi, rn, n_ok, swo,
-                                  DOT_DTYPE, PRECISION)
+    w_col = rn * (KH * KW * C_in)                                      # [BLOCK_N] start of weight row co
+    for kk in range(K_ITERS):                                         # K_ITERS = KH·KW·K_BLOCKS: one pipelined loop
+        kh, kw, tap, rk, k_ok = _k_step(kk, C_in, KW, BLOCK_K, K_BLOCKS)  # rk: input channels ci of this step
+        hi = ho * STRIDE - PAD + kh
+        wi = wo * STRIDE - PAD + kw
+        a_mask = (m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & k_ok[None, :]
+        xv = tl.load(x_ptr + _offsets(nb, hi, wi, rk, sxn, sxc, sxh, sxw), mask=a_mask, other=0.0)
+        s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
+        t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
+        # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
+        a = tl.where(a_mask, tl.maximum(xv.to(tl.float32) * s[None, :] + t[None, :], 0.0), 0.0)
+        # weight tile [BLOCK_K, BLOCK_N]: ci contiguous
+        wv = tl.load(w_ptr + (tap * C_in + rk)[:, None] + w_col[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), wv.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     # epilogue: + residual (fp32), one rounded store, per-tile statistics of the stored value
     y_off = _offsets(nb, ho, wo, rn, syn, syc, syh, syw)
@@ -128,36 +135,34 @@ def _conv_fwd_kernel(
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
-    w_ptr,                      # [C_out, C_in, KH, KW] weight, strides swo, swi, swh, sww
+    w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
     dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = da·[x·scale + shift > 0]
     psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
     M, C_in, H, W, C_out, Ho, Wo,
-    sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
+    K_ITERS: tl.constexpr,
 ):
     # da = implicit GEMM of dy with the weight over rows m = (n, h, w) of x × input channels ci, K = (kh, kw, co):
     # the transposed conv gathers the output positions (ho, wo) that read (hi, wi) through tap (kh, kw).
     m_ok, nb, hi, wi, rn, n_ok, acc = _gemm_tile(M, H, W, C_in, BLOCK_M, BLOCK_N)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            th = hi + PAD - kh
-            tw = wi + PAD - kw
-            ho = th // STRIDE
-            wo = tw // STRIDE
-            pos_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0)
-                      & (ho < Ho) & (wo < Wo))
-            dy_row = nb * sdn + ho * sdh + wo * sdw
-            for kb in range(K_BLOCKS):                                    # K_BLOCKS = cdiv(C_out, BLOCK_K)
-                rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)                 # output channels co of this K slice
-                k_ok = rk < C_out
-                dyv = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
-                              mask=pos_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                acc = _dot_weight(acc, dyv, w_ptr + kh * swh + kw * sww, rk, k_ok, swo, rn, n_ok, swi,
-                                  DOT_DTYPE, PRECISION)
+    for kk in range(K_ITERS):                                         # K_ITERS = KH·KW·K_BLOCKS: one pipelined loop
+        kh, kw, tap, rk, k_ok = _k_step(kk, C_out, KW, BLOCK_K, K_BLOCKS)  # rk: output channels co of this step
+        th = hi + PAD - kh
+        tw = wi + PAD - kw
+        ho = th // STRIDE
+        wo = tw // STRIDE
+        pos_ok = m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) & (ho < Ho) & (wo < Wo)
+        dyv = tl.load(dy_ptr + _offsets(nb, ho, wo, rk, sdn, sdc, sdh, sdw), mask=pos_ok[:, None] & k_ok[None, :],
+                      other=0.0)
+        # weight tile [BLOCK_K, BLOCK_N] = w[co, kh, kw, ci]: ci contiguous
+        wv = tl.load(w_ptr + (rk * (KH * KW * C_in) + tap * C_in)[:, None] + rn[None, :],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(dyv.to(DOT_DTYPE), wv.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     # epilogue: ReLU mask recomputed from x, dz stored (at x's offsets), per-tile Σdz and Σdz·x̂
     mask = m_ok[:, None] & n_ok[None, :]
@@ -182,14 +187,15 @@ def _conv_wgrad_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
-    part_ptr,                   # [SPLITS, C_out, C_in, KH, KW] fp32 out: this split's share of dW
+    part_ptr,                   # [SPLITS, C_out, KH, KW, C_in] fp32 out: this split's share of dW
     M, C_in, H, W, C_out, Ho, Wo, rows_per_split,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
-    # program (tap·ci-block, co-block, split): dW[co, ci, kh, kw] over rows [split·R, (split+1)·R) of M = N·Ho·Wo
+    # program (tap·ci-block, co-block, split): dW[co, kh, kw, ci] over rows [split·R, (split+1)·R) of M = N·Ho·Wo,
+    # the GEMM's K (split-K: the splits' partials are summed in split order by the launcher)
     n_cib = tl.cdiv(C_in, BLOCK_CI)
     tap = tl.program_id(0) // n_cib
     kh = tap // KW
@@ -206,27 +212,117 @@ def _conv_wgrad_kernel(
     m_start = split * rows_per_split                      # rows_per_split is a multiple of BLOCK_M
     m_end = tl.minimum(m_start + rows_per_split, M)
     for i in range(ROW_BLOCKS):                           # ROW_BLOCKS = rows_per_split // BLOCK_M
-        m_ok, nb, ho, wo = _rows(m_start + i * BLOCK_M, m_end, Ho, Wo, BLOCK_M)                  # output rows (n, ho, wo)
+        m_ok, nb, ho, wo = _rows(m_start + i * BLOCK_M, m_end, Ho, Wo, BLOCK_M)          # output rows (n, ho, wo)
         dyv = tl.load(dy_ptr + _offsets(nb, ho, wo, rco, sdn, sdc, sdh, sdw),
-                      mask=m_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)    # [BLOCK_M, BLOCK_CO]
+                      mask=m_ok[:, None] & co_ok[None, :], other=0.0)                   # [BLOCK_M, BLOCK_CO]
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
-        pos_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        a_mask = pos_ok[:, None] & ci_ok[None, :]
-        xv = tl.load(x_ptr + _offsets(nb, hi, wi, rci, sxn, sxc, sxh, sxw),
-                     mask=a_mask, other=0.0).to(tl.float32)                          # [BLOCK_M, BLOCK_CI]
+        a_mask = (m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & ci_ok[None, :]
+        xv = tl.load(x_ptr + _offsets(nb, hi, wi, rci, sxn, sxc, sxh, sxw), mask=a_mask, other=0.0)
         # prologue: recompute the activation from x; zero padding in the activated space
-        a = tl.where(a_mask, tl.maximum(xv * s[None, :] + t[None, :], 0.0), 0.0)
+        a = tl.where(a_mask, tl.maximum(xv.to(tl.float32) * s[None, :] + t[None, :], 0.0), 0.0)
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-    off = rco[:, None] * (C_in * KH * KW) + rci[None, :] * (KH * KW) + kh * KW + kw
-    tl.store(part_ptr + split * (C_out * C_in * KH * KW) + off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    off = rco[:, None] * (KH * KW * C_in) + tap * C_in + rci[None, :]
+    tl.store(part_ptr + split * (C_out * KH * KW * C_in) + off, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
+# Tile choice (GPU): a deterministic rule per launch (shape, dtype, direction), no autotuning, so a launch's tiles and
+# hence its reduction order are a function of its shape alone (bitwise reproducible). What it keeps within sm_90's
+# limits (checked for every launch of the zoo's nets by benchmarks/static_sm90.py):
+# - shared memory: the pipelined operand buffers (num_stages copies of one K step's A and B tiles) within
+#   _SMEM_BUDGET, leaving room under the 227 KB per block for the dot's operand staging and the epilogue;
+# - registers: at most _REGS_PER_THREAD fp32 values of the accumulator plus the prologue's activation tile per
+#   thread (more warps for larger tiles), so nothing spills;
+# - SMs: tiles shrink (rows first, then columns) until the grid has at least one program per SM where the shape
+#   allows; wgrad splits its K (the N·Ho·Wo rows) instead, summed in split order.
+_SMEM_BUDGET = 160 * 1024
+_REGS_PER_THREAD = 64
+_MAX_ROW_BLOCKS = 64       # wgrad: most row blocks one program walks (its serial loop)
+
+
+class Tiles(NamedTuple):
+    """Launch configuration of one conv kernel: GEMM tile [block_m, block_n] with K steps of block_k (wgrad:
+    [block_n = C_out, block_k = C_in] per program and block_m rows per K step), warps and pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
 def _pow2(n: int, lo: int = 16, hi: int = 128) -> int:
     """Block size for an axis of length n: the next power of two, clamped to [lo, hi] (tl.dot needs >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _warps(fp32_values: int) -> int:
+    """4 or 8 warps: enough that fp32_values per tile stay within _REGS_PER_THREAD per thread where 8 can."""
+    return 8 if fp32_values > 4 * 32 * _REGS_PER_THREAD else 4
+
+
+def _stages(stage_bytes: int) -> int:
+    """Pipeline depth: as many copies of one K step's operand tiles as fit _SMEM_BUDGET, between 2 and 4."""
+    return max(2, min(4, _SMEM_BUDGET // stage_bytes))
+
+
+def _sms(device: torch.device) -> int:
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def gemm_tiles(m: int, n: int, k_channels: int, a_bytes: int, b_bytes: int, device: torch.device) -> Tiles:
+    """Tiles of the forward / dgrad implicit GEMM: m rows × n columns, K = taps × k_channels, operand elements of
+    a_bytes (activation / dy) and b_bytes (weight). GPU: the rule above; interpreter: 32-row tiles (fast tests, and
+    several tiles even on tiny inputs, so the statistics merges are exercised)."""
+    block_n, block_k = _pow2(n), _pow2(k_channels, hi=64)
+    if interpreting() or device.type != "cuda":
+        return Tiles(32, block_n, block_k, 4, 1)
+    block_m, sms = 128, _sms(device)
+    while triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < sms:
+        if block_m > 64:
+            block_m //= 2
+        elif block_n > 32:
+            block_n //= 2
+        else:
+            break
+    return Tiles(block_m, block_n, block_k, _warps(block_m * (block_n + block_k)),
+                 _stages(block_m * block_k * a_bytes + block_k * block_n * b_bytes))
+
+
+def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes: int, device: torch.device,
+                splits: Optional[int] = None) -> Tuple[Tiles, int, int]:
+    """(tiles, rows per split, splits) of wgrad: a [block_n = C_out block, block_k = C_in block] tile of one tap per
+    program, its K = the m = N·Ho·Wo rows split into chunks (`wgrad_split`: at least `splits`; default: one program
+    per SM, 2 under the interpreter, which exercises the split reduction), walked in steps of block_m rows. GPU:
+    C_out blocks halve (down to 32) while the grid has fewer programs than SMs; 128-row steps and warps by
+    `_warps` for C_out blocks of 64 or more whose two stages fit _SMEM_BUDGET, else 64-row steps (4 warps for
+    C_out blocks under 64)."""
+    block_co, block_ci = _pow2(c_out), _pow2(c_in, hi=64)
+    if interpreting() or device.type != "cuda":
+        return (Tiles(32, block_co, block_ci, 4, 1),) + wgrad_split(m, 32, splits or 2)
+    sms = _sms(device)
+    while True:
+        # 64-row K steps for C_out blocks under 64 (mma.sync tiles: 4 warps, few registers a step; triton 3.6 spills
+        # 128-row steps there) and where two stages of 128-row steps would not fit _SMEM_BUDGET (fp32, wide blocks)
+        fits = 2 * 128 * (block_co * dy_bytes + block_ci * x_bytes) <= _SMEM_BUDGET
+        block_m = 128 if block_co >= 64 and fits else 64
+        base = taps * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
+        rows, n_splits = wgrad_split(m, block_m, splits or triton.cdiv(sms, base))
+        if base * n_splits >= sms or block_co <= 32:
+            break
+        block_co //= 2
+    warps = _warps(block_co * block_ci + block_m * (block_co + block_ci)) if block_co >= 64 else 4
+    tiles = Tiles(block_m, block_co, block_ci, warps, _stages(block_m * (block_co * dy_bytes + block_ci * x_bytes)))
+    return tiles, rows, n_splits
+
+
+def wgrad_split(m: int, block_m: int, splits: int) -> Tuple[int, int]:
+    """(rows per split, splits) of wgrad's K = m rows: at least `splits` splits where m has that many blocks of
+    block_m rows, and at most _MAX_ROW_BLOCKS blocks per split."""
+    blocks = triton.cdiv(m, block_m)
+    per = max(1, min(_MAX_ROW_BLOCKS, blocks // splits))
+    return per * block_m, triton.cdiv(blocks, per)
 
 
 def dot_config(compute_dtype: torch.dtype, device: torch.device) -> Tuple[tl.dtype, str]:
@@ -239,12 +335,6 @@ def dot_config(compute_dtype: torch.dtype, device: torch.device) -> Tuple[tl.dty
     return tl.float32, ("tf32" if tf32 else "ieee")
 
 
-def _block_m(device: torch.device) -> int:
-    # GPU: large tiles (BLOCK_N = C_out is small on CIFAR); interpreter: small tiles keep tests fast and give
-    # several tiles (so the Chan merge and split reductions are exercised) even on tiny inputs.
-    return 32 if interpreting() else 128
-
-
 def _check_numel(**tensors: Tensor) -> None:
     for name, t in tensors.items():
         if t.numel() >= 2 ** 31:
@@ -254,6 +344,12 @@ def _check_numel(**tensors: Tensor) -> None:
 def _nhwc(x: Tensor) -> bool:
     """Whether x is NHWC-stored (channels_last and not also contiguous): the layout of the outputs made from x."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _weight_ohwi(weight: Tensor) -> Tensor:
+    """The weight as a contiguous [C_out, KH, KW, C_in] tensor: rows of K = (kh, kw, ci) with ci contiguous, so
+    weight tiles load contiguously (no copy for a channels_last weight, whose storage is already this)."""
+    return weight.permute(0, 2, 3, 1).contiguous()
 
 
 def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> Tuple[int, int]:
@@ -283,15 +379,16 @@ def conv_forward(
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)
     dot_dtype, precision = dot_config(weight.dtype, x.device)
-    block_m, block_n, block_k = _block_m(x.device), _pow2(c_out), _pow2(c_in, hi=64)
-    tiles = triton.cdiv(m, block_m)
+    cfg = gemm_tiles(m, c_out, c_in, x.element_size(), weight.element_size(), x.device)
+    tiles = triton.cdiv(m, cfg.block_m)
     part = torch.empty((4, tiles, c_out), dtype=torch.float32, device=x.device) if stats else y  # y: unused
-    _conv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
-        x, scale, shift, weight, residual if residual is not None else y, y, part,
-        m, c_in, h, w, c_out, ho, wo, *x.stride(), *weight.stride(), *y.stride(),
+    k_blocks = triton.cdiv(c_in, cfg.block_k)
+    _conv_fwd_kernel[(tiles, triton.cdiv(c_out, cfg.block_n))](
+        x, scale, shift, _weight_ohwi(weight), residual if residual is not None else y, y, part,
+        m, c_in, h, w, c_out, ho, wo, *x.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=triton.cdiv(c_in, block_k),
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not stats:
         return y, None, None
@@ -301,67 +398,73 @@ def conv_forward(
 def conv_backward(
     dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
     stride: int, padding: int, training: bool, need_weight_grad: bool = True, wgrad_splits: Optional[int] = None,
+    dres: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """Backward of y = conv2d(relu(x·scale + shift), weight): returns (dx, dweight, Σdz, Σdz·x̂).
 
     dy: [N, C_out, Ho, Wo] any strides, in the weight dtype; x: [N, C_in, H, W]; scale, shift, mean, rstd: fp32
-    [C_in]. dx has x's dtype and memory format; dweight [C_out, C_in, k, k] contiguous in the weight's dtype (None
-    unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of `reference.bn_relu_backward` after
-    the conv backward, eval mode included (training=False: dx = scale·dz).
+    [C_in]; dres: None or x's shape (any strides), a gradient added to dx in the dx pass (a residual shortcut's).
+    dx has x's dtype and memory format; dweight [C_out, C_in, k, k] in the weight's dtype and memory format
+    (channels_last or contiguous; None unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of
+    `reference.bn_relu_backward` after the conv backward, eval mode included (training=False: dx = scale·dz).
     Three steps: (1) dgrad with the mask/reduction epilogue (dz to a scratch tensor in x's dtype and dx's layout —
     the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values);
-    (2) tier A's ordered merge of the partials and per-channel affine dx pass
-    (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over N·Ho·Wo into `wgrad_splits` chunks summed
-    in split order.
+    (2) tier A's ordered merge of the partials and per-channel affine dx pass (+ dres)
+    (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over its K = N·Ho·Wo rows into at least
+    `wgrad_splits` chunks (`wgrad_tiles`), summed in split order.
     """
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
     _, _, ho, wo = dy.shape
+    if dres is not None and dres.shape != x.shape:
+        raise ValueError(f"dres: expected x's shape {tuple(x.shape)}, got {tuple(dres.shape)}")
+    if wgrad_splits is not None and wgrad_splits < 1:
+        raise ValueError(f"wgrad_splits: expected a positive integer or None, got {wgrad_splits}")
     _check_numel(x=x, dy=dy)
     dev = x.device
     dot_dtype, precision = dot_config(weight.dtype, dev)
-    block_m = _block_m(dev)
+    w_ohwi = _weight_ohwi(weight)
 
     # (1) dgrad + epilogue: dz (x's dtype and layout) and per-tile Σdz, Σdz·x̂ over the M = N·H·W input rows;
-    # x is made dense in that layout first, so that dz, x and dx share strides for step (2)
+    # x (and dres) are made dense in that layout first, so that dz, x, dres and dx share strides for step (2)
     nhwc = _nhwc(x)
     x = x.contiguous(memory_format=memory_format(nhwc))
+    if dres is not None:
+        dres = dres.contiguous(memory_format=memory_format(nhwc))
     m_in = n * h * w
-    tiles = triton.cdiv(m_in, block_m)
-    block_n, block_k = _pow2(c_in), _pow2(c_out, hi=64)
+    cfg = gemm_tiles(m_in, c_in, c_out, dy.element_size(), weight.element_size(), dev)
+    tiles = triton.cdiv(m_in, cfg.block_m)
     dz = torch.empty_like(x)  # x's dtype: half the scratch of fp32 for bf16/fp16
     psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
-    _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_n))](
-        dy, weight, x, scale, shift, mean, rstd, dz, psum,
-        m_in, c_in, h, w, c_out, ho, wo, *dy.stride(), *weight.stride(), *x.stride(),
+    k_blocks = triton.cdiv(c_out, cfg.block_k)
+    _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, cfg.block_n))](
+        dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum,
+        m_in, c_in, h, w, c_out, ho, wo, *dy.stride(), *x.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_BLOCKS=triton.cdiv(c_out, block_k),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0, i.e.
+    # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e.
     # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
-    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training)
+    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres)
     del dz
 
     # (3) wgrad: per (tap, ci-block, co-block, split) program, then the ordered sum over splits
     dweight = None
     if need_weight_grad:
-        m_out = n * ho * wo
-        block_co, block_ci = _pow2(c_out), _pow2(c_in, hi=64)
-        base = k * k * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
-        if wgrad_splits is None:
-            # GPU: enough programs to fill the SMs twice; interpreter: 2 (exercises the split reduction)
-            target = 2 if interpreting() or dev.type != "cuda" else max(
-                1, 2 * torch.cuda.get_device_properties(dev).multi_processor_count // base)
-            wgrad_splits = target
-        splits = max(1, min(wgrad_splits, triton.cdiv(m_out, block_m)))
-        rows = triton.cdiv(triton.cdiv(m_out, splits), block_m) * block_m
-        splits = triton.cdiv(m_out, rows)
+        cfg, rows, splits = wgrad_tiles(n * ho * wo, c_out, c_in, k * k, dy.element_size(), x.element_size(), dev,
+                                        wgrad_splits)
         part = torch.empty((splits, weight.numel()), dtype=torch.float32, device=dev)
-        _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)](
-            x, scale, shift, dy, part, m_out, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
+        _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)](
+            x, scale, shift, dy, part, n * ho * wo, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
             STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, ROW_BLOCKS=rows // block_m,
+            BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k, ROW_BLOCKS=rows // cfg.block_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
-        sum_rows(part[None], dweight.view(1, -1))
+        # summed into [C_out, KH, KW, C_in] storage: dW as a channels_last view, made contiguous for a weight
+        # that is not channels_last (the layout `torch.empty_like(weight)` gives)
+        dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev, memory_format=torch.channels_last)
+        sum_rows(part[None], dweight.permute(0, 2, 3, 1).view(1, -1))
+        if not _nhwc(weight):
+            dweight = dweight.contiguous()
     return dx, dweight, sum_dz, sum_dzx

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from benchmarks import bench_memory, bench_models, common, report
+from benchmarks import bench_memory, bench_models, bench_overhead, common, report
+from fastresnet.backends import get_backend_impl
 from fastresnet.nn import BNReLU2d, PreActConv2d
 
 ENV_FIELDS = {"device", "device_type", "torch", "cuda", "cudnn", "triton", "python", "git_rev", "date", "run_id"}
@@ -33,7 +34,7 @@ def test_eager_provider_runs_plain_pytorch_and_fused_provider_does_not():
     fused, fused_init, fused_ops = _one_step(bench_models.Provider("fastresnet:torch", "torch"))
     assert not any(isinstance(m, (PreActConv2d, BNReLU2d)) for m in eager.modules())
     assert not any(k.startswith("fastresnet") for k in eager_ops) and "aten::native_batch_norm" in eager_ops
-    assert any(k.startswith("fastresnet::bn_relu_conv") for k in fused_ops)
+    assert "fastresnet::preact_unit" in fused_ops and "fastresnet::preact_unit_backward" in fused_ops
     # the same architecture and the same (seed-0) initial weights
     assert len(eager_init) == len(fused_init)
     assert all(torch.equal(a, b) for a, b in zip(eager_init, fused_init))
@@ -138,3 +139,88 @@ def test_failing_cells_become_rows_and_the_time_budget_skips(tmp_path):
         ("eager", "error"), ("fastresnet:torch", "error"), ("eager", "skipped")]
     assert all("one value per channel" in r["reason"] or "more than 1 value" in r["reason"] for r in rows[:2])
     assert "--time-budget" in rows[2]["reason"]
+
+
+def _profiled(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e for e in prof.events() if e.cpu_parent is None]
+
+
+def test_overhead_kernel_rule_counts_computing_ops_once_and_views_not_at_all():
+    x = torch.randn(4, 4)
+
+    def ops():
+        y = x.view(16).reshape(4, 4).t()  # views: no kernel
+        y.contiguous()                    # a copy: clone, once (not the copy_ inside it)
+        x.to(torch.float64)               # a copy: _to_copy, once
+        x.to(torch.float32)               # already fp32: no copy, no kernel
+        torch.empty(3)                    # an allocation: no kernel
+        x.add_(1)
+        x.mul_(2.0)                       # once, though the CPU copies the scalar into a tensor below it
+
+    assert bench_overhead.cpu_kernels(_profiled(ops)) == {"aten::clone": 1, "aten::_to_copy": 1, "aten::add_": 1,
+                                                          "aten::mul_": 1}
+    assert not any(map(bench_overhead.is_kernel_op, ("view", "reshape", "t", "to", "as_strided", "detach", "empty",
+                                                     "resize_", "result_type")))
+    assert all(map(bench_overhead.is_kernel_op, ("copy_", "add_", "_foreach_add_", "native_batch_norm", "zero_")))
+
+
+@pytest.mark.skipif(get_backend_impl("triton").unavailable_reason() is not None,
+                    reason="the Triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_overhead_counts_each_triton_launch_once():
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    with bench_overhead.count_triton_launches() as launches:
+        roots = _profiled(lambda: get_backend_impl("triton").bn_relu(x, scale, shift, torch.float32))
+    tally = bench_overhead.cpu_kernels(roots)
+    assert launches[0] >= 1 and sum(tally.values()) == launches[0]  # the interpreter's host copies are not kernels
+    assert all(name.startswith(bench_overhead.TRITON_PREFIX) for name in tally)
+
+
+def test_overhead_counts_the_bn_relu_conv_layers():
+    cpu = torch.device("cpu")
+    basic = bench_models.build_model("preact_resnet20", bench_models.Provider("eager"), cpu, channels_last=True)
+    assert bench_overhead.bn_relu_conv_layers(basic, 4) == 18  # 9 units x 2; the stem conv reads the image
+    # 3 bottleneck units of 3 convs, and 3 projection shortcuts fed by the units' shared pre-activation
+    assert bench_overhead.bn_relu_conv_layers(bench_memory.build(11, None, cpu, "eager"), 4) == 12
+
+
+def test_overhead_smoke_writes_rows_and_report_renders(tmp_path):
+    out = tmp_path / "overhead.jsonl"
+    bench_overhead.main(["--smoke", "--device", "cpu", "--out", str(out)])
+    rows = {r["provider"]: r for r in common.read_rows([out])}
+    assert set(rows) == {p.name for p in bench_overhead.all_providers()}
+    assert rows["compile"]["status"] == "skipped" and "--compile" in rows["compile"]["reason"]
+    ok = {p: r for p, r in rows.items() if r["status"] == "ok"}
+    assert {"eager", "fastresnet:torch", "fastresnet:auto"} <= set(ok)
+    for p, r in rows.items():
+        assert ENV_FIELDS <= set(r) and r["bench"] == "overhead" and r["smoke"] and r["model"] == "preact_resnet20"
+        assert r["status"] == "ok" or r["reason"], p
+    for r in ok.values():
+        assert r["reps"] == 3 and r["threads"] == 1 and r["bn_relu_conv_layers"] == 18
+        assert 0 < r["ms_min"] <= r["ms_per_step"] <= r["ms_max"] and r["cpu_ms_per_step"] > 0
+        assert r["host_cost_vs_eager"] == pytest.approx(r["ms_per_step"] / ok["eager"]["ms_per_step"])
+        assert sum(r["kernels_by_op"].values()) == r["kernels_per_step"]
+        assert r["kernels_forward_backward"] == r["kernels_per_step"] - r["kernels_optimizer"]
+        assert r["kernels_per_conv_layer"] == pytest.approx(r["kernels_forward_backward"] / 18)
+        assert r["conv_self_ms"] > 0 and 0 < r["conv_share"] < 1
+        assert r["conv_self_ms"] + r["optimizer_ms"] + r["other_ms"] == pytest.approx(r["profiled_step_ms"])
+    # every provider steps the same parameters with the same optimizer
+    assert len({r["kernels_optimizer"] for r in ok.values()}) == 1
+    # eager: at least BN, ReLU and conv forward and their three backward ops per BN-ReLU-conv layer, all ATen
+    eager_ops = ok["eager"]["kernels_by_op"]
+    assert ok["eager"]["kernels_forward_backward"] >= 6 * 18 and all(k.startswith("aten::") for k in eager_ops)
+    assert eager_ops["aten::batch_norm"] == eager_ops["aten::native_batch_norm_backward"] == 19
+    assert ok["eager"]["host_cost_vs_eager"] == 1.0
+    if "fastresnet:cuda" in ok:  # the C++ extension built: its ops are counted
+        assert any(k.startswith("fastresnet_ext::") for k in ok["fastresnet:cuda"]["kernels_by_op"])
+
+    assert report.latest(list(rows.values())) == []  # smoke rows stay out of README tables unless asked for
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n{report.OVERHEAD_START}\nold\n{report.OVERHEAD_END}\ntail\n")
+    report.main([str(out), "--include-smoke", "--no-plots", "--write-readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{report.OVERHEAD_END}\ntail\n")
+    assert "| preact_resnet20 | 2×4² | 1 | `eager` |" in text and "preact_resnet20 18" in text
+    assert "`compile` skipped" in text

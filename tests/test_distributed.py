@@ -1,4 +1,4 @@
-"""Synchronised BN (fastresnet.distributed) and the trainer under torchrun, on CPU with gloo.
+"""Synchronised BN (fastresnet.distributed, .sync_functional, .sync) and the trainer under torchrun, on CPU with gloo.
 
 Two ranks, each with half of a global batch, must reproduce one process running the whole batch: outputs, dx of each
 rank's slice, the sum of the ranks' parameter gradients (DDP averages them; here they are summed explicitly so the
@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fastresnet.distributed import SyncBatchNorm2d, combine_batch_stats, convert_sync_batchnorm
+from fastresnet import distributed, sync, sync_functional
+from fastresnet.distributed import SyncBatchNorm2d, convert_sync_batchnorm
+from fastresnet.sync import combine_batch_stats
 from fastresnet.nn import BNReLU2d, PreActConv2d
 
 N, C = 8, 3
@@ -75,6 +77,15 @@ def test_convert_keeps_fused_layers():
     assert isinstance(net[1], BNReLU2d) and net[1].process_group is dist_group   # not replaced: keeps its ReLU
     assert type(net[0].bn) is nn.BatchNorm2d                                     # the fused layer's container
     assert isinstance(net[4], SyncBatchNorm2d) and net[4].process_group is dist_group
+
+
+def test_distributed_keeps_its_public_names():
+    """The synchronised ops and the statistics combine live below the modules now; fastresnet.distributed still
+    exports them."""
+    assert distributed.combine_batch_stats is sync.combine_batch_stats
+    assert distributed.sync_bn_relu is sync_functional.sync_bn_relu
+    assert distributed.sync_bn_relu_conv2d is sync_functional.sync_bn_relu_conv2d
+    assert all(hasattr(distributed, name) for name in distributed.__all__)
 
 
 @pytest.mark.slow

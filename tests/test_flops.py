@@ -38,10 +38,11 @@ def test_converted_counts_like_original(build):
 
 
 @pytest.mark.parametrize("device", ["meta", "cpu"])
-def test_fused_preact_counts_like_plain_twin(device):
-    fused = fastresnet.create_model("preact_resnet20").to(device)    # chained units: bn_relu_conv_stats
+@pytest.mark.parametrize("name", ["preact_resnet20", "preact_resnet164"])  # zero-pad / shared projection shortcuts
+def test_fused_preact_counts_like_plain_twin(device, name):
+    fused = fastresnet.create_model(name).to(device)    # one op per unit: preact_unit
     plain = unconvert(fused)
     x = torch.randn(2, 3, 16, 16, device=device)
     (total0, ops0), (total1, ops1) = step_flops(plain, x), step_flops(fused, x)
-    assert "fastresnet.bn_relu_conv_stats" in ops1
+    assert "fastresnet.preact_unit" in ops1 and "fastresnet.preact_unit_backward" in ops1
     assert total1 == total0, (ops0, ops1)

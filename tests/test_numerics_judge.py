@@ -20,6 +20,7 @@ from fastresnet.backends import get_backend_impl
 from fastresnet.backends.torch_backend import TorchBackend
 from fastresnet.kernels import interpreting
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
+from fastresnet.nn.units import run_per_layer
 
 DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 NETS = tuple(numerics.JUDGE_NETS)
@@ -75,8 +76,8 @@ def test_ties_separated(judges, net):
     """After separate_relu_ties every ReLU input of the float64 training forward is >= 1e-2·|γ| from zero (so no fp32
     rounding can flip a mask), and the β shifts are small (the net stays a typical random init)."""
     j = judges(net)
-    model = copy.deepcopy(j.model).double().train()  # a scratch copy: its forward updates running statistics
-    model.chained = False  # unit by unit: every fused layer's hook runs (float64 values are the chain's)
+    # a scratch copy (its forward updates running statistics), layer by layer so every fused layer's hook runs
+    model = run_per_layer(copy.deepcopy(j.model).double().train())
     closest = []
 
     def hook(mod, args):

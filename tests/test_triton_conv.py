@@ -30,7 +30,9 @@ DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 TOL32 = (dict(atol=5e-3, rtol=5e-3) if DEV == "cuda" and conv_fp32_precision() == "tf32"
          else dict(atol=1e-4, rtol=1e-4))
 
-# (N, C_in, H, W, C_out, k, stride): channel counts 3, 16, 24, 64; odd N·H·W (2·7·5 = 70, 3·9·9 = 243, 1·5·7 = 35 …)
+# (N, C_in, H, W, C_out, k, stride): channel counts 3, 16, 24, 64, 72, 80; odd N·H·W (2·7·5 = 70, 3·9·9 = 243, 1·5·7 =
+# 35 …). 80 input / 72 output channels span two 64-channel K blocks (the second one partial) in forward and dgrad,
+# so the flattened (tap, channel block) K loop takes more than one step per tap.
 CASES = [
     (2, 16, 7, 5, 16, 3, 1),
     (3, 3, 9, 9, 16, 3, 2),
@@ -38,6 +40,7 @@ CASES = [
     (2, 64, 5, 5, 16, 1, 1),
     (3, 16, 7, 7, 24, 1, 2),
     (1, 64, 5, 7, 64, 3, 1),
+    (2, 80, 5, 3, 72, 3, 1),
 ]
 
 
@@ -122,6 +125,54 @@ def test_backward_kernels(case, channels_last):
     for name, g, r in zip(("dx", "dweight", "sum_dz", "sum_dz_xhat"), got, ref):
         torch.testing.assert_close(g, r, **TOL32, msg=lambda m: f"{name}: {m}")
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("weight_channels_last", [True, False])
+def test_dres_added_to_dx_and_weight_grad_layout(weight_channels_last):
+    """dres is added to dx in the BN backward's dx pass: fp32 dx + dres rounded once, the same single fp32 addition
+    as adding it afterwards, so bitwise equal; through the backend too. dW keeps the weight's memory format."""
+    from fastresnet.kernels.conv import conv_backward
+    x, mean, rstd, scale, shift, weight = _inputs(*CASES[2], True)
+    if weight_channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(1, 64, 4, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+    dres = torch.randn_like(x).contiguous()  # NCHW: the launcher brings it to x's layout
+    plain = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True)
+    fused = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True, dres=dres)
+    assert torch.equal(fused[0], plain[0] + dres)
+    for a, b in zip(fused[1:], plain[1:]):
+        assert torch.equal(a, b)
+    assert fused[1].stride() == torch.empty_like(weight).stride()
+    be = get_backend_impl("triton_conv")
+    got = be.bn_relu_conv_backward(dy, x, scale, shift, mean, rstd, weight, (2, 2), (1, 1), True, False, dres)
+    assert got[1] is None and torch.equal(got[0], fused[0])
+    with pytest.raises(ValueError, match="dres"):
+        conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True, dres=dres[:, :3])
+
+
+def test_gpu_tile_rule(monkeypatch):
+    """The GPU launch rule (host-side Python, checked here without a GPU; benchmarks/static_sm90.py compiles the
+    launches): stage 3 of a CIFAR net at batch 128 (8×8, M = 8,192 rows) gets at least one program per SM in every
+    direction, the fp32 wgrad tiles that used to need 288 KB of shared memory take 64-row steps, and wgrad's serial
+    loop stays bounded at every zoo size."""
+    from fastresnet.kernels import conv as K
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(K, "_sms", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    for c_in, c_out, k in ((64, 64, 3), (64, 256, 1), (256, 64, 1)):
+        for el in (2, 4):
+            fwd = K.gemm_tiles(8192, c_out, c_in, el, el, gpu)
+            dgrad = K.gemm_tiles(8192, c_in, c_out, el, el, gpu)
+            for t, n in ((fwd, c_out), (dgrad, c_in)):
+                assert -(-8192 // t.block_m) * -(-n // t.block_n) >= 132, (c_in, c_out, t)
+            w, rows, splits = K.wgrad_tiles(8192, c_out, c_in, k * k, el, el, gpu)
+            assert k * k * -(-c_in // w.block_k) * -(-c_out // w.block_n) * splits >= 132, (c_in, c_out, w)
+    w, _, _ = K.wgrad_tiles(64 * 28 * 28, 512, 128, 1, 4, 4, gpu)       # fp32, 128-wide C_out blocks
+    assert w.block_m == 64 and w.num_stages * w.block_m * (w.block_n + w.block_k) * 4 <= K._SMEM_BUDGET
+    for m in (8192, 128 * 32 * 32, 64 * 56 * 56):
+        w, rows, splits = K.wgrad_tiles(m, 64, 64, 9, 2, 2, gpu)
+        assert rows // w.block_m <= K._MAX_ROW_BLOCKS and rows * splits >= m > rows * (splits - 1)
+    assert K.gemm_tiles(8192, 64, 64, 2, 2, gpu) == K.gemm_tiles(8192, 64, 64, 2, 2, gpu)  # a pure function
 
 
 def test_backward_eval_mode_and_no_weight_grad():

@@ -4,7 +4,8 @@
 // Tensors are dense 4-D [N, C, H, W] in NHWC (channels_last) or NCHW (contiguous) order, per Geom::nhwc. Statistics,
 // scale/shift/mean/rstd and all workspaces use the accumulation type: double for kFloat64 data, float otherwise.
 // Reductions are deterministic: per-tile partials (tile boundaries depend on the shape only) written to a
-// [tiles, C] workspace and merged per channel in tile order — no atomics.
+// [tiles, C] workspace and merged per channel in a fixed order (each of 32 lanes merges every 32nd tile, then a fixed
+// tree over the lanes) — no atomics.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,8 @@ struct Geom {
   bool nhwc;
 };
 
-// Rows of the [tiles, C] partial workspaces of batch_stats, add_stats and bn_relu_backward.
+// Rows of the [tiles, C] partial workspaces of batch_stats, add_stats and bn_relu_backward: at most 1024 (tiles grow
+// with M = N·H·W beyond that), so no merge walks more than 32 partials serially.
 int64_t num_tiles(const Geom& g);
 
 // mean, var [C] (biased) of x. partial: 3·num_tiles(g)·C accumulators (count, mean, M2 per tile).

@@ -6,6 +6,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastresnet import reference
+
+
+def layout(x: Tensor) -> torch.memory_format:
+    """channels_last if x is stored NHWC (and not also NCHW-contiguous), else contiguous_format: the memory format
+    every backend returns its outputs in."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
 
 class BackendUnsupportedError(RuntimeError):
     """A backend named explicitly cannot run a call (device, dtype, missing build)."""
@@ -72,9 +81,10 @@ class Backend:
 
     def bn_relu_conv_backward(
         self, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
-        stride, padding, training: bool, need_weight_grad: bool = True,
+        stride, padding, training: bool, need_weight_grad: bool = True, dres: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
         """Returns (dx, dweight, Σdz, Σdz·x̂): the activation is recomputed from x for wgrad, the ReLU mask from x.
+        dres (x's shape): a shortcut gradient added to dx inside the BN backward, before dx is rounded.
 
         bf16 on CPU runs the conv backward in fp32 (results rounded back to bf16): ATen's CPU bf16 weight gradient
         leaves the taps that only ever meet padding uninitialised for some channels_last shapes (PyTorch 2.13, e.g.
@@ -90,8 +100,8 @@ class Backend:
         )
         del a
         if dweight is not None:
-            dweight = dweight.to(weight.dtype)
-        dx, sum_dz, sum_dz_xhat = self.bn_relu_backward(da, x, scale, shift, mean, rstd, training)
+            dweight = reference.cast(dweight, weight.dtype)
+        dx, sum_dz, sum_dz_xhat = self.bn_relu_backward(da, x, scale, shift, mean, rstd, training, dres)
         return dx, dweight, sum_dz, sum_dz_xhat
 
 

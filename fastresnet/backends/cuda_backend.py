@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastresnet import reference
 from fastresnet.backends.base import Backend
 
 try:
@@ -88,4 +89,4 @@ class CudaBackend(Backend):
         # the kernels take one dtype: widen the narrower operand to the promoted dtype first (exact), so the sum is
         # still rounded once, as in the reference
         out = torch.promote_types(a.dtype, b.dtype)
-        return tuple(torch.ops.fastresnet_ext.add_stats(a.to(out), b.to(out)))
+        return tuple(torch.ops.fastresnet_ext.add_stats(reference.cast(a, out), reference.cast(b, out)))

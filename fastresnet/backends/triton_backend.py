@@ -4,7 +4,7 @@ the conv-level ops are the base class's tier A (the primitives around ATen/cuDNN
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (`TRITON_INTERPRET=1`, for tests; it is
 slow, so "auto" never picks it). dtypes: float16, bfloat16, float32, float64 (statistics in fp32, fp64 for fp64).
 Layouts: dense NCHW and channels_last run in place; any other strided view is first copied to a dense tensor of
-its own `fastresnet.ops.bn_ops.layout` (a `.contiguous()` copy, named `_dense` below), and outputs always come in
+its own `fastresnet.backends.base.layout` (a `.contiguous()` copy, named `_dense` below), and outputs always come in
 that layout — the layout the ops' fake implementations promise.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastresnet.backends.base import Backend
+from fastresnet.backends.base import Backend, layout
 from fastresnet.kernels import interpreting
 
 try:
@@ -31,7 +31,6 @@ def dtype_names(dtypes) -> str:
 
 def _dense(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     """t in the dense memory format of `like` (no copy when it already is; a `.contiguous()` copy otherwise)."""
-    from fastresnet.ops.bn_ops import layout  # late: fastresnet.ops imports the backend registry
     return None if t is None else t.contiguous(memory_format=layout(like))
 
 

@@ -143,10 +143,12 @@ class TritonConvBackend(TritonBackend):
         return conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual, stats=True)
 
     def bn_relu_conv_backward(self, dy, x, scale, shift, mean, rstd, weight, stride, padding, training,
-                              need_weight_grad=True):
+                              need_weight_grad=True, dres: Optional[Tensor] = None):
+        """(dx, dweight, Σdz, Σdz·x̂) as the base class; dres (x's shape, or None) is added to dx inside the BN
+        backward's dx pass (a residual shortcut's gradient, no separate add)."""
         if not self.uses_own_conv(x, weight, stride, padding):
             return super().bn_relu_conv_backward(dy, x, scale, shift, mean, rstd, weight, stride, padding,
-                                                 training, need_weight_grad)
+                                                 training, need_weight_grad, dres)
         from fastresnet.kernels.conv import conv_backward
         return conv_backward(dy, x, scale, shift, mean, rstd, weight, int(stride[0]), int(padding[0]), training,
-                             need_weight_grad)
+                             need_weight_grad, dres=dres)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from fastresnet import functional as FF
-from fastresnet.distributed import sync_bn_relu, sync_bn_relu_conv2d
+from fastresnet.sync_functional import sync_bn_relu, sync_bn_relu_conv2d
 
 
 class BNReLU2d(nn.BatchNorm2d):

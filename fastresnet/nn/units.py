@@ -18,16 +18,11 @@ F and the shortcut — the paper's first unit after conv1 and its pre-activated 
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from fastresnet import functional as FF
-from fastresnet import recompute
-from fastresnet.backends import resolve
-from fastresnet.ops import unit_ops
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
 
@@ -64,6 +59,11 @@ def _activation(kind: Optional[str], channels: int, backend: Optional[str]) -> O
         return None
     return {"relu": lambda: nn.ReLU(inplace=False), "bn": lambda: nn.BatchNorm2d(channels),
             "bn_relu": lambda: BNReLU2d(channels, backend=backend)}[kind]()
+
+
+def _bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> FF.BNConv:
+    return FF.BNConv(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     bn.momentum, bn.eps, conv.stride, conv.padding)
 
 
 class ResidualUnit(nn.Module):
@@ -130,6 +130,8 @@ class ResidualUnit(nn.Module):
                      if merge.endswith("gate") else None)
         self.shortcut_dropout = ShortcutDropout(dropout_p) if merge == "dropout" else None
         self.after = _activation(after_add, out_channels, backend)
+        # training forward as one op where the form allows (`one_op`); False: the per-layer modules, one op each
+        self.fuse_unit = True
 
     def residual(self, x: Tensor) -> Tensor:
         """F(x) for the (already pre-activated, if shared) input x."""
@@ -139,6 +141,9 @@ class ResidualUnit(nn.Module):
         return y if self.post is None else self.post(y)
 
     def forward(self, x: Tensor) -> Tensor:
+        spec = self.one_op() if self.training else None
+        if spec is not None:
+            return FF.preact_unit(x, *spec, backend=self.backend)[0]
         if self.preact is not None:
             a = self.preact(x)
             branch_in, shortcut_in = a, (a if self.share_preact else x)
@@ -161,6 +166,38 @@ class ResidualUnit(nn.Module):
         """Whether `forward_chained` applies: full pre-activation units with a plain addition."""
         return self.variant == "full_preact" and self.merge_kind == "add"
 
+    def one_op(self) -> Optional[Tuple[List[FF.BNConv], str, Optional[Tensor], int]]:
+        """(layers, shortcut kind, shortcut weight, shortcut stride) of `functional.preact_unit` when a training
+        forward of this unit runs as one op, else None (the per-layer modules run). One op: full pre-activation with
+        a plain addition, an identity, option-A or shared pre-activated projection (no BN after it) shortcut, no
+        synchronised BN, every BN normalising with batch statistics (none frozen in eval mode), and `fuse_unit`
+        on."""
+        if not (self.fuse_unit and self.chainable):
+            return None
+        convs = [getattr(self, f"conv{i}") for i in range(2 if self.share_preact else 1, self.num_layers + 1)]
+        fused = convs + ([self.preact] if self.share_preact else [])  # a converted-back unit holds eager modules
+        if not all(isinstance(m, (PreActConv2d, BNReLU2d)) and m.process_group is None for m in fused):
+            return None
+        sc, weight, stride = self.shortcut, None, 1
+        if self.share_preact:
+            if isinstance(sc, Projection) and len(sc) == 1:
+                kind, weight, stride = "shared_projection", sc[0].weight, sc[0].stride[0]
+            elif isinstance(sc, nn.Identity):
+                kind = "shared_identity"
+            else:
+                return None
+            layers = [_bn_conv(self.preact, self.conv1)]
+        elif isinstance(sc, (nn.Identity, ZeroPadShortcut)):
+            kind, stride = ("identity", 1) if isinstance(sc, nn.Identity) else ("zero_pad", sc.stride)
+            layers = []
+        else:
+            return None
+        layers += [_bn_conv(c.bn, c.conv) for c in convs]
+        bns = ([self.preact] if self.share_preact else []) + [c.bn for c in convs]
+        if not all(bn.training or bn.running_mean is None for bn in bns):  # a frozen BN uses its running statistics
+            return None
+        return layers, kind, weight, stride
+
     def forward_chained(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
                         ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """Training forward of a full pre-activation unit as a chain of fused kernels (docs/architecture.md §3).
@@ -168,19 +205,12 @@ class ResidualUnit(nn.Module):
         `stats`: the batch statistics of x if its producer computed them. Each conv returns its output's statistics
         for the next BN, and the last conv adds the shortcut and returns the statistics of x_{l+1}, so no kernel
         reads a tensor only to compute statistics. Returns (x_{l+1}, its (mean, var)); same values as `forward`.
+        The whole unit is one op (`functional.preact_unit`) where `one_op` allows, else one op per layer.
         """
-        y, y_stats, h, last = self.chain_to_last(x, stats)
-        if last is None:  # a shared single-conv unit: only the addition is left
-            out, mean, var = FF.add_stats(y, h, self.backend)
-        else:
-            out, mean, var = last.forward_stats(y, y_stats, residual=h)
-        return out, (mean, var)
-
-    def chain_to_last(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
-                      ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Tensor, Optional[PreActConv2d]]:
-        """`forward_chained` up to its last fused conv: (that conv's input y, y's statistics, the shortcut h, the
-        conv), or (conv1's output, None, h, None) for a shared single-conv unit. The recomputation of a unit
-        (`fastresnet.recompute`) stops here: the last conv's output is not needed for backward."""
+        spec = self.one_op()
+        if spec is not None:
+            out, mean, var = FF.preact_unit(x, *spec, stats=stats, backend=self.backend)
+            return out, (mean, var)
         if self.share_preact:  # conv1 is a plain conv on the shared activation: its output statistics are unknown
             a = self.preact(x, stats)
             h = self.shortcut(a)
@@ -188,38 +218,26 @@ class ResidualUnit(nn.Module):
         else:
             h = self.shortcut(x)
             y, y_stats, fused = x, stats, range(1, self.num_layers + 1)
-        if not fused:
-            return y, y_stats, h, None
-        replay = recompute.replaying()  # the next BN reads its statistics from the tape: none to compute
-        for i in fused[:-1]:
+        if not fused:  # a shared single-conv unit: only the addition is left
+            out, mean, var = FF.add_stats(y, h, self.backend)
+            return out, (mean, var)
+        for i in fused:
             conv = getattr(self, f"conv{i}")
-            if replay:
-                y, y_stats = conv(y), None
-            else:
-                y, mean, var = conv.forward_stats(y, y_stats)
-                y_stats = (mean, var)
-        return y, y_stats, h, getattr(self, f"conv{fused[-1]}")
-
-    @property
-    def last_fused_conv(self) -> Optional[PreActConv2d]:
-        """The fused conv that ends the chain (and adds the shortcut); None for a shared single-conv unit."""
-        return None if self.share_preact and self.num_layers == 1 else getattr(self, f"conv{self.num_layers}")
-
-    def last_conv_backward(self, y: Tensor, h: Tensor, stats_used: Tuple[Tensor, Tensor], dout: Tensor
-                           ) -> Tuple[Tensor, Tensor, Dict[Tensor, Tensor]]:
-        """The backward of the last fused conv, `forward_stats(y, residual=h)`, given the gradient `dout` of its
-        output, without running its forward: its (mean, rstd) `stats_used` and y are exactly what that forward
-        saved, and the stats op's own backward runs on them. Returns (dy, dh, {parameter: gradient}). Used by the
-        recomputation, whose replay needs y and h only (not per-device synchronised BN: its backward differs)."""
-        conv = self.last_fused_conv
-        bn, weight = conv.bn, conv.conv.weight
-        with torch.no_grad():
-            w = FF._conv_weight(weight, y)  # the autocast copy the forward convolved with
-            ctx = SimpleNamespace(saved_tensors=(y.detach(), w, *stats_used, bn.weight, bn.bias), res_dtype=h.dtype,
-                                  stride=list(conv.conv.stride), padding=list(conv.conv.padding), training=True,
-                                  backend=resolve(y, conv.backend))
-            dy, dw, _, _, dgamma, dbeta, dh, *_ = unit_ops._backward(ctx, dout, None, None)
-        return dy, dh, {weight: dw.to(weight.dtype), bn.weight: dgamma, bn.bias: dbeta}
+            y, mean, var = conv.forward_stats(y, y_stats, residual=h if i == fused[-1] else None)
+            y_stats = (mean, var)
+        return y, y_stats
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, variant={self.variant!r}, merge={self.merge_kind!r}"
+
+
+def run_per_layer(model: nn.Module) -> nn.Module:
+    """Make `model` run each fused layer as its own module call in training (every `ResidualUnit.fuse_unit` off, a
+    ResNet's statistics chain off): the same values, one op per layer, so hooks on `PreActConv2d`/`BNReLU2d` see
+    every layer (shape surveys, ReLU-tie checks). Returns `model`."""
+    for m in model.modules():
+        if isinstance(m, ResidualUnit):
+            m.fuse_unit = False
+        if hasattr(m, "chained"):
+            m.chained = False
+    return model

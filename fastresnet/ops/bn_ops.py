@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
+from fastresnet.backends.base import layout
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -28,12 +29,6 @@ def _empty_as(x: Tensor, shape, dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=x.device, memory_format=layout(x))
 
 
-def layout(x: Tensor) -> torch.memory_format:
-    """channels_last if x is stored NHWC (and not also NCHW-contiguous), else contiguous_format."""
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 def conv_out_shape(x_shape, weight_shape, stride: List[int], padding: List[int]) -> List[int]:
     """[N, C_out, H_out, W_out] of a dilation-1, groups-1 conv."""
     n, _, h, w = x_shape
@@ -43,8 +38,8 @@ def conv_out_shape(x_shape, weight_shape, stride: List[int], padding: List[int])
 
 def affine_grads(bn_weight, bn_bias, dgamma, dbeta):
     """(dγ, dβ) in the parameters' dtypes, None for an absent (affine=False) parameter."""
-    return (None if bn_weight is None else dgamma.to(bn_weight.dtype),
-            None if bn_bias is None else dbeta.to(bn_bias.dtype))
+    return (None if bn_weight is None else reference.cast(dgamma, bn_weight.dtype),
+            None if bn_bias is None else reference.cast(dbeta, bn_bias.dtype))
 
 
 # ---- batch statistics ----------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ residual adds or statistics. So a fused network counts what its eager twin count
 - `fastresnet::bn_relu_conv_backward`: input gradient (a transposed conv of dy) + weight gradient (a conv of the
   recomputed activation with dy), each the forward's count — the counter's `aten.convolution_backward` with both
   gradients; the activation recompute is elementwise and uncounted, like the BN and ReLU backward;
+- `fastresnet::preact_unit` and `fastresnet::preact_unit_backward` (a whole residual unit, `unit_ops`): the sums of
+  the above over the unit's convs and its projection shortcut;
 - `bn_relu`, `bn_relu_backward`, `batch_stats`, `add_stats`: elementwise, uncounted (no formula), as the counter
   counts nothing for `aten.native_batch_norm`, `aten.relu` or `aten.add`.
 
@@ -23,6 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 import fastresnet.ops.bn_ops  # noqa: F401  defines the ops registered below
 import fastresnet.ops.unit_ops  # noqa: F401
+from fastresnet.ops.bn_ops import conv_out_shape
 
 
 def conv_flops(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int]) -> int:
@@ -45,3 +48,32 @@ def _bn_relu_conv_stats_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) 
 @register_flop_formula(torch.ops.fastresnet.bn_relu_conv_backward)
 def _bn_relu_conv_backward_flop(dy_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * conv_flops(x_shape, w_shape, dy_shape)   # input gradient + weight gradient
+
+
+def unit_conv_flops(x_shape: Sequence[int], w_shapes: Sequence[Sequence[int]], strides: Sequence[int],
+                    paddings: Sequence[int], shortcut_stride: int) -> int:
+    """Forward FLOPs of a `preact_unit`: its k convs (flattened (h, w) strides/paddings per conv) and, when
+    `w_shapes` holds one weight more, the 1×1 projection of the unit input."""
+    k = len(strides) // 2
+    total, shape = 0, list(x_shape)
+    for i in range(k):
+        out = conv_out_shape(shape, w_shapes[i], strides[2 * i:2 * i + 2], paddings[2 * i:2 * i + 2])
+        total += conv_flops(shape, w_shapes[i], out)
+        shape = out
+    if len(w_shapes) > k:
+        total += conv_flops(x_shape, w_shapes[k],
+                            conv_out_shape(x_shape, w_shapes[k], [shortcut_stride] * 2, [0, 0]))
+    return total
+
+
+@register_flop_formula(torch.ops.fastresnet.preact_unit)
+def _preact_unit_flop(x_shape, mean_shape, var_shape, w_shapes, bn_weights, bn_biases, eps, strides, paddings,
+                      shortcut, shortcut_stride, *args, out_shape=None, **kwargs) -> int:
+    return unit_conv_flops(x_shape, w_shapes, strides, paddings, shortcut_stride)
+
+
+@register_flop_formula(torch.ops.fastresnet.preact_unit_backward)
+def _preact_unit_backward_flop(dout_shape, x_shape, y_shapes, w_shapes, mean_shapes, rstd_shapes, bn_weights,
+                               bn_biases, strides, paddings, shortcut, shortcut_stride, *args, out_shape=None,
+                               **kwargs) -> int:
+    return 2 * unit_conv_flops(x_shape, w_shapes, strides, paddings, shortcut_stride)  # input + weight gradients

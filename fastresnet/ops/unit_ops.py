@@ -9,13 +9,16 @@ statistics in the conv epilogue; tier-A backends run the conv, then their fused 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
+from fastresnet.backends.base import layout
 from fastresnet.ops.bn_ops import affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake, conv_out_shape
 
 
@@ -44,7 +47,6 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy, dmean, dvar):
     # the statistics feed the next BN, whose backward already contains their dependence on y: dmean/dvar unused
-    from fastresnet.ops.bn_ops import layout
     x, weight, mean, rstd, bn_weight, bn_bias = ctx.saved_tensors
     dx, dweight, dgamma, dbeta = _bn_relu_conv_backward(
         dy.contiguous(memory_format=layout(x)), x, weight, mean, rstd, bn_weight, bn_bias,
@@ -61,3 +63,220 @@ def bn_relu_conv_stats(x, weight, mean, rstd, bn_weight, bn_bias, residual, stri
     """(conv2d(relu(BN(x)), weight) + residual, mean, var of that output); see the module docstring."""
     return _bn_relu_conv_stats(x, weight, mean, rstd, bn_weight, bn_bias, residual, list(stride), list(padding),
                                training, backend)
+
+
+# ---- a whole pre-activation residual unit ------------------------------------------------------------------------
+# How the shortcut h is formed, and from what:
+#   "identity"          h = x                      (x_{l+1} = x + F(x))
+#   "zero_pad"          h = option A of x          (stride-s subsampling, zero channels appended)
+#   "shared_identity"   h = a = relu(BN_1(x))      (the unit's first BN → ReLU feeds both paths)
+#   "shared_projection" h = conv1×1_s(a)           (a pre-activated projection shortcut, no BN after it)
+SHORTCUTS = ("identity", "zero_pad", "shared_identity", "shared_projection")
+
+
+def _pair(flat: List[int], i: int) -> List[int]:
+    return flat[2 * i:2 * i + 2]
+
+
+def _zero_pad(x: Tensor, stride: int, out_channels: int) -> Tensor:
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride]
+    return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, out_channels - x.shape[1]))
+
+
+def _zero_pad_backward(dh: Tensor, x: Tensor, stride: int) -> Tensor:
+    dx = torch.zeros_like(x, memory_format=layout(x))
+    dx[:, :, ::stride, ::stride] = dh[:, :x.shape[1]]
+    return dx
+
+
+def _plain_conv(a: Tensor, weight: Tensor, stride, padding) -> Tensor:
+    """conv2d of a (cast to the weight's dtype, as autocast does) with weight: an `nn.Conv2d` on the activation."""
+    return torch.nn.functional.conv2d(a.to(weight.dtype), weight, None, stride, padding)
+
+
+def _plain_conv_backward(dy: Tensor, a: Tensor, weight: Tensor, stride, padding) -> Tuple[Tensor, Tensor]:
+    """(da, dweight) of `_plain_conv`: what autograd computes for an `nn.Conv2d` on a."""
+    da, dweight, _ = torch.ops.aten.convolution_backward(
+        dy, a.to(weight.dtype), weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    return da.to(a.dtype), dweight
+
+
+def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
+                  bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
+                  shortcut: str, shortcut_stride: int, backend: str) -> List[Tensor]:
+    """[x_{l+1}, its mean, its var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …, mean_k, var_k]."""
+    impl = get_backend_impl(backend)
+    k = len(bn_weights)
+    ys: List[Tensor] = []
+    rstds: List[Tensor] = []
+    stats: List[Tensor] = []
+
+    def affine(i: int, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        rstds.append(torch.rsqrt(var + eps[i]))
+        return reference.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
+
+    y, mean, var, first = x, x_mean, x_var, 0
+    if shortcut.startswith("shared"):  # one activation feeds conv1 and the shortcut: plain convs on it
+        a = impl.bn_relu(x, *affine(0, mean, var), x.dtype)
+        h = a if shortcut == "shared_identity" else _plain_conv(a, weights[k], shortcut_stride, 0)
+        y = _plain_conv(a, weights[0], _pair(strides, 0), _pair(paddings, 0))
+        if k == 1:
+            return [*impl.add_stats(y, h)] + rstds
+        mean, var = impl.batch_stats(y)
+        ys, stats, first = [y], [mean, var], 1
+    else:
+        h = x if shortcut == "identity" else _zero_pad(x, shortcut_stride, weights[k - 1].shape[0])
+    for i in range(first, k):
+        last = i == k - 1
+        y, mean, var = impl.bn_relu_conv_stats(y, *affine(i, mean, var), weights[i], _pair(strides, i),
+                                               _pair(paddings, i), h if last else None)
+        if not last:
+            ys.append(y)
+            stats += [mean, var]
+    return [y, mean, var] + ys + rstds + stats
+
+
+def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], means: List[Tensor],
+                   rstds: List[Tensor], bn_weights: List[Optional[Tensor]], bn_biases: List[Optional[Tensor]],
+                   strides: List[int], paddings: List[int], shortcut: str, shortcut_stride: int, backend: str
+                   ) -> List[Tensor]:
+    """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
+    gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
+    impl = get_backend_impl(backend)
+    k = len(means)
+    dweights: List[Tensor] = [dout] * len(weights)  # every entry is replaced below
+    dgammas: List[Tensor] = [dout] * k
+    dbetas: List[Tensor] = [dout] * k
+    inputs = [x] + ys
+    dy = dout
+    for i in reversed(range(k)):
+        xi = inputs[i]
+        scale, shift = reference.scale_shift(means[i], rstds[i], bn_weights[i], bn_biases[i])
+        stride, padding = _pair(strides, i), _pair(paddings, i)
+        dy = dy.contiguous(memory_format=layout(xi))
+        if i == 0 and shortcut.startswith("shared"):
+            a = impl.bn_relu(x, scale, shift, x.dtype)
+            da, dweights[0] = _plain_conv_backward(dy, a, weights[0], stride, padding)
+            if shortcut == "shared_identity":
+                dh = dout.to(a.dtype)
+            else:
+                dh, dweights[k] = _plain_conv_backward(dout.to(weights[k].dtype), a, weights[k],
+                                                       [shortcut_stride] * 2, [0, 0])
+            dy, dbetas[0], dgammas[0] = impl.bn_relu_backward(da + dh, x, scale, shift, means[0], rstds[0], True)
+        else:
+            dres = None
+            if i == 0:
+                dres = (dout.to(x.dtype).contiguous(memory_format=layout(x)) if shortcut == "identity" else
+                        _zero_pad_backward(dout.to(x.dtype), x, shortcut_stride))
+            dy, dweights[i], dbetas[i], dgammas[i] = impl.bn_relu_conv_backward(
+                dy, xi, scale, shift, means[i], rstds[i], weights[i], stride, padding, True, True, dres)
+    return [dy] + dweights + dgammas + dbetas
+
+
+@torch.library.custom_op("fastresnet::preact_unit", mutates_args=())
+def _preact_unit_op(
+    x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
+    bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int], shortcut: str,
+    shortcut_stride: int, backend: str,
+) -> List[Tensor]:
+    return _unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
+                         shortcut_stride, backend)
+
+
+@_preact_unit_op.register_fake
+def _(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride, backend):
+    k = len(bn_weights)
+    ys, shape = [], x.shape
+    for i in range(k):
+        shape = conv_out_shape(shape, weights[i].shape, _pair(strides, i), _pair(paddings, i))
+        ys.append(_empty_as(x, shape, weights[i].dtype))
+    h_dtype = weights[k].dtype if shortcut == "shared_projection" else x.dtype
+    out = _empty_as(x, shape, torch.promote_types(weights[k - 1].dtype, h_dtype))
+    inner = ys[:-1]
+    return ([out, _stats_fake(out), _stats_fake(out)] + inner + [_stats_fake(t) for t in [x] + inner]
+            + [_stats_fake(t) for t in inner for _ in range(2)])
+
+
+@torch.library.custom_op("fastresnet::preact_unit_backward", mutates_args=())
+def _preact_unit_backward_op(
+    dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], means: List[Tensor], rstds: List[Tensor],
+    bn_weights: List[Optional[Tensor]], bn_biases: List[Optional[Tensor]], strides: List[int], paddings: List[int],
+    shortcut: str, shortcut_stride: int, backend: str,
+) -> List[Tensor]:
+    return _unit_backward(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings, shortcut,
+                          shortcut_stride, backend)
+
+
+@_preact_unit_backward_op.register_fake
+def _(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings, shortcut, shortcut_stride,
+      backend):
+    sums = [_stats_fake(t) for _ in range(2) for t in [x] + ys]  # Σdz·x̂ and Σdz: distinct tensors, no aliases
+    return [_empty_as(x, x.shape, x.dtype)] + [torch.empty_like(w) for w in weights] + sums
+
+
+def _traced() -> bool:
+    """Whether the registered ops must run rather than their bodies: under torch.compile, or while a
+    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def _run(op, body, args: tuple) -> List[Tensor]:
+    """The registered op when `_traced`, else its Python body inside a profiler range named like the op (so traces
+    show the unit; no range when no profiler runs)."""
+    if _traced():
+        return op(*args)
+    label = (torch.profiler.record_function(op._qualname) if torch.autograd._profiler_enabled()
+             else contextlib.nullcontext())
+    with label:
+        return body(*args)
+
+
+class _PreactUnit(torch.autograd.Function):
+    """The unit as one autograd node around the two ops above. Eager calls their Python bodies directly (a custom
+    op's own dispatch costs more host time than the unit's kernels at small sizes); under torch.compile or a
+    dispatch mode (`_traced`) the registered ops run, opaque, with their fake implementations and FLOP formulas."""
+
+    @staticmethod
+    def forward(ctx, config: tuple, x: Tensor, x_mean: Tensor, x_var: Tensor, *params: Optional[Tensor]):
+        eps, strides, paddings, shortcut, shortcut_stride, backend = config
+        k = len(eps)
+        weights, bn_weights, bn_biases = list(params[:-2 * k]), list(params[-2 * k:-k]), list(params[-k:])
+        args = (x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
+                backend)
+        res = _run(_preact_unit_op, _unit_forward, args)
+        ys, rstds, stats = res[3:2 + k], res[2 + k:2 + 2 * k], res[2 + 2 * k:]
+        ctx.save_for_backward(x, *ys, *weights, x_mean, *stats[0::2], *rstds, *bn_weights, *bn_biases)
+        ctx.config, ctx.num_weights = config, len(weights)
+        outs = (res[0], res[1], res[2], *stats)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, *_):
+        _, strides, paddings, shortcut, shortcut_stride, backend = ctx.config
+        k, n = len(ctx.config[0]), ctx.num_weights
+        saved = ctx.saved_tensors
+        x, ys, weights = saved[0], list(saved[1:k]), list(saved[k:k + n])
+        means, rstds, gammas, betas = (list(saved[k + n + j * k:2 * k + n + j * k]) for j in range(4))
+        args = (dout, x, ys, weights, means, rstds, gammas, betas, strides, paddings, shortcut, shortcut_stride,
+                backend)
+        grads = _run(_preact_unit_backward_op, _unit_backward, args)
+        dx, dweights, dgammas, dbetas = grads[0], grads[1:1 + n], grads[1 + n:1 + n + k], grads[1 + n + k:]
+        affine = [affine_grads(g, b, dg, db) for g, b, dg, db in zip(gammas, betas, dgammas, dbetas)]
+        return (None, dx, None, None, *dweights, *(a[0] for a in affine), *(a[1] for a in affine))
+
+
+def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
+                bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
+                shortcut: str, shortcut_stride: int, backend: str) -> Tuple[Tensor, ...]:
+    """A full pre-activation residual unit in training as one autograd node (docs/architecture.md §3):
+    x_{l+1} = h + W_k(relu(BN_k(… W_1(relu(BN_1(x)))))), with batch statistics (x_mean, x_var for BN_1; the others
+    from the conv epilogues) and the shortcut h of kind `shortcut` (`SHORTCUTS`; `weights[k]` is the projection).
+
+    strides/paddings: flattened (h, w) pairs per layer. Returns (x_{l+1}, its mean, its var, mean_2, var_2, …,
+    mean_k, var_k): the batch statistics of every BN after the first (fp32, fp64 for fp64 x) for the running
+    updates. Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics."""
+    config = (tuple(eps), tuple(strides), tuple(paddings), shortcut, shortcut_stride, backend)
+    return _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)

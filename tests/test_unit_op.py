@@ -1,0 +1,166 @@
+"""One autograd node per residual unit (`functional.preact_unit`, `ResidualUnit.one_op`): the whole-net results
+equal the per-layer path's (`fuse_unit = False`), the shortcut gradient joins dx inside the BN backward (`dres`),
+and bad arguments get errors that name them."""
+import pytest
+import torch
+from torch import nn
+
+from fastresnet import functional as FF
+from fastresnet.backends import get_backend_impl
+from fastresnet.distributed import convert_sync_batchnorm
+from fastresnet.models import ResNet
+from fastresnet.nn.units import ResidualUnit
+
+# every form and every one-op shortcut kind: basic with zero-pad (A) and a shared identity first unit; bottleneck
+# with shared projections; single-conv units (k = 1) with a shared identity and zero-pad
+NETS = {
+    "basic_A": dict(form="basic", units=[1, 2], widths=[4, 8], shortcut="A"),
+    "bottleneck_B": dict(form="bottleneck", units=[1, 1], widths=[8, 16], shortcut="B"),
+    "single_A": dict(form="single", units=[2, 1], widths=[4, 8], shortcut="A"),
+}
+BACKENDS = ["torch", "cuda", "triton", "triton_conv"]
+
+
+def _net(kind, backend, fuse, dtype):
+    torch.manual_seed(0)
+    spec = dict(NETS[kind])
+    model = ResNet(spec.pop("form"), spec.pop("units"), spec.pop("widths"), 3, stem_width=4, backend=backend,
+                   **spec).to(dtype)
+    for u in model.units:
+        u.fuse_unit = fuse
+    return model
+
+
+def _step(model, chained, dtype):
+    model.chained = chained  # unchained: every unit's plain forward (batch statistics of x computed per unit)
+    torch.manual_seed(1)
+    x = (3.0 + torch.randn(2, 3, 6, 6, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
+
+
+def _available(backend):
+    reason = get_backend_impl(backend).why_not(torch.empty(1, 1, 1, 1))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_one_op_equals_per_layer_path(kind, backend, dtype):
+    """Bitwise: same kernels in the same order. In fp32 too, because the in-kernel dx + dres is an fp32 add of the
+    same two fp32 values that autograd would add after the kernel (one rounding either way)."""
+    _available(backend)
+    if backend == "triton_conv" and dtype == torch.float64:
+        pytest.skip("triton_conv's own kernels take fp32/bf16/fp16")
+    for chained in (True, False):
+        fused = _step(_net(kind, backend, True, dtype), chained, dtype)
+        layered = _step(_net(kind, backend, False, dtype), chained, dtype)
+        for i, (a, b) in enumerate(zip(fused, layered)):
+            if backend == "triton_conv" and not chained:
+                # the one op adds the shortcut in the conv epilogue before its single rounding; the unchained
+                # per-layer path rounds the conv output, then adds (`h + f`): they differ by fp32 rounding
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(a, b), (kind, backend, chained, i, (a.double() - b.double()).abs().max())
+
+
+def test_one_op_bf16_autocast_close_to_per_layer_path():
+    """Under bf16 autocast dx is rounded once (in the kernel, with the shortcut gradient) instead of twice, so the
+    two paths differ by bf16 rounding of the gradients: agreement to a few bf16 ulps (2^-8 relative) per tensor."""
+    results = []
+    for fuse in (True, False):
+        model = _net("bottleneck_B", "torch", fuse, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_step(model, True, torch.float32))
+    for a, b in zip(*results):
+        a, b = a.double(), b.double()
+        assert (a - b).norm() <= 2 ** -6 * b.norm() + 1e-12
+
+
+def test_one_op_covers_the_zoo_and_refuses_what_it_cannot_run():
+    model = _net("bottleneck_B", "torch", True, torch.float32)
+    assert [u.one_op()[1] for u in model.units] == ["shared_projection", "shared_projection"]
+    model = _net("basic_A", "torch", True, torch.float32)
+    assert [u.one_op()[1] for u in model.units] == ["shared_identity", "zero_pad", "identity"]
+    assert [u.one_op()[3] for u in model.units] == [1, 2, 1]
+    refused = [
+        ResidualUnit(4, 8, 2, shortcut="B", share_preact=True, shortcut_bn=True),   # BN after the projection
+        ResidualUnit(4, 8, 2, shortcut="B"),                                        # projection of raw x
+        ResidualUnit(4, 4, variant="original"),                                     # post-activation
+        ResidualUnit(4, 4, merge="scale"),                                          # Table 1 merge
+    ]
+    assert all(u.one_op() is None for u in refused)
+    unit = ResidualUnit(4, 4)
+    unit.fuse_unit = False
+    assert unit.one_op() is None
+    unit = ResidualUnit(4, 4, form="bottleneck")
+    unit.conv2.bn.eval()  # a frozen BN normalises with its running statistics: the per-layer path keeps that
+    assert unit.one_op() is None
+    synced = convert_sync_batchnorm(nn.Sequential(ResidualUnit(4, 4)), process_group=object())[0]
+    assert synced.one_op() is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_relu_conv_backward_adds_dres(backend):
+    _available(backend)
+    impl = get_backend_impl(backend)
+    torch.manual_seed(0)
+    dtype = torch.float32 if backend == "triton_conv" else torch.float64
+    x = torch.randn(2, 4, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, dtype=dtype)
+    dy = torch.randn(2, 6, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    dres = torch.randn_like(x)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + 1e-5)
+    scale, shift = rstd, -mean * rstd
+    args = (dy, x, scale, shift, mean, rstd, w, [2, 2], [1, 1], True, True)
+    dx, dw, s1, s2 = impl.bn_relu_conv_backward(*args)
+    dx_r, dw_r, s1_r, s2_r = impl.bn_relu_conv_backward(*args, dres)
+    assert torch.equal(dw_r, dw) and torch.equal(s1_r, s1) and torch.equal(s2_r, s2)
+    # fp64: the in-kernel add is exact up to one rounding; fp32 kernels add in fp32 before the store
+    torch.testing.assert_close(dx_r, dx + dres, rtol=0, atol=4 * torch.finfo(dtype).eps * float(dx.abs().max() + 1))
+
+
+def _layer(cin, cout, k=3, stride=1):
+    return FF.BNConv(torch.randn(cout, cin, k, k), None, None, None, None, None, 0.1, 1e-5, (stride, stride),
+                     (k // 2, k // 2))
+
+
+def test_preact_unit_errors_name_the_argument():
+    x = torch.randn(2, 4, 6, 6)
+    cases = [
+        (dict(layers=[_layer(4, 4)], shortcut="bogus"), "shortcut: expected one of"),
+        (dict(layers=[]), "layers: expected at least one"),
+        (dict(layers=[_layer(4, 8), _layer(4, 8)]), r"layers\[1\]\.weight: expected a 4-D conv weight with 8"),
+        (dict(layers=[_layer(4, 8)]), "shortcut: 'identity' needs as many output channels"),
+        (dict(layers=[_layer(4, 8, stride=2)], shortcut="zero_pad"), "shortcut_stride: the shortcut gives"),
+        (dict(layers=[_layer(4, 8)], shortcut="shared_projection", shortcut_weight=torch.randn(8, 4, 3, 3)),
+         r"shortcut_weight: expected a projection weight of shape \(8, 4, 1, 1\)"),
+        (dict(layers=[_layer(4, 4)], shortcut_weight=torch.randn(4, 4, 1, 1)), "shortcut_weight: only"),
+        (dict(layers=[_layer(4, 4)], shortcut_stride=0), "shortcut_stride: expected a positive int"),
+        (dict(layers=[_layer(3, 3)]), "x: expected 3 channels"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            FF.preact_unit(x, backend="torch", **kwargs)
+
+
+def test_preact_unit_functional_matches_modules():
+    """The functional form with explicit tensors: the same output, statistics and running updates as the unit."""
+    torch.manual_seed(0)
+    unit = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend="torch").double()
+    ref = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend="torch").double()
+    ref.load_state_dict(unit.state_dict())
+    ref.fuse_unit = False
+    unit.conv2.bn.momentum = ref.conv2.bn.momentum = None  # cumulative average beside momentum 0.1
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    layers, kind, weight, stride = unit.one_op()
+    out, mean, var = FF.preact_unit(x, layers, kind, weight, stride, backend="torch")
+    expected, (m_ref, v_ref) = ref.forward_chained(x)
+    assert torch.equal(out, expected) and torch.equal(mean, m_ref) and torch.equal(var, v_ref)
+    for a, b in zip(unit.buffers(), ref.buffers()):
+        assert torch.equal(a, b)
