@@ -328,18 +328,50 @@ def preact_unit(
     adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3).
     """
     counts = _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
+    args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
+    out, out_mean, out_var, *inner = ops.preact_unit(*args)
+    if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
+        reference.update_running_stats_many([
+            (layer.running_mean, layer.running_var, layer.num_batches_tracked, m, v, count, layer.momentum)
+            for layer, count, m, v in zip(layers, counts, [args[1]] + inner[0::2], [args[2]] + inner[1::2])
+            if layer.running_mean is not None])
+    return out, out_mean, out_var
+
+
+def _unit_args(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_weight: Optional[Tensor],
+               shortcut_stride: int, stats: Optional[Tuple[Tensor, Tensor]], backend: Optional[str]) -> tuple:
+    """The arguments of `ops.preact_unit` (and `ops.unit_ops.preact_unit_gradients`) for checked inputs: x's
+    statistics (computed if not given), the weights in the autocast dtype, the layers' vectors, flattened pairs."""
     name = resolve(x, backend)
     mean, var = stats if stats is not None else ops.batch_stats(x, name)
     weights = [_conv_weight(layer.weight, x) for layer in layers]
     if shortcut_weight is not None:
         weights.append(_conv_weight(shortcut_weight, x))
-    out, out_mean, out_var, *inner = ops.preact_unit(
-        x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
-        [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
-        [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
-    if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
-        reference.update_running_stats_many([
-            (layer.running_mean, layer.running_var, layer.num_batches_tracked, m, v, count, layer.momentum)
-            for layer, count, m, v in zip(layers, counts, [mean] + inner[0::2], [var] + inner[1::2])
-            if layer.running_mean is not None])
-    return out, out_mean, out_var
+    return (x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
+            [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
+            [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
+
+
+def preact_unit_gradients(
+    x: Tensor,
+    dout: Tensor,
+    layers: Sequence[BNConv],
+    shortcut: str = "identity",
+    shortcut_weight: Optional[Tensor] = None,
+    shortcut_stride: int = 1,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+    """The gradients `preact_unit(x, layers, ...)` gives for the gradient dout of its output, computed from x alone
+    without recording a graph and without running the last conv (its output is not needed): (dx, [(parameter,
+    gradient)] for every conv weight, the projection and every present γ, β), gradients in the parameters' dtypes.
+    Running buffers are untouched. Bitwise what backward through `preact_unit` computes; the recomputation
+    (`fastresnet.recompute`) uses it for the last unit of a segment."""
+    _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
+    args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
+    dx, dweights, dgammas, dbetas = ops.unit_ops.preact_unit_gradients(*args, dout)
+    params = [layer.weight for layer in layers] + ([] if shortcut_weight is None else [shortcut_weight])
+    pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(params, dweights)]
+    for layer, dg, db in zip(layers, dgammas, dbetas):
+        pairs += [(t, g) for t, g in ((layer.bn_weight, dg), (layer.bn_bias, db)) if t is not None]
+    return dx, pairs

@@ -16,7 +16,10 @@ rstd) from the tape instead of computing it, so the recomputation
 - reproduces the first forward bitwise: the kernels are deterministic and get the same inputs and statistics.
 
 A unit that runs as one op (`ResidualUnit.one_op`) computes its inner statistics itself, bitwise again from the
-same input, so it neither records nor reads the tape; its replay only skips the running-statistics update.
+same input, so it neither records nor reads the tape; its replay only skips the running-statistics update. The
+replay of a segment stops before its last unit when that unit runs as one op: the last unit's output is the
+segment's output, which backward does not need, so its gradients come straight from its input
+(`ResidualUnit.gradients`: its inner activations recomputed, its last conv and residual add not).
 
 The replay also restores what else the first forward depended on: the autocast state of x's device, and the RNG
 state when the segment holds an active dropout (the dropout-shortcut units), so the same elements are dropped.
@@ -33,7 +36,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +136,19 @@ class Segment:
                 x, stats = unit(x), None
         return x, stats
 
+    def replay(self, x: Tensor, stats: Stats, dout: Tensor) -> Tuple[List[Tensor], List[Tensor], Dict[Tensor, Tensor]]:
+        """Run the units again (in the replay context) for the backward of their output given its gradient `dout`:
+        returns (roots, their gradients, gradients already computed for some parameters). A chain's last unit that
+        runs as one op is not run again: its gradients come straight from its input (`ResidualUnit.gradients`,
+        without the last conv, whose output nothing needs)."""
+        *inner, final = self.units
+        x, stats = Segment(inner, self.chained)(x, stats)
+        if not (self.chained and final.one_op() is not None):
+            out, _ = Segment([final], self.chained)(x, stats)
+            return [out], [dout], {}
+        dx, param_grads = final.gradients(x, stats, dout)
+        return [x], [dx], param_grads
+
     def draws_random(self) -> bool:
         """Whether running the units consumes random numbers (an active dropout)."""
         return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in self.modules)
@@ -180,13 +196,18 @@ class _RecomputedUnits(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            out, _ = segment(xr, None if mean is None else (mean, var))
+            roots, root_grads, known = segment.replay(xr, None if mean is None else (mean, var), dout)
         tape.check_consumed()
         wanted = [xr] if xr.requires_grad else []
-        wanted += [p for p, need in zip(segment.params, ctx.needs_input_grad[4:]) if need]
-        grads = iter(torch.autograd.grad([out], wanted, [dout], allow_unused=True))
+        known = {id(p): g for p, g in known.items()}
+        wanted += [p for p, need in zip(segment.params, ctx.needs_input_grad[4:]) if need and id(p) not in known]
+        if roots[0] is xr:  # the last unit's gradients came straight from the segment input: nothing to trace
+            grads = iter([root_grads[0]] if xr.requires_grad else [])
+        else:
+            grads = iter(torch.autograd.grad(roots, wanted, root_grads, allow_unused=True))
         dx = next(grads) if xr.requires_grad else None
-        dparams = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
+        dparams = [None if not need else known[id(p)] if id(p) in known else next(grads)
+                   for p, need in zip(segment.params, ctx.needs_input_grad[4:])]
         return (None, dx, None, None, *dparams)
 
 

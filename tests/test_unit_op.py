@@ -164,3 +164,24 @@ def test_preact_unit_functional_matches_modules():
     assert torch.equal(out, expected) and torch.equal(mean, m_ref) and torch.equal(var, v_ref)
     for a, b in zip(unit.buffers(), ref.buffers()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(form="bottleneck", shortcut="B", share_preact=True, stride=2),
+                                    dict(form="basic", shortcut="A", stride=2), dict(form="single")])
+def test_gradients_from_the_input_equal_autograd(kwargs):
+    """`ResidualUnit.gradients` (the recomputation's path: no graph, no last conv) gives bitwise the gradients of
+    backward through the one-op forward, and leaves the running buffers alone."""
+    torch.manual_seed(0)
+    cout = 8 if kwargs.get("stride") == 2 else 4
+    unit = ResidualUnit(4, cout, backend="torch", **kwargs).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    out, _ = unit.forward_chained(x)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    buffers = [b.clone() for b in unit.buffers()]
+    dx, grads = unit.gradients(x.detach(), None, dout)
+    assert torch.equal(dx, x.grad)
+    assert set(grads) == set(unit.parameters())
+    for p, g in grads.items():
+        assert torch.equal(g, p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, unit.buffers()))

@@ -18,7 +18,7 @@ F and the shortcut — the paper's first unit after conv1 and its pre-activated 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -197,6 +197,15 @@ class ResidualUnit(nn.Module):
         if not all(bn.training or bn.running_mean is None for bn in bns):  # a frozen BN uses its running statistics
             return None
         return layers, kind, weight, stride
+
+    def gradients(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], dout: Tensor
+                  ) -> Tuple[Tensor, Dict[Tensor, Tensor]]:
+        """(dx, {parameter: gradient}) of a one-op training forward from x (and its statistics) for the gradient
+        dout of its output, without a graph and without the last conv (`functional.preact_unit_gradients`): the
+        recomputation's backward of a segment's last unit. Needs `one_op()`."""
+        layers, kind, weight, stride = self.one_op()
+        dx, pairs = FF.preact_unit_gradients(x, dout, layers, kind, weight, stride, stats, self.backend)
+        return dx, dict(pairs)
 
     def forward_chained(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
                         ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:

@@ -105,8 +105,10 @@ def _plain_conv_backward(dy: Tensor, a: Tensor, weight: Tensor, stride, padding)
 
 def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
                   bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
-                  shortcut: str, shortcut_stride: int, backend: str) -> List[Tensor]:
-    """[x_{l+1}, its mean, its var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …, mean_k, var_k]."""
+                  shortcut: str, shortcut_stride: int, backend: str, through_last: bool = True) -> List[Tensor]:
+    """[x_{l+1}, its mean, its var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …, mean_k, var_k]; without
+    `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
+    recomputation needs for the backward alone."""
     impl = get_backend_impl(backend)
     k = len(bn_weights)
     ys: List[Tensor] = []
@@ -123,15 +125,18 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
         h = a if shortcut == "shared_identity" else _plain_conv(a, weights[k], shortcut_stride, 0)
         y = _plain_conv(a, weights[0], _pair(strides, 0), _pair(paddings, 0))
         if k == 1:
-            return [*impl.add_stats(y, h)] + rstds
+            return ([*impl.add_stats(y, h)] if through_last else []) + rstds
         mean, var = impl.batch_stats(y)
         ys, stats, first = [y], [mean, var], 1
     else:
         h = x if shortcut == "identity" else _zero_pad(x, shortcut_stride, weights[k - 1].shape[0])
     for i in range(first, k):
         last = i == k - 1
-        y, mean, var = impl.bn_relu_conv_stats(y, *affine(i, mean, var), weights[i], _pair(strides, i),
-                                               _pair(paddings, i), h if last else None)
+        scale, shift = affine(i, mean, var)
+        if last and not through_last:
+            return ys + rstds + stats
+        y, mean, var = impl.bn_relu_conv_stats(y, scale, shift, weights[i], _pair(strides, i), _pair(paddings, i),
+                                               h if last else None)
         if not last:
             ys.append(y)
             stats += [mean, var]
@@ -280,3 +285,23 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
     updates. Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics."""
     config = (tuple(eps), tuple(strides), tuple(paddings), shortcut, shortcut_stride, backend)
     return _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)
+
+
+def preact_unit_gradients(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
+                          bn_weights: List[Optional[Tensor]], bn_biases: List[Optional[Tensor]], eps: List[float],
+                          strides: List[int], paddings: List[int], shortcut: str, shortcut_stride: int, backend: str,
+                          dout: Tensor) -> Tuple[Tensor, List[Tensor], List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """(dx, dweights, dγs, dβs) of `preact_unit` given the gradient dout of x_{l+1}, from the unit input alone:
+    recomputes what the forward saves (without the last conv, whose output backward does not need), then runs the
+    backward; bitwise what the autograd node computes. Runs without recording a graph (a recomputation's replay)."""
+    with torch.no_grad():
+        k = len(bn_weights)
+        res = _unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
+                            shortcut_stride, backend, through_last=False)
+        ys, rstds, stats = res[:k - 1], res[k - 1:2 * k - 1], res[2 * k - 1:]
+        grads = _unit_backward(dout, x, ys, weights, [x_mean] + stats[0::2], rstds, bn_weights, bn_biases, strides,
+                               paddings, shortcut, shortcut_stride, backend)
+    n = len(weights)
+    affine = [affine_grads(g, b, dg, db) for g, b, dg, db in zip(bn_weights, bn_biases, grads[1 + n:1 + n + k],
+                                                                   grads[1 + n + k:])]
+    return grads[0], grads[1:1 + n], [a[0] for a in affine], [a[1] for a in affine]
