@@ -215,7 +215,7 @@ def plot(rows: List[Row], out_dir: Path) -> List[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok"]  # numerics rows carry a verdict, not a status
     groups: Dict[tuple, List[Row]] = defaultdict(list)
     for r in ok:
         groups[(r["bench"], r["device"], r["dtype"])].append(r)
