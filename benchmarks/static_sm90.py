@@ -238,10 +238,9 @@ def conv_flops(launch: dict) -> int:
     v = launch["values"]
     if "C_out" not in v:
         return 0
-    m_out = int(v["M"])
-    if launch["fn"].fn.__name__ == "_conv_dgrad_kernel":  # its rows are the input's: M·Ho·Wo/(H·W) output rows
-        m_out = m_out * int(v["Ho"]) * int(v["Wo"]) // (int(v["H"]) * int(v["W"]))
-    return 2 * m_out * int(v["C_in"]) * int(v["C_out"]) * int(v["KH"]) * int(v["KW"])
+    if launch["fn"].fn.__name__ == "_conv_dgrad_kernel":  # M rows of one output phase of dx × the taps reaching it
+        return 2 * int(v["M"]) * int(v["C_in"]) * int(v["C_out"]) * (int(v["K_ITERS"]) // int(v["K_BLOCKS"]))
+    return 2 * int(v["M"]) * int(v["C_in"]) * int(v["C_out"]) * int(v["KH"]) * int(v["KW"])
 
 
 def _shape(launch: dict) -> dict:

@@ -13,7 +13,9 @@ Per-channel vectors (scale, shift, mean, rstd, statistics) are fp32 [C].
 GEMM views (M = rows, "N" = columns, K = reduction):
   forward  y[m, co]        = Σ_{kh,kw,ci} a[n, ci, ho·s−p+kh, wo·s−p+kw] · w[co, ci, kh, kw],   m = (n, ho, wo)
   dgrad    da[m, ci]       = Σ_{kh,kw,co} dy[n, co, (h+p−kh)/s, (w+p−kw)/s] · w[co, ci, kh, kw],  m = (n, h, w),
-                             terms whose (h+p−kh) is not a multiple of s or falls outside [0, Ho) are zero
+                             terms whose (h+p−kh) is not a multiple of s or falls outside [0, Ho) are zero; for
+                             s = 2 one launch per phase (h mod 2, w mod 2) takes only the taps with kh ≡ h + p,
+                             kw ≡ w + p (mod 2), so no term of the first kind is computed (`dgrad_phases`)
   wgrad    dw[co, ci,kh,kw]= Σ_{m=(n,ho,wo)} dy[m, co] · a[n, ci, ho·s−p+kh, wo·s−p+kw]
 with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
 
@@ -25,7 +27,8 @@ tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partial
 split order by `kernels.stats.sum_rows`.
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
-Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = KH·KW·K_BLOCKS steps, a constexpr —
+Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
+KH·KW taps (forward, stride-1 dgrad) or those reaching the launch's phase (stride-2 dgrad: 1, 2, 2, 4 for 3×3) —
 which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split.
 Tiles, warps and stages per launch: `gemm_tiles` / `wgrad_tiles` (a deterministic rule, see "launchers").
 
@@ -139,34 +142,41 @@ def _conv_dgrad_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
     dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = da·[x·scale + shift > 0]
-    psum_ptr,                   # [2, tiles_m, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
-    M, C_in, H, W, C_out, Ho, Wo,
+    psum_ptr,                   # [2, tiles, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
+    M, C_in, H, W, C_out, Ho, Wo, tile0, tiles,
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
+    PW: tl.constexpr, TAPS_W: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
     K_ITERS: tl.constexpr,
 ):
-    # da = implicit GEMM of dy with the weight over rows m = (n, h, w) of x × input channels ci, K = (kh, kw, co):
-    # the transposed conv gathers the output positions (ho, wo) that read (hi, wi) through tap (kh, kw).
-    m_ok, nb, hi, wi, rn, n_ok, acc = _gemm_tile(M, H, W, C_in, BLOCK_M, BLOCK_N)
-    for kk in range(K_ITERS):                                         # K_ITERS = KH·KW·K_BLOCKS: one pipelined loop
-        kh, kw, tap, rk, k_ok = _k_step(kk, C_out, KW, BLOCK_K, K_BLOCKS)  # rk: output channels co of this step
-        th = hi + PAD - kh
-        tw = wi + PAD - kw
-        ho = th // STRIDE
-        wo = tw // STRIDE
-        pos_ok = m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) & (ho < Ho) & (wo < Wo)
+    # da = implicit GEMM of dy with the weight over the rows m = (n, hp, wp) of output phase (PH, PW) of x, i.e. the
+    # positions (h, w) = (hp·STRIDE + PH, wp·STRIDE + PW), M = N·⌈(H − PH)/STRIDE⌉·⌈(W − PW)/STRIDE⌉ of them, ×
+    # input channels ci; K = (the taps that reach the phase, co). The taps reaching the phase are kh = KH0 + STRIDE·jh
+    # (kh ≡ PH + PAD mod STRIDE) and kw likewise, jw < TAPS_W; tap (jh, jw) gathers dy at (hp + DH0 − jh, wp + DW0 −
+    # jw), with no per-row division or parity test. Stride 1 is the single phase (0, 0) with every tap.
+    KH0 = (PH + PAD) % STRIDE
+    KW0 = (PW + PAD) % STRIDE
+    DH0 = (PH + PAD - KH0) // STRIDE
+    DW0 = (PW + PAD - KW0) // STRIDE
+    m_ok, nb, hp, wp, rn, n_ok, acc = _gemm_tile(M, (H - PH + STRIDE - 1) // STRIDE, (W - PW + STRIDE - 1) // STRIDE,
+                                                 C_in, BLOCK_M, BLOCK_N)
+    for kk in range(K_ITERS):                                 # K_ITERS = TAPS_H·TAPS_W·K_BLOCKS: one pipelined loop
+        jh, jw, _, rk, k_ok = _k_step(kk, C_out, TAPS_W, BLOCK_K, K_BLOCKS)  # rk: output channels co of this step
+        ho = hp + DH0 - jh
+        wo = wp + DW0 - jw
+        pos_ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
         dyv = tl.load(dy_ptr + _offsets(nb, ho, wo, rk, sdn, sdc, sdh, sdw), mask=pos_ok[:, None] & k_ok[None, :],
                       other=0.0)
         # weight tile [BLOCK_K, BLOCK_N] = w[co, kh, kw, ci]: ci contiguous
+        tap = (KH0 + STRIDE * jh) * KW + KW0 + STRIDE * jw
         wv = tl.load(w_ptr + (rk * (KH * KW * C_in) + tap * C_in)[:, None] + rn[None, :],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(dyv.to(DOT_DTYPE), wv.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     # epilogue: ReLU mask recomputed from x, dz stored (at x's offsets), per-tile Σdz and Σdz·x̂
     mask = m_ok[:, None] & n_ok[None, :]
-    x_off = _offsets(nb, hi, wi, rn, sxn, sxc, sxh, sxw)
+    x_off = _offsets(nb, hp * STRIDE + PH, wp * STRIDE + PW, rn, sxn, sxc, sxh, sxw)
     xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
     t = tl.load(shift_ptr + rn, mask=n_ok, other=0.0)
@@ -178,8 +188,9 @@ def _conv_dgrad_kernel(
     tl.store(dz_ptr + x_off, dz, mask=mask)
     dz = dz.to(tl.float32)
     xhat = (xv - mu[None, :]) * r[None, :]
-    tl.store(psum_ptr + tl.program_id(0) * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
-    tl.store(psum_ptr + (tl.num_programs(0) + tl.program_id(0)) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
+    tile = tile0 + tl.program_id(0)                           # this phase's tiles follow the earlier phases'
+    tl.store(psum_ptr + tile * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
+    tl.store(psum_ptr + (tiles + tile) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -352,6 +363,26 @@ def _weight_ohwi(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).contiguous()
 
 
+class Phase(NamedTuple):
+    """One output phase of a dgrad launch: the input positions (h, w) ≡ (ph, pw) mod stride, rows per image of them
+    (⌈(H − ph)/stride⌉·⌈(W − pw)/stride⌉), and how many taps per axis reach them (kh ≡ ph + padding mod stride)."""
+    ph: int
+    pw: int
+    rows: int
+    taps_h: int
+    taps_w: int
+
+
+def dgrad_phases(h: int, w: int, k: int, stride: int, padding: int) -> Tuple[Phase, ...]:
+    """dgrad's launches for an H×W input, k×k kernel: the stride² output phases (ph, pw) in row-major order, each
+    with only the taps that reach it, so a row's K loop skips the (stride² − 1)/stride² of the taps that cannot
+    (3×3 stride 2: 1, 2, 2 or 4 taps instead of 9; 1×1 stride 2: one phase with the tap, three with none)."""
+    taps = [len(range((p + padding) % stride, k, stride)) for p in range(stride)]
+    phases = (Phase(ph, pw, -(-(h - ph) // stride) * -(-(w - pw) // stride), taps[ph], taps[pw])
+              for ph in range(stride) for pw in range(stride))
+    return tuple(p for p in phases if p.rows)  # an input 1 high or wide has no odd rows or columns
+
+
 def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> Tuple[int, int]:
     return (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
 
@@ -408,7 +439,8 @@ def conv_backward(
     (channels_last or contiguous; None unless need_weight_grad); Σdz, Σdz·x̂ fp32 [C_in] (dβ and dγ). Semantics of
     `reference.bn_relu_backward` after the conv backward, eval mode included (training=False: dx = scale·dz).
     Three steps: (1) dgrad with the mask/reduction epilogue (dz to a scratch tensor in x's dtype and dx's layout —
-    the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values);
+    the dtype eager PyTorch's ReLU backward gives it — and per-tile Σdz, Σdz·x̂ partials from the fp32 values), one
+    launch per output phase of the stride (`dgrad_phases`);
     (2) tier A's ordered merge of the partials and per-channel affine dx pass (+ dres)
     (`kernels.bn_relu.bn_backward_from_partials`); (3) wgrad, split over its K = N·Ho·Wo rows into at least
     `wgrad_splits` chunks (`wgrad_tiles`), summed in split order.
@@ -431,19 +463,29 @@ def conv_backward(
     x = x.contiguous(memory_format=memory_format(nhwc))
     if dres is not None:
         dres = dres.contiguous(memory_format=memory_format(nhwc))
-    m_in = n * h * w
-    cfg = gemm_tiles(m_in, c_in, c_out, dy.element_size(), weight.element_size(), dev)
-    tiles = triton.cdiv(m_in, cfg.block_m)
+    # one launch per output phase (ph, pw) of the stride (stride 1: one phase), each over that phase's rows with only
+    # the taps that reach it; the partials' tiles are laid out phase after phase, so their order is fixed. A phase
+    # no tap reaches (1×1 stride 2: odd rows or columns) has dz = 0 and no partials (they would be zeros)
     dz = torch.empty_like(x)  # x's dtype: half the scratch of fp32 for bf16/fp16
-    psum = torch.empty((2, tiles, c_in), dtype=torch.float32, device=dev)
+    phases = []
+    for p in dgrad_phases(h, w, k, stride, padding):
+        if p.taps_h * p.taps_w:
+            phases.append(p)
+        else:
+            dz[:, :, p.ph::stride, p.pw::stride].zero_()
+    cfg = gemm_tiles(n * max(p.rows for p in phases), c_in, c_out, dy.element_size(), weight.element_size(), dev)
+    grids = [triton.cdiv(n * p.rows, cfg.block_m) for p in phases]
+    psum = torch.empty((2, sum(grids), c_in), dtype=torch.float32, device=dev)
     k_blocks = triton.cdiv(c_out, cfg.block_k)
-    _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, cfg.block_n))](
-        dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum,
-        m_in, c_in, h, w, c_out, ho, wo, *dy.stride(), *x.stride(),
-        STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for i, (p, tiles) in enumerate(zip(phases, grids)):
+        _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, cfg.block_n))](
+            dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum,
+            n * p.rows, c_in, h, w, c_out, ho, wo, sum(grids[:i]), psum.shape[1], *dy.stride(), *x.stride(),
+            STRIDE=stride, PAD=padding, KH=k, KW=k, PH=p.ph, PW=p.pw, TAPS_W=p.taps_w,
+            DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            K_BLOCKS=k_blocks, K_ITERS=p.taps_h * p.taps_w * k_blocks, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e.
     # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
     dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres)

@@ -30,9 +30,11 @@ DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 TOL32 = (dict(atol=5e-3, rtol=5e-3) if DEV == "cuda" and conv_fp32_precision() == "tf32"
          else dict(atol=1e-4, rtol=1e-4))
 
-# (N, C_in, H, W, C_out, k, stride): channel counts 3, 16, 24, 64, 72, 80; odd N·H·W (2·7·5 = 70, 3·9·9 = 243, 1·5·7 =
-# 35 …). 80 input / 72 output channels span two 64-channel K blocks (the second one partial) in forward and dgrad,
-# so the flattened (tap, channel block) K loop takes more than one step per tap.
+# (N, C_in, H, W, C_out, k, stride): channel counts 3, 16, 24, 32, 64, 72, 80; odd N·H·W (2·7·5 = 70, 3·9·9 = 243,
+# 1·5·7 = 35 …). 80 input / 72 output channels span two 64-channel K blocks (the second one partial) in forward and
+# dgrad, so the flattened (tap, channel block) K loop takes more than one step per tap. Stride 2 (dgrad by output
+# phase): odd, even and mixed H, W (phases of unequal sizes), 1×1 (three phases without a tap) and an input one
+# row high (no odd-row phases).
 CASES = [
     (2, 16, 7, 5, 16, 3, 1),
     (3, 3, 9, 9, 16, 3, 2),
@@ -41,6 +43,10 @@ CASES = [
     (3, 16, 7, 7, 24, 1, 2),
     (1, 64, 5, 7, 64, 3, 1),
     (2, 80, 5, 3, 72, 3, 1),
+    (2, 16, 8, 6, 32, 3, 2),
+    (2, 32, 6, 5, 16, 1, 2),
+    (1, 80, 7, 6, 72, 3, 2),
+    (3, 16, 1, 5, 16, 3, 2),
 ]
 
 
@@ -148,6 +154,34 @@ def test_dres_added_to_dx_and_weight_grad_layout(weight_channels_last):
     assert got[1] is None and torch.equal(got[0], fused[0])
     with pytest.raises(ValueError, match="dres"):
         conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True, dres=dres[:, :3])
+
+
+@pytest.mark.parametrize("h, w, k", [(7, 9, 3), (8, 6, 3), (7, 6, 1), (1, 5, 3), (5, 5, 1)])
+def test_stride2_dgrad_phases_take_only_reaching_taps(h, w, k):
+    """dgrad's phase launches: every input position is in exactly one phase, and a phase's taps are exactly those
+    (kh, kw) with h + pad − kh and w + pad − kw even (the only ones that reach it) — counted by brute force."""
+    from fastresnet.kernels.conv import dgrad_phases
+    pad = k // 2
+    phases = dgrad_phases(h, w, k, 2, pad)
+    assert sum(p.rows for p in phases) == h * w
+    for p in phases:
+        assert p.rows == len(range(p.ph, h, 2)) * len(range(p.pw, w, 2))
+        reach = [(kh, kw) for kh in range(k) for kw in range(k) if (p.ph + pad - kh) % 2 == (p.pw + pad - kw) % 2 == 0]
+        assert p.taps_h * p.taps_w == len(reach)
+    # every tap reaches one phase of four: k² taps in all (9 for 3×3, where each row used to evaluate all 9)
+    if h > 1 and w > 1:
+        assert sum(p.taps_h * p.taps_w for p in phases) == k * k
+    assert dgrad_phases(h, w, k, 1, pad) == ((0, 0, h * w, k, k),)
+
+
+def test_stride2_dgrad_bitwise_deterministic():
+    from fastresnet.kernels.conv import conv_backward
+    x, mean, rstd, scale, shift, weight = _inputs(*CASES[9], True)
+    dy = torch.randn(1, 72, 4, 3, device=DEV).contiguous(memory_format=torch.channels_last)
+    b1 = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True, need_weight_grad=False)
+    b2 = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, True, need_weight_grad=False)
+    for a, b in zip(b1, b2):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_gpu_tile_rule(monkeypatch):

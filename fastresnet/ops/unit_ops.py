@@ -1,5 +1,6 @@
-"""Custom op chaining fused convs in a residual unit (docs/architecture.md §3): BN-ReLU-conv (+ residual) that also
-returns the batch statistics of its output, so the next BN reads them instead of re-reading the tensor.
+"""Custom ops of a residual unit (docs/architecture.md §3): a BN-ReLU-conv (+ residual) that also returns the batch
+statistics of its output, so the next BN reads them instead of re-reading the tensor, and a whole full pre-activation
+unit as one autograd node (`preact_unit`, below).
 
 `fastresnet::bn_relu_conv_stats(x, weight, mean, rstd, γ, β, residual, stride, padding, training, backend)
  -> (y, y_mean, y_var)`: y = conv2d(relu(BN(x)), weight) (+ residual, added in fp32, rounded once to the
