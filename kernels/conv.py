@@ -297,8 +297,10 @@ def gemm_tiles(m: int, n: int, k_channels: int, a_bytes: int, b_bytes: int, devi
             block_n //= 2
         else:
             break
-    return Tiles(block_m, block_n, block_k, _warps(block_m * (block_n + block_k)),
-                 _stages(block_m * block_k * a_bytes + block_k * block_n * b_bytes))
+    # registers: fp32 operands take two 16-bit slots per element, and every stage in flight holds the activation
+    # tile in registers (the BN-ReLU prologue runs on it before the dot): at most 3 stages
+    return Tiles(block_m, block_n, block_k, _warps(block_m * (block_n + block_k) * max(a_bytes, b_bytes) // 2),
+                 min(3, _stages(block_m * block_k * a_bytes + block_k * block_n * b_bytes)))
 
 
 def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes: int, device: torch.device,
