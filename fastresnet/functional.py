@@ -292,17 +292,13 @@ def _check_unit(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_wei
     elif shortcut_weight is not None:
         raise ValueError(f"shortcut_weight: only the 'shared_projection' shortcut has a weight, got shortcut="
                          f"{shortcut!r}")
-    if shortcut == "zero_pad":
-        if out_channels < in_channels:
-            raise ValueError(f"shortcut: zero_pad cannot reduce width ({in_channels} -> {out_channels})")
-        expected = [(d - 1) // shortcut_stride + 1 for d in x.shape[2:]]
-    elif shortcut == "shared_projection":
-        expected = [(d - 1) // shortcut_stride + 1 for d in x.shape[2:]]
-    else:
-        if out_channels != in_channels:
-            raise ValueError(f"shortcut: {shortcut!r} needs as many output channels as input channels, got "
-                             f"{in_channels} -> {out_channels}")
-        expected = list(x.shape[2:])
+    if shortcut == "zero_pad" and out_channels < in_channels:
+        raise ValueError(f"shortcut: zero_pad cannot reduce width ({in_channels} -> {out_channels})")
+    if shortcut in ("identity", "shared_identity") and out_channels != in_channels:
+        raise ValueError(f"shortcut: {shortcut!r} needs as many output channels as input channels, got "
+                         f"{in_channels} -> {out_channels}")
+    stride = shortcut_stride if shortcut in ("zero_pad", "shared_projection") else 1
+    expected = [(d - 1) // stride + 1 for d in x.shape[2:]]
     if list(shape[2:]) != expected:
         raise ValueError(f"shortcut_stride: the shortcut gives spatial size {tuple(expected)}, the residual branch "
                          f"{tuple(shape[2:])}")
@@ -327,8 +323,7 @@ def preact_unit(
     var) for the next unit's `stats`. Saves x and the inner BN inputs; the backward runs the layers in reverse and
     adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3).
     """
-    counts = _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
-    args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
+    counts, args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
     out, out_mean, out_var, *inner = ops.preact_unit(*args)
     if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
         reference.update_running_stats_many([
@@ -339,17 +334,20 @@ def preact_unit(
 
 
 def _unit_args(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_weight: Optional[Tensor],
-               shortcut_stride: int, stats: Optional[Tuple[Tensor, Tensor]], backend: Optional[str]) -> tuple:
-    """The arguments of `ops.preact_unit` (and `ops.unit_ops.preact_unit_gradients`) for checked inputs: x's
-    statistics (computed if not given), the weights in the autocast dtype, the layers' vectors, flattened pairs."""
+               shortcut_stride: int, stats: Optional[Tuple[Tensor, Tensor]], backend: Optional[str]
+               ) -> Tuple[List[int], tuple]:
+    """Check the arguments (`_check_unit`) and return (every BN's sample count, the arguments of `ops.preact_unit`
+    and `ops.unit_ops.preact_unit_gradients`): x's statistics (computed if not given), the weights in the autocast
+    dtype, the layers' vectors, flattened pairs."""
+    counts = _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
     name = resolve(x, backend)
     mean, var = stats if stats is not None else ops.batch_stats(x, name)
     weights = [_conv_weight(layer.weight, x) for layer in layers]
     if shortcut_weight is not None:
         weights.append(_conv_weight(shortcut_weight, x))
-    return (x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
-            [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
-            [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
+    return counts, (x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
+                    [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
+                    [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
 
 
 def preact_unit_gradients(
@@ -367,8 +365,7 @@ def preact_unit_gradients(
     gradient)] for every conv weight, the projection and every present γ, β), gradients in the parameters' dtypes.
     Running buffers are untouched. Bitwise what backward through `preact_unit` computes; the recomputation
     (`fastresnet.recompute`) uses it for the last unit of a segment."""
-    _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
-    args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
+    _, args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
     dx, dweights, dgammas, dbetas = ops.unit_ops.preact_unit_gradients(*args, dout)
     params = [layer.weight for layer in layers] + ([] if shortcut_weight is None else [shortcut_weight])
     pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(params, dweights)]

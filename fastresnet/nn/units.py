@@ -192,11 +192,10 @@ class ResidualUnit(nn.Module):
             layers = []
         else:
             return None
-        layers += [_bn_conv(c.bn, c.conv) for c in convs]
-        bns = ([self.preact] if self.share_preact else []) + [c.bn for c in convs]
+        bns = [m if isinstance(m, BNReLU2d) else m.bn for m in fused]
         if not all(bn.training or bn.running_mean is None for bn in bns):  # a frozen BN uses its running statistics
             return None
-        return layers, kind, weight, stride
+        return layers + [_bn_conv(c.bn, c.conv) for c in convs], kind, weight, stride
 
     def gradients(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], dout: Tensor
                   ) -> Tuple[Tensor, Dict[Tensor, Tensor]]:

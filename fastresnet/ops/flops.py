@@ -24,8 +24,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 import fastresnet.ops.bn_ops  # noqa: F401  defines the ops registered below
-import fastresnet.ops.unit_ops  # noqa: F401
-from fastresnet.ops.bn_ops import conv_out_shape
+from fastresnet.ops.unit_ops import layer_shapes
 
 
 def conv_flops(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int]) -> int:
@@ -55,14 +54,11 @@ def unit_conv_flops(x_shape: Sequence[int], w_shapes: Sequence[Sequence[int]], s
     """Forward FLOPs of a `preact_unit`: its k convs (flattened (h, w) strides/paddings per conv) and, when
     `w_shapes` holds one weight more, the 1×1 projection of the unit input."""
     k = len(strides) // 2
-    total, shape = 0, list(x_shape)
-    for i in range(k):
-        out = conv_out_shape(shape, w_shapes[i], strides[2 * i:2 * i + 2], paddings[2 * i:2 * i + 2])
-        total += conv_flops(shape, w_shapes[i], out)
-        shape = out
-    if len(w_shapes) > k:
-        total += conv_flops(x_shape, w_shapes[k],
-                            conv_out_shape(x_shape, w_shapes[k], [shortcut_stride] * 2, [0, 0]))
+    outs = layer_shapes(x_shape, w_shapes, strides, paddings)
+    total = sum(conv_flops(s, w, o) for s, w, o in zip([list(x_shape)] + outs, w_shapes, outs))
+    if len(w_shapes) > k:  # the projection: 1×1, stride shortcut_stride, on the unit input
+        projected = layer_shapes(x_shape, w_shapes[k:], [shortcut_stride] * 2, [0, 0])[0]
+        total += conv_flops(x_shape, w_shapes[k], projected)
     return total
 
 

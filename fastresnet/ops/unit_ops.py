@@ -79,6 +79,15 @@ def _pair(flat: List[int], i: int) -> List[int]:
     return flat[2 * i:2 * i + 2]
 
 
+def layer_shapes(x_shape, weight_shapes, strides: List[int], paddings: List[int]) -> List[List[int]]:
+    """The output shape of each of a unit's k convs (k = len(strides) // 2, flattened (h, w) pairs), in order."""
+    shapes, shape = [], list(x_shape)
+    for i in range(len(strides) // 2):
+        shape = conv_out_shape(shape, weight_shapes[i], _pair(strides, i), _pair(paddings, i))
+        shapes.append(shape)
+    return shapes
+
+
 def _zero_pad(x: Tensor, stride: int, out_channels: int) -> Tensor:
     if stride > 1:
         x = x[:, :, ::stride, ::stride]
@@ -152,9 +161,9 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
     impl = get_backend_impl(backend)
     k = len(means)
-    dweights: List[Tensor] = [dout] * len(weights)  # every entry is replaced below
-    dgammas: List[Tensor] = [dout] * k
-    dbetas: List[Tensor] = [dout] * k
+    dweights: List[Optional[Tensor]] = [None] * len(weights)  # every entry is filled below
+    dgammas: List[Optional[Tensor]] = [None] * k
+    dbetas: List[Optional[Tensor]] = [None] * k
     inputs = [x] + ys
     dy = dout
     for i in reversed(range(k)):
@@ -194,12 +203,10 @@ def _preact_unit_op(
 @_preact_unit_op.register_fake
 def _(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride, backend):
     k = len(bn_weights)
-    ys, shape = [], x.shape
-    for i in range(k):
-        shape = conv_out_shape(shape, weights[i].shape, _pair(strides, i), _pair(paddings, i))
-        ys.append(_empty_as(x, shape, weights[i].dtype))
+    shapes = layer_shapes(x.shape, [w.shape for w in weights], strides, paddings)
+    ys = [_empty_as(x, shape, w.dtype) for shape, w in zip(shapes, weights)]
     h_dtype = weights[k].dtype if shortcut == "shared_projection" else x.dtype
-    out = _empty_as(x, shape, torch.promote_types(weights[k - 1].dtype, h_dtype))
+    out = _empty_as(x, shapes[-1], torch.promote_types(weights[k - 1].dtype, h_dtype))
     inner = ys[:-1]
     return ([out, _stats_fake(out), _stats_fake(out)] + inner + [_stats_fake(t) for t in [x] + inner]
             + [_stats_fake(t) for t in inner for _ in range(2)])
