@@ -235,6 +235,11 @@ def _sm_count(device_index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_sms(x: Tensor) -> int:
+    """x's GPU's SM count; 1 off the GPU (the interpreter: a few large tiles keep it fast)."""
+    return _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if x.is_cuda else 1
+
+
 def channel_block(c: int) -> int:
     """BLOCK_C, the channels one program of the per-channel passes covers (the next power of two of c, at most 64)."""
     return min(triton.next_power_of_2(c), 64)
@@ -243,17 +248,26 @@ def channel_block(c: int) -> int:
 def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] = None) -> dict:
     """Tile sizes for an [M = N·H·W, C] pass over x: BLOCK_C channels × BLOCK_M rows per chunk, ITERS chunks per
     row-tile, T row-tiles. Depends only on (shape, device), so reductions are reproducible. `block_m`/`tiles`
-    override the defaults (tuning, and tests that force many partials)."""
+    override the defaults (tuning, and tests that force many partials).
+
+    Default BLOCK_M: 4,096 elements a chunk (at most M rows, at least 16), halved (down to 16 rows) while the chunks ×
+    channel blocks are fewer than the SMs, so the one-chunk-per-program elementwise passes and the partial pass keep
+    every SM busy on small M (CIFAR stage 3 at batch 128: M = 8,192, C = 64 gives 256 programs of 32 rows, not 128
+    of 64). Only up to one program per SM: each halving doubles the partials, 16 B per channel per tile against
+    2·BLOCK_M B of bf16 input. A halving leaves fewer than 2·SMs chunks × channel blocks, under the 4·SMs of the
+    default `tiles`: ITERS stays 1 and T at most `tiles`, so the merges walk no more rows than before."""
     n, c, h, w = x.shape
     m = n * h * w
     block_c = channel_block(c)
+    c_blocks = triton.cdiv(c, block_c)
+    sms = _device_sms(x)
     if block_m is None:
         block_m = max(16, min(4096 // block_c, triton.next_power_of_2(m)))
+        while block_m > 16 and triton.cdiv(m, block_m) * c_blocks < sms:
+            block_m //= 2
     chunks = triton.cdiv(m, block_m)
     if tiles is None:
-        # enough programs to fill the GPU (4 per SM); under the interpreter a few tiles keep it fast
-        sms = _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if x.is_cuda else 1
-        tiles = max(1, 4 * sms // triton.cdiv(c, block_c))
+        tiles = max(1, 4 * sms // c_blocks)  # enough programs to fill the GPU (4 per SM)
     iters = triton.cdiv(chunks, min(tiles, chunks))
     return dict(M=m, C=c, HW=h * w, BLOCK_M=block_m, BLOCK_C=block_c, ITERS=iters, T=triton.cdiv(chunks, iters),
                 INT64=x.numel() > _INT32_LIMIT, NUM_WARPS=4 if block_m * block_c <= 2048 else 8)

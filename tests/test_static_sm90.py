@@ -1,10 +1,12 @@
 """The static sm_90 gate (benchmarks/static_sm90.py): the kernel launches of the zoo's nets, compiled for Hopper on a
 CPU machine, stay within shared memory, do not spill in CIFAR bf16/fp16 configurations,
-use tensor cores for bf16/fp16 dots and keep every program's serial loop bounded.
+use tensor cores for bf16/fp16 dots, keep every program's serial loop bounded and, at CIFAR sizes, give every SM a
+program (all kernels but the merges of partials).
 
-Cost: `test_gate_rules` is instant; `test_sm90_gate_cifar_subset` traces preact_resnet164 at batch 128 (bf16 and
+Cost: `test_gate_rules` is instant; `test_replay_is_channels_last` traces and replays preact_resnet164 at batch 8
+(no compile, a few seconds); `test_sm90_gate_cifar_subset` traces preact_resnet164 at batch 128 (bf16 and
 fp32) on the meta device and compiles its ~110 distinct launches for sm_90: about 1.5 minutes on 2 cores. The whole
-set (three nets × three dtypes, ~340 compiles, about 5 minutes on 2 cores) is `python benchmarks/static_sm90.py
+set (three nets × three dtypes, ~410 compiles, about 5–6 minutes on 2 cores) is `python benchmarks/static_sm90.py
 --check`.
 """
 import json
@@ -47,18 +49,56 @@ def test_gate_rules():
     assert gate.violations(_row(cifar=False, spill_store_bytes=8)) == []
     assert "mma" in " ".join(gate.violations(_row(wgmma=0)))
     assert "longest loop" in " ".join(gate.violations(_row(longest_loop=gate.LOOP_BOUND + 1)))
+    # fewer programs than SMs: a violation for a CIFAR launch of any dtype, except the merges and ImageNet
+    for dtype in ("bf16", "fp32"):
+        assert "programs" in " ".join(gate.violations(_row(dtype=dtype, programs=gate.SMS - 1)))
+    assert "programs" in " ".join(gate.violations(_row(kernel="_bn_relu_bwd_dx_kernel", programs=128, wgmma=0,
+                                                       shape={})))
+    assert gate.violations(_row(programs=gate.SMS)) == []
+    assert gate.violations(_row(cifar=False, programs=64)) == []
+    for merge in gate.MERGE_KERNELS:
+        assert gate.violations(_row(kernel=merge, programs=1, wgmma=0, shape={})) == []
     # occupancy: 255 registers × 4 warps leave room for 2 blocks; 160 KB of shared memory for 1
     assert gate.blocks_per_sm(255, 0, 4) == (2, "registers")
     assert gate.blocks_per_sm(32, 160 * 1024, 4)[0] == 1
+
+
+# per launch of a replayed preact_resnet164 step: (kernel, whether its activation x is NHWC: channels innermost)
+_REPLAY_LAYOUTS = """
+import json, torch
+from benchmarks import static_sm90 as gate
+launches = gate.record_launches(gate.trace_calls("preact_resnet164", 8, 32, torch.bfloat16))
+print(json.dumps([(la["fn"].fn.__name__, bool(la["values"].get("NHWC", la["values"]["x_ptr"].stride()[1] == 1)))
+                  for la in launches if "x_ptr" in la["values"]]))
+"""
+
+
+def _compiled_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not interpreted
+
+
+@pytest.mark.skipif(_offline_compiler_missing() is not None, reason=str(_offline_compiler_missing()))
+def test_replay_is_channels_last():
+    """The replay makes the GPU's launches: NHWC throughout, also where meta kernels return NCHW (the stem, the
+    plain convs of a shared pre-activation) and for the saved activations a unit's backward gets as a list. In a
+    subprocess: the replay records compiled kernels' launches, which TRITON_INTERPRET=1 would replace."""
+    run = subprocess.run([sys.executable, "-c", _REPLAY_LAYOUTS], cwd=ROOT, env=_compiled_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    layouts = json.loads(run.stdout.strip().splitlines()[-1])
+    kernels = {k for k, _ in layouts}
+    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_stats_partial_kernel",
+            "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
+    assert all(nhwc for _, nhwc in layouts), sorted({k for k, nhwc in layouts if not nhwc})
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(_offline_compiler_missing() is not None, reason=str(_offline_compiler_missing()))
 def test_sm90_gate_cifar_subset(tmp_path):
     out = tmp_path / "static.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not interpreted
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_sm90.py"), "--subset", "--check",
-                          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          "--out", str(out)], cwd=ROOT, env=_compiled_env(), capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kernels = {r["kernel"] for r in rows}
@@ -66,12 +106,12 @@ def test_sm90_gate_cifar_subset(tmp_path):
     assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "sum_groups_kernel",
             "_stats_partial_kernel", "_stats_merge_kernel", "_bn_relu_fwd_kernel", "_bn_relu_bwd_partial_kernel",
             "_bn_relu_bwd_merge_kernel", "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
-    # the launches are the GPU's: tensor-core bf16 dots on 64- or 128-row tiles, 132-SM grids, specialised
-    # arguments; every conv launch of the net has at least one program per SM (stage 3, 8×8 at batch 128, included)
+    # the launches are the GPU's: tensor-core bf16 dots on 64- or 128-row tiles, 132-SM grids (--check: every launch
+    # but the merges has at least one program per SM, stage 3, 8×8 at batch 128, included), specialised arguments
     bf16_convs = [r for r in rows if r["dtype"] == "bf16" and r["kernel"].startswith("_conv_")]
     assert bf16_convs and all(r["shape"]["DOT_DTYPE"] == "bf16" and r["shape"]["BLOCK_M"] in (64, 128)
                               and (r["mma"] or r["wgmma"]) for r in bf16_convs)
-    convs = [r for r in rows if r["kernel"].startswith("_conv_")]
-    assert all(r["programs"] >= gate.SMS for r in convs), sorted({(r["kernel"], r["programs"]) for r in convs})
+    stage3 = [r for r in rows if r["kernel"] == "_bn_relu_bwd_dx_kernel" and r["shape"]["M"] == 128 * 8 * 8]
+    assert stage3 and all(r["programs"] >= gate.SMS for r in stage3)
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in rows)
     assert all(r["floor_us"] > 0 for r in rows)

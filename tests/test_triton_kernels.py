@@ -207,9 +207,8 @@ def _multi_tile_calls(x, block_m, tiles):
             (dy, scale, shift, mean, rstd))
 
 
-@pytest.mark.parametrize("block_m,tiles", [(16, 3), (16, 100), (32, 1)])
-def test_multi_tile_matches_reference(block_m, tiles):
-    x = make((2, 24, 7, 7), torch.float32, "nhwc", "large")  # M = 98: 7 chunks of 16, ragged
+def _check_multi_tile(x, block_m, tiles):
+    """The reductions of `_multi_tile_calls` against the reference."""
     (mean, var), bwd, (y, ymean, yvar), (dy, scale, shift, rmean, rstd) = _multi_tile_calls(x, block_m, tiles)
     mean64, var64 = reference.batch_stats(x.double())
     check_stats(mean, var, *reference.batch_stats(x), mean64, var64)
@@ -218,6 +217,30 @@ def test_multi_tile_matches_reference(block_m, tiles):
     for name, o, e in zip(("dx", "sum_dz", "sum_dz_xhat"), bwd, exact):
         assert err(o, e) <= 1e-3 * max(1.0, e.abs().max().item()), name
     check_stats(ymean, yvar, *reference.batch_stats(y), *reference.batch_stats(y.double()))
+
+
+@pytest.mark.parametrize("block_m,tiles", [(16, 3), (16, 100), (32, 1)])
+def test_multi_tile_matches_reference(block_m, tiles):
+    _check_multi_tile(make((2, 24, 7, 7), torch.float32, "nhwc", "large"), block_m, tiles)  # M = 98: ragged
+
+
+def test_gpu_row_blocks(monkeypatch):
+    """The GPU rule of `tile_config` (132 SMs, shapes only: meta tensors): every BN-ReLU / statistics pass of a CIFAR
+    net at batch 128 has at least one program per SM and at most 4·SMs partials (the merges' bound); stage 3
+    (M = 8,192 × 64 channels) gets 32-row chunks, one per program; larger passes keep 4,096-element chunks.
+    Then the kernels run with that rule on a small tensor (16-row chunks, more partials than the interpreter's
+    default) and match the reference."""
+    monkeypatch.setattr(kstats, "_device_sms", lambda x: 132)
+    for c, hw in ((16, 32), (64, 32), (32, 16), (128, 16), (64, 8), (256, 8)):
+        cfg = kstats.tile_config(torch.empty(128, c, hw, hw, device="meta"))
+        programs = cfg["T"] * -(-c // cfg["BLOCK_C"])
+        assert programs >= 132 and cfg["T"] <= 4 * 132, (c, hw, cfg)
+    stage3 = kstats.tile_config(torch.empty(128, 64, 8, 8, device="meta"))
+    assert (stage3["BLOCK_M"], stage3["ITERS"], stage3["T"]) == (32, 1, 256), stage3
+    assert kstats.tile_config(torch.empty(64, 256, 56, 56, device="meta"))["BLOCK_M"] == 4096 // 64
+    x = make((2, 24, 7, 7), torch.float32, "nhwc", "large")  # M = 98: 16-row chunks by the rule, ragged
+    assert kstats.tile_config(x)["BLOCK_M"] == 16 and kstats.tile_config(x)["T"] == 7
+    _check_multi_tile(x, None, None)
 
 
 def test_deterministic_bitwise():
