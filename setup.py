@@ -32,7 +32,7 @@ def _extension_build():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp", "csrc/unit.cpp"]
     cxx = ["-O3"]
     nvcc_path = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = (not _flag("FASTRESNET_SKIP_CUDA") and torch.version.cuda is not None

@@ -121,15 +121,15 @@ inline BackwardArgs prepare_bn_relu_backward(const at::Tensor& dy, const at::Ten
   return out;
 }
 
-// (a, b) dense in a's layout; b must have a's shape, device and dtype.
+// (a, b) dense in a's layout and in their promoted dtype (widening is exact, so the sum is still rounded once);
+// b must have a's shape and device.
 inline std::pair<at::Tensor, at::Tensor> prepare_add_stats(const at::Tensor& a, const at::Tensor& b) {
   check_input(a, "a");
   check_input(b, "b");
   check_like(b, "b", a, "a");
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b: expected the dtype of a (", a.scalar_type(), "), got ",
-              b.scalar_type());
   const bool nhwc = is_nhwc(a);
-  return {dense(a, nhwc), dense(b, nhwc)};
+  const auto t = c10::promoteTypes(a.scalar_type(), b.scalar_type());
+  return {dense(a.to(t), nhwc), dense(b.to(t), nhwc)};
 }
 
 }  // namespace fastresnet_ext

@@ -13,8 +13,8 @@
 //     mean = pivot + merged mean.
 //   * backward sums: per tile Σdz and Σdz·(x − mean), summed in tile order; Σdz·x̂ = rstd·Σdz·(x − mean).
 // Tiles: NHWC — kTileElems/C rows × all C channels (inner loops run over contiguous channels and vectorise);
-//        NCHW — one channel, a run of at most kTileElems contiguous elements of one (n, c) plane (reduced with
-//        kLanes independent accumulators, so the compiler vectorises without reassociating).
+//        NCHW — one channel, a run of at most kTileElems contiguous elements of one (n, c) plane (reduced in SIMD
+//        lanes, lane_sums: a fixed order).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
 #include <type_traits>
 
@@ -31,7 +32,7 @@ namespace fastresnet_ext {
 namespace {
 
 constexpr int64_t kTileElems = 8192;  // elements per reduction tile (≈ 32 KiB fp32: stays in L1/L2)
-constexpr int64_t kLanes = 8;         // independent accumulators of the NCHW reductions
+constexpr int64_t kLanes = 8;         // accumulator lanes of the NCHW reductions (lane_sums)
 
 using NHWC = std::true_type;
 using NCHW = std::false_type;
@@ -95,17 +96,59 @@ void for_each_row(const Geometry& g, const F& body) {
   }
 }
 
-// Sum of f(i) for i in [0, len) with kLanes accumulators (fixed order: lane-wise, then lanes 0..kLanes-1).
-template <typename acc_t, typename F>
-inline acc_t lane_sum(int64_t len, const F& f) {
-  acc_t lane[kLanes] = {};
+// A 16-byte SIMD vector of acc_t (4 float / 2 double lanes: the SSE2 / NEON width every x86-64 / arm64 build has),
+// as a GCC/Clang vector extension. The reductions and the ReLU mask use these explicitly: compilers vectorise neither
+// an in-order float reduction nor (reliably) a select on the mask, and turn a scalar select into a branch, which a
+// random ReLU mask mispredicts half the time.
+template <typename acc_t>
+struct VecOf {
+  typedef acc_t type __attribute__((vector_size(16)));
+};
+template <typename acc_t>
+using Vec = typename VecOf<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kVecLanes = 16 / sizeof(acc_t);
+
+// The n ≤ kVecLanes elements p[0, n) converted to acc_t, in lanes 0..n-1; lanes n.. are 0.
+template <typename acc_t, typename T>
+inline Vec<acc_t> load_vec(const T* p, int64_t n) {
+  Vec<acc_t> v{};
+  for (int64_t l = 0; l < kVecLanes<acc_t>; ++l)
+    if (l < n) v[l] = static_cast<acc_t>(p[l]);
+  return v;
+}
+
+// Sums over i in [0, len) of K quantities, each with kLanes accumulator lanes (kLanes / W vectors of W = kVecLanes
+// lanes, so consecutive adds do not wait on each other): element i goes to lane i mod kLanes, and the lanes are then
+// added in order 0..kLanes-1 — a fixed order. f(i, n) returns the K quantities of elements [i, i + n) (n ≤ W) as
+// vectors; lanes n.. are dropped.
+template <typename acc_t, size_t K, typename F>
+inline std::array<acc_t, K> lane_sums(int64_t len, const F& f) {
+  constexpr int64_t W = kVecLanes<acc_t>, P = kLanes / W;
+  Vec<acc_t> acc[K][P] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += f(i + l);
-  for (; i < len; ++i) lane[i % kLanes] += f(i);
-  acc_t s = 0;
-  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+    for (int64_t p = 0; p < P; ++p) {
+      const std::array<Vec<acc_t>, K> v = f(i + p * W, W);
+      for (size_t k = 0; k < K; ++k) acc[k][p] += v[k];
+    }
+  Vec<acc_t> lane{};
+  for (int64_t l = 0; l < W; ++l) lane[l] = static_cast<acc_t>(l);
+  for (int64_t p = 0; i < len; ++p, i += W) {  // the last < kLanes elements
+    const int64_t n = std::min(W, len - i);
+    const std::array<Vec<acc_t>, K> v = f(i, n);
+    for (size_t k = 0; k < K; ++k) acc[k][p] += lane < static_cast<acc_t>(n) ? v[k] : Vec<acc_t>{};
+  }
+  std::array<acc_t, K> s{};
+  for (size_t k = 0; k < K; ++k)
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t l = 0; l < W; ++l) s[k] += acc[k][p][l];
   return s;
+}
+
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t len, const F& f) {
+  return lane_sums<acc_t, 1>(len, [&](int64_t i, int64_t n) { return std::array<Vec<acc_t>, 1>{f(i, n)}; })[0];
 }
 
 // (mean, M2) of one tile of the dense tensor y, shifted by the channel's pivot (mean of y − pivot), into its slot of
@@ -131,10 +174,11 @@ inline void tile_moments(const Geometry& g, Tag, int64_t tile, int64_t start, in
   } else {  // NCHW: one contiguous run of channel c
     const acc_t k = pivot[c];
     const acc_t mean =
-        lane_sum<acc_t>(len, [&](int64_t i) { return static_cast<acc_t>(p[i]) - k; }) / static_cast<acc_t>(len);
+        lane_sum<acc_t>(len, [&](int64_t i, int64_t n) { return load_vec<acc_t>(p + i, n) - k; }) /
+        static_cast<acc_t>(len);
     pmean[tile * g.C + c] = mean;
-    pm2[tile * g.C + c] = lane_sum<acc_t>(len, [&](int64_t i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - k - mean;
+    pm2[tile * g.C + c] = lane_sum<acc_t>(len, [&](int64_t i, int64_t n) {
+      const Vec<acc_t> d = load_vec<acc_t>(p + i, n) - k - mean;
       return d * d;
     });
   }
@@ -231,13 +275,80 @@ at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at
   return a;
 }
 
+// ---- bn_relu_backward ---------------------------------------------------------------------------------------------
+// dz = dy·[x·s + t > 0]; per channel dx = A·dz + B·(x − μ) + C (+ dres), centred at μ (B·x and C would cancel when
+// |μ| ≫ σ). Training: A = s, B = −s·rstd²·Σdz(x−μ)/M, C = −s·Σdz/M (from dx = s·(dz − Σdz/M − x̂·Σdz·x̂/M)), so dx
+// needs the merged sums: a second pass over the tiles writes it. Eval: A = s, B = C = 0 are known up front, so the
+// one pass writes dx right after a tile's sums, while the tile is in cache.
+//
+// The NHWC and dx kernels take __restrict__ pointers so the compiler vectorises their loops over channels / elements
+// (it cannot prove that the outputs do not alias the inputs otherwise); the NCHW sums use explicit vectors.
+
+// The per-channel vectors of the op (scale s, shift t, mean μ and the dx coefficients A, B, C), from channel c on.
+template <typename acc_t>
+struct BackwardChannels {
+  const acc_t *s, *t, *mu, *A, *B, *C;
+  BackwardChannels from(int64_t c) const { return {s + c, t + c, mu + c, A + c, B + c, C + c}; }
+};
+
+// dz = dy where x·s + t > 0, else 0; V is acc_t or Vec<acc_t> (a lane-wise select).
+template <typename V, typename acc_t>
+inline V relu_grad(V x, V dy, acc_t s, acc_t t) {
+  return x * s + t > acc_t(0) ? dy : V{};
+}
+
+// NHWC tile of `rows` rows × C channels: Σdz and Σdz·(x − μ) per channel, into sdz[C] and sdzx[C].
+template <typename x_t, typename g_t, typename acc_t>
+void nhwc_tile_sums(const x_t* __restrict__ x, const g_t* __restrict__ dy, int64_t rows, int64_t C,
+                    const acc_t* __restrict__ s, const acc_t* __restrict__ t, const acc_t* __restrict__ mu,
+                    acc_t* __restrict__ sdz, acc_t* __restrict__ sdzx) {
+  std::fill(sdz, sdz + C, acc_t(0));
+  std::fill(sdzx, sdzx + C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r, x += C, dy += C)
+    for (int64_t j = 0; j < C; ++j) {
+      const acc_t xv = static_cast<acc_t>(x[j]);
+      const acc_t dz = relu_grad(xv, static_cast<acc_t>(dy[j]), s[j], t[j]);
+      sdz[j] += dz;
+      sdzx[j] += dz * (xv - mu[j]);
+    }
+}
+
+// NCHW tile, a run of `len` elements of one channel: {Σdz, Σdz·(x − μ)}.
+template <typename x_t, typename g_t, typename acc_t>
+std::array<acc_t, 2> nchw_tile_sums(const x_t* __restrict__ x, const g_t* __restrict__ dy, int64_t len, acc_t s,
+                                    acc_t t, acc_t mu) {
+  return lane_sums<acc_t, 2>(len, [&](int64_t i, int64_t n) {
+    const Vec<acc_t> xv = load_vec<acc_t>(x + i, n);
+    const Vec<acc_t> dz = relu_grad(xv, load_vec<acc_t>(dy + i, n), s, t);
+    return std::array<Vec<acc_t>, 2>{dz, dz * (xv - mu)};
+  });
+}
+
+// dx of one tile, `rows` rows of `cols` elements: NHWC rows of C channels (element j of a row is channel j); NCHW one
+// run of one channel (rows = 1, ch starts at that channel). dres is read and added when kDres.
+template <bool kNHWC, bool kDres, typename x_t, typename g_t, typename acc_t>
+void tile_dx(const x_t* __restrict__ x, const g_t* __restrict__ dy, const g_t* __restrict__ dres,
+             x_t* __restrict__ dx, int64_t rows, int64_t cols, const acc_t* __restrict__ s,
+             const acc_t* __restrict__ t, const acc_t* __restrict__ mu, const acc_t* __restrict__ A,
+             const acc_t* __restrict__ B, const acc_t* __restrict__ C) {
+  for (int64_t i = 0; i < rows * cols; i += cols)
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t k = kNHWC ? j : 0;
+      const acc_t xv = static_cast<acc_t>(x[i + j]);
+      const acc_t dz = relu_grad(xv, static_cast<acc_t>(dy[i + j]), s[k], t[k]);
+      acc_t v = A[k] * dz + B[k] * (xv - mu[k]) + C[k];
+      if constexpr (kDres) v += static_cast<acc_t>(dres[i + j]);
+      dx[i + j] = static_cast<x_t>(v);
+    }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& mean, const at::Tensor& rstd, bool training, const c10::optional<at::Tensor>& dres_in) {
   const BackwardArgs args = prepare_bn_relu_backward(dy_in, x_in, scale, shift, mean, rstd, dres_in);
   const at::Tensor &x = args.x, &dy = args.dy, &dres = args.dres;
   const bool nhwc = is_nhwc(x_in);
-  const auto acc_type = acc_dtype(x.scalar_type()), gtype = dy.scalar_type();
+  const auto acc_type = acc_dtype(x.scalar_type());
   const Geometry g = geometry(x, nhwc);
   const Tiling t = tiling(g);
   const auto opts = x.options().dtype(acc_type);
@@ -248,80 +359,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gtype, "bn_relu_backward_cpu_grad", [&] {
-      using g_t = scalar_t;
+    auto run = [&](auto g_type) {  // dy and dres are in x's dtype or in acc_t (grad_dtype)
+      using g_t = typename decltype(g_type)::type;
       const x_t* xp = x.data_ptr<x_t>();
       const g_t* dyp = dy.data_ptr<g_t>();
       const g_t* drp = dres.defined() ? dres.data_ptr<g_t>() : nullptr;
+      x_t* dxp = dx.data_ptr<x_t>();
       const acc_t* sp = scale.data_ptr<acc_t>();
       const acc_t* tp = shift.data_ptr<acc_t>();
       const acc_t* mp = mean.data_ptr<acc_t>();
       const acc_t* rp = rstd.data_ptr<acc_t>();
-      acc_t* p_dz = part.data_ptr<acc_t>();
-      acc_t* p_dzxc = p_dz + t.tiles * g.C;
-      // Pass 1: per-tile Σdz and Σdz·(x − mean), dz = dy·[x·scale + shift > 0]. dy is loaded before the mask
-      // test so the compiler emits a select (a branch on a random ReLU mask mispredicts half the time).
-      for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
-        if constexpr (decltype(tag)::value) {
-          acc_t* sdz = p_dz + tile * g.C;
-          acc_t* sdzx = p_dzxc + tile * g.C;
-          std::fill(sdz, sdz + g.C, acc_t(0));
-          std::fill(sdzx, sdzx + g.C, acc_t(0));
-          for (int64_t r = 0; r < len; ++r)
-            for (int64_t j = 0; j < g.C; ++j) {
-              const int64_t i = start + r * g.C + j;
-              const acc_t xv = static_cast<acc_t>(xp[i]), g = static_cast<acc_t>(dyp[i]);
-              const acc_t dz = xv * sp[j] + tp[j] > acc_t(0) ? g : acc_t(0);
-              sdz[j] += dz;
-              sdzx[j] += dz * (xv - mp[j]);
-            }
-        } else {
-          const acc_t s = sp[c], sh = tp[c], m = mp[c];
-          auto dz_at = [&](int64_t i) {
-            const acc_t g = static_cast<acc_t>(dyp[start + i]);  // loaded unconditionally: a select, not a branch
-            return static_cast<acc_t>(xp[start + i]) * s + sh > acc_t(0) ? g : acc_t(0);
-          };
-          p_dz[tile * g.C + c] = lane_sum<acc_t>(len, dz_at);
-          p_dzxc[tile * g.C + c] =
-              lane_sum<acc_t>(len, [&](int64_t i) { return dz_at(i) * (static_cast<acc_t>(xp[start + i]) - m); });
-        }
-      });
-      // Merge in tile order; dx = A·dz + B·(x − μ) + C per channel (centred at μ: B·x and C would cancel when
-      // |μ| ≫ σ). Training: A = s, B = −s·rstd²·Σdz(x−μ)/M, C = −s·Σdz/M (from dx = s·(dz − Σdz/M − x̂·Σdz·x̂/M)).
-      // Eval: A = s, B = C = 0.
-      acc_t* sum_dz = sum_dz_t.data_ptr<acc_t>();
-      acc_t* sum_dzxhat = sum_dzxhat_t.data_ptr<acc_t>();
       acc_t* A = coef.data_ptr<acc_t>();
       acc_t* B = A + g.C;
       acc_t* Cc = B + g.C;
+      std::copy(sp, sp + g.C, A);
+      std::fill(B, B + 2 * g.C, acc_t(0));  // B = C = 0 (eval; training sets them after the sums)
+      const BackwardChannels<acc_t> chans{sp, tp, mp, A, B, Cc};
+      auto write_dx = [&](auto tag, int64_t start, int64_t len, int64_t c) {
+        constexpr bool kNHWC = decltype(tag)::value;
+        const int64_t rows = kNHWC ? len : 1, cols = kNHWC ? g.C : len;
+        const BackwardChannels<acc_t> ch = chans.from(c);
+        if (drp != nullptr)
+          tile_dx<kNHWC, true>(xp + start, dyp + start, drp + start, dxp + start, rows, cols, ch.s, ch.t, ch.mu,
+                               ch.A, ch.B, ch.C);
+        else
+          tile_dx<kNHWC, false>(xp + start, dyp + start, drp, dxp + start, rows, cols, ch.s, ch.t, ch.mu, ch.A,
+                                ch.B, ch.C);
+      };
+      // Pass 1: per-tile Σdz and Σdz·(x − μ); eval also writes the tile's dx.
+      acc_t* p_dz = part.data_ptr<acc_t>();
+      acc_t* p_dzx = p_dz + t.tiles * g.C;
+      for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
+        if constexpr (decltype(tag)::value) {
+          nhwc_tile_sums(xp + start, dyp + start, len, g.C, sp, tp, mp, p_dz + tile * g.C, p_dzx + tile * g.C);
+        } else {
+          const std::array<acc_t, 2> sums = nchw_tile_sums(xp + start, dyp + start, len, sp[c], tp[c], mp[c]);
+          p_dz[tile * g.C + c] = sums[0];
+          p_dzx[tile * g.C + c] = sums[1];
+        }
+        if (!training) write_dx(tag, start, len, c);
+      });
+      // Merge in tile order; Σdz·x̂ = rstd·Σdz·(x − μ).
+      acc_t* sum_dz = sum_dz_t.data_ptr<acc_t>();
+      acc_t* sum_dzxhat = sum_dzxhat_t.data_ptr<acc_t>();
       const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.M);
       for (int64_t c = 0; c < g.C; ++c) {
         acc_t a = 0, b = 0;
         for (int64_t tile = 0; tile < t.tiles; ++tile) {
           a += p_dz[tile * g.C + c];
-          b += p_dzxc[tile * g.C + c];
+          b += p_dzx[tile * g.C + c];
         }
         sum_dz[c] = a;
         sum_dzxhat[c] = b * rp[c];
-        A[c] = sp[c];
-        B[c] = training ? -sp[c] * rp[c] * rp[c] * b * inv_m : acc_t(0);
-        Cc[c] = training ? -sp[c] * a * inv_m : acc_t(0);
-      }
-      // Pass 2: dx (+ dres), rounded once to x's dtype.
-      x_t* dxp = dx.data_ptr<x_t>();
-      for_each_row(g, [&](auto tag, int64_t start, int64_t len, int64_t c) {
-        constexpr bool kNHWC = decltype(tag)::value;
-        const acc_t *s = sp + c, *sh = tp + c, *m = mp + c, *a = A + c, *b = B + c, *cc = Cc + c;
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t k = kNHWC ? j : 0, i = start + j;
-          const acc_t xv = static_cast<acc_t>(xp[i]), g = static_cast<acc_t>(dyp[i]);
-          const acc_t dz = xv * s[k] + sh[k] > acc_t(0) ? g : acc_t(0);
-          acc_t v = a[k] * dz + b[k] * (xv - m[k]) + cc[k];
-          if (drp != nullptr) v += static_cast<acc_t>(drp[i]);
-          dxp[i] = static_cast<x_t>(v);
+        if (training) {
+          B[c] = -sp[c] * rp[c] * rp[c] * b * inv_m;
+          Cc[c] = -sp[c] * a * inv_m;
         }
-      });
-    });
+      }
+      // Pass 2 (training): dx, rounded once to x's dtype.
+      if (training)
+        for_each_tile(g, t, [&](auto tag, int64_t, int64_t start, int64_t len, int64_t c) {
+          write_dx(tag, start, len, c);
+        });
+    };
+    if (dy.scalar_type() == x.scalar_type())
+      run(std::type_identity<x_t>{});
+    else
+      run(std::type_identity<acc_t>{});
   });
   return {dx, sum_dz_t, sum_dzxhat_t};
 }

@@ -50,7 +50,15 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x_in) {
 
 at::Tensor bn_relu_cuda(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
                         at::ScalarType out_dtype) {
-  const at::Tensor x = prepare_bn_relu(x_in, scale, shift);
+  // The kernel writes x's dtype, or fp16/bf16 from fp32 x: an x narrower than its accumulation dtype for out_dtype
+  // is widened first (exact, so the activation is still rounded once); a wider x than out_dtype is refused below.
+  at::Tensor x_src = x_in;
+  const auto t = x_in.scalar_type();
+  if (out_dtype != t && !(t == at::kFloat && (out_dtype == at::kHalf || out_dtype == at::kBFloat16))) {
+    const auto wide = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
+    if (x_in.element_size() < static_cast<int64_t>(c10::elementSize(wide))) x_src = x_in.to(wide);
+  }
+  const at::Tensor x = prepare_bn_relu(x_src, scale, shift);
   TORCH_CHECK(out_dtype == x.scalar_type() ||
                   (x.scalar_type() == at::kFloat && (out_dtype == at::kHalf || out_dtype == at::kBFloat16)),
               "out_dtype: expected the dtype of x (", x.scalar_type(), ") or float16/bfloat16 for float32 x, got ",

@@ -1,11 +1,14 @@
 // The fastresnet_ext operator library: schemas of the four tier-A primitives (semantics: fastresnet/reference.py)
-// and the Python module fastresnet._C, whose import loads the library. Kernels register per dispatch key in
-// bn_cpu.cpp (CPU) and bn_cuda.cpp (CUDA, only in builds with CUDA).
+// and of the residual-unit driver, and the Python module fastresnet._C, whose import loads the library and binds the
+// unit's C++ training entry. Kernels register per dispatch key in bn_cpu.cpp (CPU) and bn_cuda.cpp (CUDA, only in
+// builds with CUDA); the unit driver (unit.cpp) registers once for every device.
 //
 // Layout rule of every output tensor: channels_last if x (a for add_stats) is channels_last and not also
 // NCHW-contiguous, else contiguous. Statistics are float32 ([C]); float64 for float64 inputs.
-#include <Python.h>
+#include <torch/extension.h>
 #include <torch/library.h>
+
+#include "unit.h"
 
 TORCH_LIBRARY(fastresnet_ext, m) {
   // x [N, C, H, W] -> (mean [C], biased var [C]); deterministic per-tile partials merged with Chan's formula.
@@ -16,37 +19,33 @@ TORCH_LIBRARY(fastresnet_ext, m) {
   // training: dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M), eval: dx = scale·dz; plus dres if given.
   m.def("bn_relu_backward(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, bool training, "
         "Tensor? dres=None) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");
-  // y = a + b (fp32 add, rounded once to a's dtype) and the batch statistics of the rounded y.
+  // y = a + b (fp32 add, rounded once to the promoted dtype of a and b) and the batch statistics of the rounded y.
   m.def("add_stats(Tensor a, Tensor b) -> (Tensor y, Tensor mean, Tensor var)");
+  // A full pre-activation residual unit in training, forward and backward, composed from the ops above and ATen's
+  // convolutions exactly as fastresnet/ops/unit_ops.py composes them (`_unit_forward`, `_unit_backward`: argument
+  // meanings and the returned lists are documented there).
+  m.def("preact_unit_forward(Tensor x, Tensor x_mean, Tensor x_var, Tensor[] weights, Tensor?[] bn_weights, "
+        "Tensor?[] bn_biases, float[] eps, int[] strides, int[] paddings, str shortcut, int shortcut_stride, "
+        "bool through_last) -> Tensor[]");
+  m.def("preact_unit_backward(Tensor dout, Tensor x, Tensor[] ys, Tensor[] weights, Tensor[] means, Tensor[] rstds, "
+        "Tensor?[] bn_weights, Tensor?[] bn_biases, int[] strides, int[] paddings, str shortcut, "
+        "int shortcut_stride) -> Tensor[]");
 }
 
 #define FASTRESNET_STR_(x) #x
 #define FASTRESNET_STR(x) FASTRESNET_STR_(x)
 
-namespace {
-
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "fastresnet's C++/CUDA kernels: importing it registers torch.ops.fastresnet_ext.*", -1,
-                          nullptr};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C() {
-  PyObject* mod = PyModule_Create(&module_def);
-  if (mod == nullptr) return nullptr;
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastresnet's C++/CUDA kernels: importing it registers torch.ops.fastresnet_ext.*";
 #ifdef FASTRESNET_WITH_CUDA
-  const long with_cuda = 1;
-  const char* cuda_archs = FASTRESNET_STR(FASTRESNET_CUDA_ARCHS);
+  m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = FASTRESNET_STR(FASTRESNET_CUDA_ARCHS);
 #else
-  const long with_cuda = 0;
-  const char* cuda_archs = "";
+  m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
   // with_cuda: whether the CUDA kernels were compiled in (else only the CPU kernels are registered).
   // cuda_archs: their compute capabilities as setup.py passed them ("80_90"; "" without CUDA).
-  if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) != 0 ||
-      PyModule_AddStringConstant(mod, "cuda_archs", cuda_archs) != 0) {
-    Py_DECREF(mod);
-    return nullptr;
-  }
-  return mod;
+  m.def("preact_unit_train", &fastresnet_ext::preact_unit_train,
+        "A full pre-activation residual unit in training as one C++ autograd node (csrc/unit.h)");
 }

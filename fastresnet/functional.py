@@ -324,13 +324,12 @@ def preact_unit(
     adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3).
     """
     counts, args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
-    out, out_mean, out_var, *inner = ops.preact_unit(*args)
+    running = None
     if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
-        reference.update_running_stats_many([
-            (layer.running_mean, layer.running_var, layer.num_batches_tracked, m, v, count, layer.momentum)
-            for layer, count, m, v in zip(layers, counts, [args[1]] + inner[0::2], [args[2]] + inner[1::2])
-            if layer.running_mean is not None])
-    return out, out_mean, out_var
+        running = [None if layer.running_mean is None else
+                   (layer.running_mean, layer.running_var, layer.num_batches_tracked, count, layer.momentum)
+                   for layer, count in zip(layers, counts)]
+    return ops.preact_unit(*args, running=running)
 
 
 def _unit_args(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_weight: Optional[Tensor],

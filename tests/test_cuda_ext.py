@@ -202,7 +202,8 @@ def test_deterministic_across_thread_counts():
         for n in (1, max(2, threads), max(2, threads)):
             torch.set_num_threads(n)
             runs.append([t for xi in xs for t in (*ops.batch_stats(xi), *ops.add_stats(xi, dy)[1:],
-                                                  *ops.bn_relu_backward(dy, xi, scale, shift, mean, rstd, True))])
+                                                  *ops.bn_relu_backward(dy, xi, scale, shift, mean, rstd, True),
+                                                  *ops.bn_relu_backward(dy, xi, scale, shift, mean, rstd, False, dy))])
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
@@ -225,8 +226,17 @@ def test_errors_name_the_argument():
         ops.batch_stats(x.to(torch.int32))
     with pytest.raises(RuntimeError, match="dy: expected the shape of x"):
         ops.bn_relu_backward(x[:1], x, scale, shift, mean, rstd, True, None)
-    with pytest.raises(RuntimeError, match="b: expected the dtype of a"):
-        ops.add_stats(x, x.double())
+    with pytest.raises(RuntimeError, match="b: expected the shape of a"):
+        ops.add_stats(x, x[:1])
+
+
+@needs_ext
+def test_add_stats_promotes_mixed_dtypes():
+    # a bf16 conv output plus an fp32 shortcut (autocast): summed in fp32, rounded once to the promoted dtype
+    a, b = torch.randn(2, 4, 3, 3).bfloat16(), torch.randn(2, 4, 3, 3) * 3 + 1
+    for got, want in zip(ops.add_stats(a, b), reference.add_stats(a, b)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # fp32 statistics: summation order only
 
 
 @needs_ext

@@ -68,6 +68,26 @@ def test_one_op_equals_per_layer_path(kind, backend, dtype):
                 assert torch.equal(a, b), (kind, backend, chained, i, (a.double() - b.double()).abs().max())
 
 
+@pytest.mark.parametrize("kind", list(NETS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
+    """The "cuda" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
+    in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
+    _available("cuda")
+    results = []
+    for native in (True, False):
+        if not native:
+            for name in ("unit_forward", "unit_backward", "unit_train"):
+                monkeypatch.setattr(type(get_backend_impl("cuda")), name, None)
+        model = _net(kind, "cuda", True, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            node = model.units[0](torch.randn(2, 4, 6, 6, requires_grad=True)).grad_fn  # stem width 4
+            results.append([_step(model, chained, torch.float32) for chained in (True, False)])
+        assert ("PreactUnitFunction" in node.name()) == native, node.name()
+    for a, b in zip(sum(results[0], []), sum(results[1], [])):
+        assert torch.equal(a, b)
+
+
 def test_one_op_bf16_autocast_close_to_per_layer_path():
     """Under bf16 autocast dx is rounded once (in the kernel, with the shortcut gradient) instead of twice, so the
     two paths differ by bf16 rounding of the gradients: agreement to a few bf16 ulps (2^-8 relative) per tensor."""
@@ -149,19 +169,29 @@ def test_preact_unit_errors_name_the_argument():
             FF.preact_unit(x, backend="torch", **kwargs)
 
 
-def test_preact_unit_functional_matches_modules():
-    """The functional form with explicit tensors: the same output, statistics and running updates as the unit."""
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("variant", ["plain", "momentum_none", "no_buffers"])
+def test_preact_unit_functional_matches_modules(backend, variant):
+    """The functional form with explicit tensors: the same output, statistics and running updates as the unit. A BN
+    with the cumulative average (momentum None) or without buffers takes the Python node on the "cuda" backend;
+    the others its C++ node."""
+    _available(backend)
     torch.manual_seed(0)
-    unit = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend="torch").double()
-    ref = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend="torch").double()
+    unit = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend=backend).double()
+    ref = ResidualUnit(4, 8, 2, form="bottleneck", shortcut="B", share_preact=True, backend=backend).double()
     ref.load_state_dict(unit.state_dict())
     ref.fuse_unit = False
-    unit.conv2.bn.momentum = ref.conv2.bn.momentum = None  # cumulative average beside momentum 0.1
+    for u in (unit, ref):
+        if variant == "momentum_none":
+            u.conv2.bn.momentum = None  # cumulative average beside momentum 0.1
+        elif variant == "no_buffers":
+            u.conv2.bn.running_mean = u.conv2.bn.running_var = u.conv2.bn.num_batches_tracked = None
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     layers, kind, weight, stride = unit.one_op()
-    out, mean, var = FF.preact_unit(x, layers, kind, weight, stride, backend="torch")
+    out, mean, var = FF.preact_unit(x, layers, kind, weight, stride, backend=backend)
     expected, (m_ref, v_ref) = ref.forward_chained(x)
     assert torch.equal(out, expected) and torch.equal(mean, m_ref) and torch.equal(var, v_ref)
+    assert len(list(unit.buffers())) == len(list(ref.buffers())) > 0
     for a, b in zip(unit.buffers(), ref.buffers()):
         assert torch.equal(a, b)
 

@@ -58,6 +58,15 @@ class Backend:
     def add_stats(self, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
+    # -- whole units ------------------------------------------------------------------------------------------------
+    # A backend that runs a full pre-activation unit natively sets these to methods taking the arguments of
+    # `fastresnet.ops.unit_ops._unit_forward` / `_unit_backward` (positionally, backend name left out) and returning
+    # their lists, bitwise; None: unit_ops composes the unit from the ops of this class. `unit_train`: the whole
+    # training call as one autograd node of its own (arguments: see CudaBackend.unit_train), or None.
+    unit_forward = None
+    unit_backward = None
+    unit_train = None
+
     # -- conv level (tier A by default) ----------------------------------------------------------------------------
     def bn_relu_conv(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding) -> Tensor:
         """y = conv2d(relu(x·scale + shift), weight); the activation is a temporary, never saved."""

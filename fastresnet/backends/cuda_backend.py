@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastresnet import reference
 from fastresnet.backends.base import Backend
 
 try:
@@ -30,7 +29,6 @@ else:
     _IMPORT_ERROR = None
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_HALF = (torch.float16, torch.bfloat16)
 
 # Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement per op, which is what "auto" chooses
 # (benchmarks/bench_kernels.py on CPU, rows in benchmarks/results/kernels_cpu.jsonl; 2 cores, torch 2.13 CPU, one
@@ -72,12 +70,6 @@ class CudaBackend(Backend):
         return mean, var
 
     def bn_relu(self, x, scale, shift, out_dtype):
-        if x.is_cuda and out_dtype != x.dtype and not (x.dtype == torch.float32 and out_dtype in _HALF):
-            # the CUDA kernel writes x's dtype, or fp16/bf16 from fp32 x: widen a narrower x first (exact, so the
-            # activation is still rounded once); a wider x than the output stays and the kernel names out_dtype
-            wide = torch.float64 if out_dtype == torch.float64 else torch.float32
-            if x.element_size() < torch.empty((), dtype=wide).element_size():
-                x = x.to(wide)
         return torch.ops.fastresnet_ext.bn_relu(x, scale, shift, out_dtype)
 
     def bn_relu_backward(self, dy, x, scale, shift, mean, rstd, training, dres=None):
@@ -86,7 +78,19 @@ class CudaBackend(Backend):
         return dx, sum_dz, sum_dz_xhat
 
     def add_stats(self, a, b):
-        # the kernels take one dtype: widen the narrower operand to the promoted dtype first (exact), so the sum is
-        # still rounded once, as in the reference
-        out = torch.promote_types(a.dtype, b.dtype)
-        return tuple(torch.ops.fastresnet_ext.add_stats(reference.cast(a, out), reference.cast(b, out)))
+        y, mean, var = torch.ops.fastresnet_ext.add_stats(a, b)
+        return y, mean, var
+
+    def unit_forward(self, *args):
+        return torch.ops.fastresnet_ext.preact_unit_forward(*args)
+
+    def unit_backward(self, *args):
+        return torch.ops.fastresnet_ext.preact_unit_backward(*args)
+
+    def unit_train(self, x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
+                   shortcut_stride, running_means, running_vars, num_batches_tracked, counts, momentum):
+        """`unit_ops.preact_unit` as a C++ autograd node (csrc/unit.cpp): forward, running-buffer updates and a
+        backward that runs without Python. Returns [x_{l+1}, its mean, its var]."""
+        return _C.preact_unit_train(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings,
+                                    shortcut, shortcut_stride, running_means, running_vars, num_batches_tracked,
+                                    counts, momentum)

@@ -120,6 +120,9 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
     `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
     recomputation needs for the backward alone."""
     impl = get_backend_impl(backend)
+    if impl.unit_forward is not None:
+        return impl.unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
+                                 shortcut_stride, through_last)
     k = len(bn_weights)
     ys: List[Tensor] = []
     rstds: List[Tensor] = []
@@ -160,6 +163,9 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
     gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
     impl = get_backend_impl(backend)
+    if impl.unit_backward is not None:
+        return impl.unit_backward(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings,
+                                  shortcut, shortcut_stride)
     k = len(means)
     dweights: List[Optional[Tensor]] = [None] * len(weights)  # every entry is filled below
     dgammas: List[Optional[Tensor]] = [None] * k
@@ -283,16 +289,48 @@ class _PreactUnit(torch.autograd.Function):
 
 def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
                 bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
-                shortcut: str, shortcut_stride: int, backend: str) -> Tuple[Tensor, ...]:
+                shortcut: str, shortcut_stride: int, backend: str,
+                running: Optional[List[Optional[tuple]]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """A full pre-activation residual unit in training as one autograd node (docs/architecture.md §3):
     x_{l+1} = h + W_k(relu(BN_k(… W_1(relu(BN_1(x)))))), with batch statistics (x_mean, x_var for BN_1; the others
     from the conv epilogues) and the shortcut h of kind `shortcut` (`SHORTCUTS`; `weights[k]` is the projection).
 
-    strides/paddings: flattened (h, w) pairs per layer. Returns (x_{l+1}, its mean, its var, mean_2, var_2, …,
-    mean_k, var_k): the batch statistics of every BN after the first (fp32, fp64 for fp64 x) for the running
-    updates. Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics."""
+    strides/paddings: flattened (h, w) pairs per layer. running: per BN its (running_mean, running_var,
+    num_batches_tracked, N·H·W of its input, momentum), or None for a BN without buffers; they are updated with the
+    batch statistics (`reference.update_running_stats_many`). None: no update (a recomputation's replay). Returns
+    (x_{l+1}, its mean, its var). Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics.
+
+    A backend with a native unit (`Backend.unit_train`: the "cuda" backend's C++ autograd node, whose backward runs
+    without Python) takes the whole call in eager mode when every BN is affine and has buffers with one numeric
+    momentum; otherwise, and under torch.compile or a dispatch mode, `_PreactUnit` runs (bitwise the same).
+    """
+    impl = get_backend_impl(backend)
+    if impl.unit_train is not None and not _traced() and _native_unit_ok(bn_weights, bn_biases, running):
+        rms, rvs, nbts, counts, momenta = zip(*running) if running else ((),) * 5
+        return tuple(impl.unit_train(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings,
+                                     shortcut, shortcut_stride, rms, rvs, nbts, counts,
+                                     momenta[0] if momenta else 0.0))
     config = (tuple(eps), tuple(strides), tuple(paddings), shortcut, shortcut_stride, backend)
-    return _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)
+    out, out_mean, out_var, *stats = _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)
+    if running:
+        reference.update_running_stats_many([  # entries (rm, rv, nbt, mean, var, count, momentum)
+            (*r[:3], mean, var, *r[3:]) for r, mean, var in zip(running, [x_mean] + stats[0::2], [x_var] + stats[1::2])
+            if r is not None])
+    return out, out_mean, out_var
+
+
+def _native_unit_ok(bn_weights, bn_biases, running) -> bool:
+    """Whether `Backend.unit_train` can take a unit: every BN affine; running buffers for every BN (or no update)
+    with num_batches_tracked, one numeric momentum and one dtype per kind of buffer (one multi-tensor update)."""
+    if any(w is None for w in bn_weights) or any(b is None for b in bn_biases):
+        return False
+    if not running:
+        return True
+    if running[0] is None or running[0][4] is None:
+        return False
+    rm, rv, _, _, momentum = running[0]
+    return all(r is not None and r[2] is not None and r[4] == momentum and r[0].dtype == rm.dtype
+               and r[1].dtype == rv.dtype for r in running)
 
 
 def preact_unit_gradients(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
