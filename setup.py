@@ -14,6 +14,7 @@ Environment flags:
 import importlib.metadata
 import os
 import shutil
+import sys
 import warnings
 
 from setuptools import find_packages, setup
@@ -33,7 +34,13 @@ def _extension_build():
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp", "csrc/unit.cpp"]
-    cxx = ["-O3"]
+    cxx, link = ["-O3"], []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for (the CPU kernels' tiles) runs threads only in code compiled with OpenMP: it is inline in
+        # ATen's headers. The extension then shares torch's OpenMP runtime (libgomp.so.1, already loaded by torch)
+        # and follows torch.set_num_threads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc_path = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = (not _flag("FASTRESNET_SKIP_CUDA") and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None and nvcc_path and os.path.exists(nvcc_path))
@@ -45,12 +52,14 @@ def _extension_build():
         ext = cpp_extension.CUDAExtension(
             "fastresnet._C", sources + ["csrc/bn_cuda.cpp", "csrc/cuda/bn_kernels.cu"],
             extra_compile_args={"nvcc": nvcc, "cxx": cxx + [
-                "-DFASTRESNET_WITH_CUDA", f"-DFASTRESNET_CUDA_ARCHS={'_'.join(archs)}"]})  # _C.cuda_archs
+                "-DFASTRESNET_WITH_CUDA", f"-DFASTRESNET_CUDA_ARCHS={'_'.join(archs)}"]},  # _C.cuda_archs
+            extra_link_args=link)
     else:
         why = ("FASTRESNET_SKIP_CUDA is set" if _flag("FASTRESNET_SKIP_CUDA") else
                "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA_HOME not found")
         warnings.warn(f"fastresnet: building the C++ CPU kernels only ({why}); the CUDA kernels are not built")
-        ext = cpp_extension.CppExtension("fastresnet._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("fastresnet._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
 
     class BuildExt(cpp_extension.BuildExtension):
         """BuildExtension that turns a failed compile into a warning: the package still installs without _C."""

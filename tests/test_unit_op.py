@@ -31,13 +31,13 @@ def _net(kind, backend, fuse, dtype):
     return model
 
 
-def _step(model, chained, dtype):
+def _step(model, chained, dtype, device="cpu"):
     model.chained = chained  # unchained: every unit's plain forward (batch statistics of x computed per unit)
     torch.manual_seed(1)
-    x = (3.0 + torch.randn(2, 3, 6, 6, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    x = (3.0 + torch.randn(2, 3, 6, 6, dtype=dtype)).to(device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     out = model(x)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).view_as(out)).sum().backward()
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
 
 
@@ -68,24 +68,39 @@ def test_one_op_equals_per_layer_path(kind, backend, dtype):
                 assert torch.equal(a, b), (kind, backend, chained, i, (a.double() - b.double()).abs().max())
 
 
-@pytest.mark.parametrize("kind", list(NETS))
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
-    """The "cuda" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
-    in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
+def _native_vs_python_node(kind, autocast, device, monkeypatch):
     _available("cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     results = []
     for native in (True, False):
         if not native:
             for name in ("unit_forward", "unit_backward", "unit_train"):
                 monkeypatch.setattr(type(get_backend_impl("cuda")), name, None)
-        model = _net(kind, "cuda", True, torch.float32)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            node = model.units[0](torch.randn(2, 4, 6, 6, requires_grad=True)).grad_fn  # stem width 4
-            results.append([_step(model, chained, torch.float32) for chained in (True, False)])
+        model = _net(kind, "cuda", True, torch.float32).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)  # the stem's width: 4
+            node = model.units[0](x).grad_fn
+            results.append([_step(model, chained, torch.float32, device) for chained in (True, False)])
         assert ("PreactUnitFunction" in node.name()) == native, node.name()
     for a, b in zip(sum(results[0], []), sum(results[1], [])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
+    """The "cuda" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
+    in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
+    _native_vs_python_node(kind, autocast, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", list(NETS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_native_unit_equals_python_node_on_gpu(kind, autocast, monkeypatch):
+    """The same on CUDA tensors: the CUDA kernels under the C++ driver and node, bitwise the Python node's."""
+    _native_vs_python_node(kind, autocast, "cuda", monkeypatch)
 
 
 def test_one_op_bf16_autocast_close_to_per_layer_path():
