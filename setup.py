@@ -26,6 +26,22 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
+def _compiler_accepts(flag: str) -> bool:
+    """Whether the C++ compiler ($CXX, else c++) compiles and links a trivial program with `flag`."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [os.environ.get("CXX", "c++"), flag, src, "-o", os.path.join(tmp, "probe")]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
 def _extension_build():
     """(ext_modules, cmdclass) for fastresnet._C, or ([], {}) when FASTRESNET_SKIP_EXT is set."""
     if _flag("FASTRESNET_SKIP_EXT"):
@@ -35,10 +51,10 @@ def _extension_build():
 
     sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp", "csrc/unit.cpp"]
     cxx, link = ["-O3"], []
-    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux") and _compiler_accepts("-fopenmp"):
         # at::parallel_for (the CPU kernels' tiles) runs threads only in code compiled with OpenMP: it is inline in
-        # ATen's headers. The extension then shares torch's OpenMP runtime (libgomp.so.1, already loaded by torch)
-        # and follows torch.set_num_threads.
+        # ATen's headers. Linux wheels of torch ship libgomp.so.1, which the extension then shares (one runtime,
+        # following torch.set_num_threads); results do not depend on the thread count either way.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     nvcc_path = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))

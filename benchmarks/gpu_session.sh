@@ -52,7 +52,9 @@ if [ $DRY -eq 1 ]; then
 else
   unset TRITON_INTERPRET  # compiled Triton: the test modules put their tensors on the GPU
   DEVICE=cuda SMOKE=
-  stage install 120 env FASTRESNET_CUDA_ARCH=90 python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+  # setup.py turns a failed extension build into a warning: fail the stage instead (the tests would only skip)
+  stage install 120 bash -c 'FASTRESNET_CUDA_ARCH=90 python3 -m pip install --no-index --no-deps --no-build-isolation \
+    -e . && python3 -c "import fastresnet._C as C; assert C.with_cuda, \"fastresnet._C built without CUDA\""'
 fi
 
 stage env 15 python3 -m fastresnet.info

@@ -31,6 +31,12 @@
 namespace fastresnet_ext {
 namespace {
 
+// A type as a value (std::type_identity is C++20; extensions of older torch builds compile as C++17).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 constexpr int64_t kTileElems = 8192;  // elements per reduction tile (≈ 32 KiB fp32: stays in L1/L2)
 constexpr int64_t kLanes = 8;         // accumulator lanes of the NCHW reductions (lane_sums)
 
@@ -423,9 +429,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
         });
     };
     if (dy.scalar_type() == x.scalar_type())
-      run(std::type_identity<x_t>{});
+      run(TypeTag<x_t>{});
     else
-      run(std::type_identity<acc_t>{});
+      run(TypeTag<acc_t>{});
   });
   return {dx, sum_dz_t, sum_dzxhat_t};
 }

@@ -168,8 +168,8 @@ Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor&
   if (shortcut == "shared_identity" || shortcut == "shared_projection") {
     // one activation feeds conv 1 and the shortcut: plain convs on it
     const Affine bn = affine(0, mean, var);
-    const Tensor a = bn_relu(x, bn.scale, bn.shift, x.scalar_type());
     if (k == 1 && !through_last) return rstds;
+    const Tensor a = bn_relu(x, bn.scale, bn.shift, x.scalar_type());
     h = shortcut == "shared_identity" ? a : plain_conv(a, weights[k], {shortcut_stride, shortcut_stride}, {0, 0});
     y = plain_conv(a, weights[0], pair(strides, 0), pair(paddings, 0));
     if (k == 1) {

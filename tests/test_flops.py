@@ -46,3 +46,17 @@ def test_fused_preact_counts_like_plain_twin(device, name):
     (total0, ops0), (total1, ops1) = step_flops(plain, x), step_flops(fused, x)
     assert "fastresnet.preact_unit" in ops1 and "fastresnet.preact_unit_backward" in ops1
     assert total1 == total0, (ops0, ops1)
+
+
+@pytest.mark.parametrize("checkpoint", ["unit", "segment"])
+def test_recomputed_units_count_alike_on_every_backend(checkpoint):
+    """A recomputation replays units through the backend's unit (the C++ driver on "cuda" when run for real); under
+    FlopCounterMode every backend runs the composition of registered ops, so each counts the same convolutions."""
+    if fastresnet.backends.get_backend_impl("cuda").why_not(torch.empty(1, 1, 1, 1)) is not None:
+        pytest.skip("the C++ extension is not built")
+    totals = {}
+    for backend in ("torch", "cuda"):
+        torch.manual_seed(0)
+        model = fastresnet.create_model("preact_resnet20", backend=backend, checkpoint=checkpoint)
+        totals[backend] = step_flops(model, torch.randn(2, 3, 16, 16))
+    assert totals["cuda"][0] == totals["torch"][0], totals

@@ -31,10 +31,10 @@ def _net(kind, backend, fuse, dtype):
     return model
 
 
-def _step(model, chained, dtype, device="cpu"):
+def _step(model, chained, dtype, device="cpu", memory_format=torch.channels_last):
     model.chained = chained  # unchained: every unit's plain forward (batch statistics of x computed per unit)
     torch.manual_seed(1)
-    x = (3.0 + torch.randn(2, 3, 6, 6, dtype=dtype)).to(device).contiguous(memory_format=torch.channels_last)
+    x = (3.0 + torch.randn(2, 3, 6, 6, dtype=dtype)).to(device).contiguous(memory_format=memory_format)
     x.requires_grad_(True)
     out = model(x)
     (out * torch.linspace(-1, 1, out.numel(), dtype=dtype, device=device).view_as(out)).sum().backward()
@@ -68,7 +68,8 @@ def test_one_op_equals_per_layer_path(kind, backend, dtype):
                 assert torch.equal(a, b), (kind, backend, chained, i, (a.double() - b.double()).abs().max())
 
 
-def _native_vs_python_node(kind, autocast, device, monkeypatch):
+def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.float32,
+                           memory_format=torch.channels_last, checkpoint="none"):
     _available("cuda")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -77,11 +78,12 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch):
         if not native:
             for name in ("unit_forward", "unit_backward", "unit_train"):
                 monkeypatch.setattr(type(get_backend_impl("cuda")), name, None)
-        model = _net(kind, "cuda", True, torch.float32).to(device)
+        model = _net(kind, "cuda", True, dtype).to(device)
+        model.set_checkpoint(checkpoint)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)  # the stem's width: 4
+            x = torch.randn(2, 4, 6, 6, dtype=dtype, device=device, requires_grad=True)  # the stem's width: 4
             node = model.units[0](x).grad_fn
-            results.append([_step(model, chained, torch.float32, device) for chained in (True, False)])
+            results.append([_step(model, chained, dtype, device, memory_format) for chained in (True, False)])
         assert ("PreactUnitFunction" in node.name()) == native, node.name()
     for a, b in zip(sum(results[0], []), sum(results[1], [])):
         assert torch.equal(a, b)
@@ -93,6 +95,16 @@ def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
     """The "cuda" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
     in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
     _native_vs_python_node(kind, autocast, "cpu", monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["fp64-nchw", "segment", "unit"])
+def test_native_unit_equals_python_node_more_cases(case, monkeypatch):
+    """fp64 with NCHW inputs, and the recomputation modes, whose replays run the C++ driver
+    (`preact_unit_gradients`) instead of the node."""
+    if case == "fp64-nchw":
+        _native_vs_python_node("basic_A", False, "cpu", monkeypatch, torch.float64, torch.contiguous_format)
+    else:
+        _native_vs_python_node("bottleneck_B", False, "cpu", monkeypatch, checkpoint=case)
 
 
 @pytest.mark.gpu

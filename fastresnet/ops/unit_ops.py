@@ -120,7 +120,7 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
     `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
     recomputation needs for the backward alone."""
     impl = get_backend_impl(backend)
-    if impl.unit_forward is not None:
+    if impl.unit_forward is not None and not _traced():  # traced: the composition, so its convs are seen (FLOPs)
         return impl.unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
                                  shortcut_stride, through_last)
     k = len(bn_weights)
@@ -163,7 +163,7 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
     gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
     impl = get_backend_impl(backend)
-    if impl.unit_backward is not None:
+    if impl.unit_backward is not None and not _traced():
         return impl.unit_backward(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings,
                                   shortcut, shortcut_stride)
     k = len(means)
