@@ -50,7 +50,9 @@ def _extension_build():
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp", "csrc/bn_cpu.cpp", "csrc/unit.cpp"]
-    cxx, link = ["-O3"], []
+    # -ffp-contract=off: no a·b + c fused into an FMA, so the one-pass CPU kernels round like the ATen compositions
+    # they replace (bn_cpu.cpp, bn_affine)
+    cxx, link = ["-O3", "-ffp-contract=off"], []
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux") and _compiler_accepts("-fopenmp"):
         # at::parallel_for (the CPU kernels' tiles) runs threads only in code compiled with OpenMP: it is inline in
         # ATen's headers. Linux wheels of torch ship libgomp.so.1, which the extension then shares (one runtime,

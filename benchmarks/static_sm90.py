@@ -232,7 +232,9 @@ def _op_functions() -> Dict[str, object]:
     out = {}
     for module in (bn_ops, unit_ops):
         for obj in vars(module).values():
-            if isinstance(obj, CustomOpDef):
+            if isinstance(obj, bn_ops.FusedOp):
+                out[obj.qualname] = obj.body
+            elif isinstance(obj, CustomOpDef):
                 out[obj._qualname] = obj._init_fn
     return out
 

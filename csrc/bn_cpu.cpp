@@ -1,5 +1,5 @@
-// C++ CPU kernels of the four tier-A primitives (fastresnet/reference.py semantics), registered for the CPU key of
-// the fastresnet_ext library (schemas in ops.cpp).
+// C++ CPU kernels of the four tier-A primitives (fastresnet/reference.py semantics) and of BN's folded affine map,
+// registered for the CPU key of the fastresnet_ext library (schemas in ops.cpp).
 //
 // Layouts: NHWC (channels_last) and NCHW (contiguous); any other strided view is first copied to NCHW. Dtypes: x in
 // float32 / float64 / bfloat16 / float16; arithmetic in float32 (float64 for float64), outputs rounded once.
@@ -19,10 +19,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -459,6 +461,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cpu(const at::Tensor& a
   return {y, std::get<0>(st), std::get<1>(st)};
 }
 
+// ---- BN's folded affine map (bn_affine, scale_shift; ops.cpp) ------------------------------------------------------
+// One pass over the C channels instead of five ATen calls (each wrapping a scalar or allocating), with the
+// composition's operations on the same values in the same order, each rounded to the statistics dtype: IEEE add,
+// multiply and subtract give the same bits in any vector width (setup.py builds with -ffp-contract=off, so no
+// multiply-subtract is fused into an FMA). rsqrt is ATen's own kernel applied in place: its AVX-512 version is not
+// correctly rounded, and calling it keeps the composition's bits.
+void check_stats_pair(const at::Tensor& mean, const at::Tensor& v, const char* v_name) {
+  TORCH_CHECK(mean.dim() == 1 && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
+              "mean: expected a float32 or float64 vector [C], got ", mean.scalar_type(), " of shape ", mean.sizes());
+  TORCH_CHECK(v.sizes() == mean.sizes() && v.scalar_type() == mean.scalar_type() && v.device() == mean.device(),
+              v_name, ": expected ", mean.scalar_type(), " of shape ", mean.sizes(), " on ", mean.device(),
+              " (as mean), got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
+}
+
+// γ or β as a contiguous vector of the statistics dtype (undefined when absent).
+at::Tensor affine_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& mean) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == mean.sizes() && t->is_floating_point() && t->device() == mean.device(), name,
+              ": expected a floating vector of shape ", mean.sizes(), " on ", mean.device(), ", got ",
+              t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  return (t->scalar_type() == mean.scalar_type() ? *t : t->to(mean.scalar_type())).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_shift_cpu(const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias) {
+  check_stats_pair(mean_in, rstd_in, "rstd");
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor gamma = affine_param(weight, "weight", mean), beta = affine_param(bias, "bias", mean);
+  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "scale_shift_cpu", [&] {
+    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.data_ptr<scalar_t>();
+    const scalar_t* gp = gamma.defined() ? gamma.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = beta.defined() ? beta.data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = scale.data_ptr<scalar_t>();
+    scalar_t* hp = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      const scalar_t sc = gp ? gp[c] * rp[c] : rp[c];
+      const scalar_t ms = bp ? mp[c] * sc : -mp[c] * sc;  // −mean·scale is (−mean)·scale, as in the composition
+      sp[c] = sc;
+      hp[c] = bp ? bp[c] - ms : ms;
+    }
+  });
+  return {scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine_cpu(const at::Tensor& mean, const at::Tensor& var_in,
+                                                             double eps, const std::optional<at::Tensor>& weight,
+                                                             const std::optional<at::Tensor>& bias) {
+  check_stats_pair(mean, var_in, "var");
+  const at::Tensor var = var_in.contiguous();
+  at::Tensor rstd = at::empty_like(var);
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_affine_cpu", [&] {
+    const scalar_t e = static_cast<scalar_t>(eps);  // ATen adds a Python float in the tensor's dtype
+    const scalar_t* vp = var.data_ptr<scalar_t>();
+    scalar_t* rp = rstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < var.numel(); ++c) rp[c] = vp[c] + e;
+  });
+  rstd.rsqrt_();
+  auto [scale, shift] = scale_shift_cpu(mean, rstd, weight, bias);
+  return {rstd, scale, shift};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastresnet_ext, CPU, m) {
@@ -466,6 +532,8 @@ TORCH_LIBRARY_IMPL(fastresnet_ext, CPU, m) {
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
   m.impl("add_stats", &add_stats_cpu);
+  m.impl("bn_affine", &bn_affine_cpu);
+  m.impl("scale_shift", &scale_shift_cpu);
 }
 
 }  // namespace fastresnet_ext

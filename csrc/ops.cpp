@@ -1,7 +1,8 @@
-// The fastresnet_ext operator library: schemas of the four tier-A primitives (semantics: fastresnet/reference.py)
-// and of the residual-unit driver, and the Python module fastresnet._C, whose import loads the library and binds the
-// unit's C++ training entry. Kernels register per dispatch key in bn_cpu.cpp (CPU) and bn_cuda.cpp (CUDA, only in
-// builds with CUDA); the unit driver (unit.cpp) registers once for every device.
+// The fastresnet_ext operator library: schemas of the four tier-A primitives (semantics: fastresnet/reference.py), of
+// BN's folded affine map and of the residual-unit driver, and the Python module fastresnet._C, whose import loads the
+// library and binds the unit's C++ training entry. Kernels register per dispatch key in bn_cpu.cpp (CPU) and
+// bn_cuda.cpp (CUDA, only in builds with CUDA); the unit driver and the affine map's composition (unit.cpp) register
+// once for every device.
 //
 // Layout rule of every output tensor: channels_last if x (a for add_stats) is channels_last and not also
 // NCHW-contiguous, else contiguous. Statistics are float32 ([C]); float64 for float64 inputs.
@@ -21,6 +22,14 @@ TORCH_LIBRARY(fastresnet_ext, m) {
         "Tensor? dres=None) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");
   // y = a + b (fp32 add, rounded once to the promoted dtype of a and b) and the batch statistics of the rounded y.
   m.def("add_stats(Tensor a, Tensor b) -> (Tensor y, Tensor mean, Tensor var)");
+  // BN folded into one affine map from the batch statistics (float32/float64 [C]): rstd = rsqrt(var + eps),
+  // scale = γ·rstd, shift = β − mean·scale (γ = 1, β = 0 when absent), every operation rounded to the statistics
+  // dtype: bitwise the ATen composition `torch.rsqrt(var + eps)`, `reference.scale_shift` (the
+  // CompositeExplicitAutograd kernel in unit.cpp is that composition; the CPU kernel does it in one pass,
+  // bn_cpu.cpp). scale_shift: the same from a saved rstd.
+  m.def("bn_affine(Tensor mean, Tensor var, float eps, Tensor? weight, Tensor? bias) -> (Tensor rstd, Tensor scale, "
+        "Tensor shift)");
+  m.def("scale_shift(Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias) -> (Tensor scale, Tensor shift)");
   // A full pre-activation residual unit in training, forward and backward, composed from the ops above and ATen's
   // convolutions exactly as fastresnet/ops/unit_ops.py composes them (`_unit_forward`, `_unit_backward`: argument
   // meanings and the returned lists are documented there).
@@ -46,6 +55,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
   // with_cuda: whether the CUDA kernels were compiled in (else only the CPU kernels are registered).
   // cuda_archs: their compute capabilities as setup.py passed them ("80_90"; "" without CUDA).
-  m.def("preact_unit_train", &fastresnet_ext::preact_unit_train,
-        "A full pre-activation residual unit in training as one C++ autograd node (csrc/unit.h)");
+  namespace py = pybind11;
+  py::class_<fastresnet_ext::UnitPlan, std::shared_ptr<fastresnet_ext::UnitPlan>>(
+      m, "UnitPlan", "One full pre-activation residual unit's weights, configuration and running buffers (csrc/unit.h)")
+      .def(py::init(&fastresnet_ext::make_unit_plan), py::arg("weights"), py::arg("bn_weights"),
+           py::arg("bn_biases"), py::arg("eps"), py::arg("strides"), py::arg("paddings"), py::arg("shortcut"),
+           py::arg("shortcut_stride"), py::arg("running_means"), py::arg("running_vars"),
+           py::arg("num_batches_tracked"), py::arg("counts"), py::arg("momentum"));
+  m.def("preact_units_train", &fastresnet_ext::preact_units_train, py::arg("x"), py::arg("mean"), py::arg("var"),
+        py::arg("plans"),
+        "Full pre-activation residual units in training, one C++ autograd node each, one after another "
+        "(csrc/unit.h)");
 }

@@ -2,14 +2,16 @@
 // fastresnet/ops/unit_ops.py composes in Python (`_unit_forward`, `_unit_backward`), for the "cuda" backend. The
 // same primitives (this library's batch_stats / bn_relu / add_stats / bn_relu_backward, called through the
 // dispatcher, so one driver runs the CPU and the CUDA kernels), the same ATen convolutions and the same operations
-// in the same order: results are bitwise those of the Python composition (tests/test_unit_op.py checks it). What it
-// removes is host time: one call per unit and direction instead of ~40 Python-level op calls (docs/architecture.md
-// §3 has the numbers).
+// in the same order (rstd, scale and shift by bn_affine / scale_shift, bitwise their ATen composition): results are
+// bitwise those of the Python composition (tests/test_unit_op.py checks it). What it removes is host time: one call
+// per unit and direction instead of ~40 Python-level op calls, and with preact_units_train one call for a whole chain
+// of units (docs/architecture.md §3 has the numbers).
 //
 // Conventions (as in unit_ops.py): a unit has k BN-ReLU-conv layers; weights[k] is the projection of a
 // "shared_projection" shortcut; strides/paddings are flattened (h, w) pairs per layer; rstd_i = 1/sqrt(var_i + eps_i)
 // and scale/shift fold BN_i into one affine map (fastresnet.reference.scale_shift).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -69,16 +71,53 @@ at::MemoryFormat layout(const Tensor& x) { return memory_format(is_nhwc(x)); }
 
 std::vector<int64_t> pair(at::IntArrayRef flat, size_t i) { return {flat[2 * i], flat[2 * i + 1]}; }
 
+// t in dtype; t itself when it already is (a no-op `to` still costs a dispatcher call).
+Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 struct Affine {
   Tensor scale, shift;
 };
 
-// fastresnet.reference.scale_shift: scale = γ·rstd, shift = β − mean·scale (γ = 1, β = 0 when absent).
+// BN's folded affine map (ops.cpp): the CompositeExplicitAutograd kernels, i.e. `torch.rsqrt(var + eps)` and
+// fastresnet.reference.scale_shift — scale = γ·rstd, shift = β − mean·scale (γ = 1, β = 0 when absent) — as ATen
+// calls. They run for CUDA tensors; CPU tensors take the one-pass kernel of bn_cpu.cpp (the same bits).
+std::tuple<Tensor, Tensor> scale_shift_composite(const Tensor& mean, const Tensor& rstd,
+                                                 const std::optional<Tensor>& gamma,
+                                                 const std::optional<Tensor>& beta) {
+  Tensor scale = gamma.has_value() ? cast(*gamma, rstd.scalar_type()) * rstd : rstd.clone();
+  Tensor shift = beta.has_value() ? cast(*beta, rstd.scalar_type()) - mean * scale : -mean * scale;
+  return {scale, shift};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_affine_composite(const Tensor& mean, const Tensor& var, double eps,
+                                                       const std::optional<Tensor>& gamma,
+                                                       const std::optional<Tensor>& beta) {
+  Tensor rstd = at::rsqrt(var + eps);
+  auto [scale, shift] = scale_shift_composite(mean, rstd, gamma, beta);
+  return {rstd, scale, shift};
+}
+
+// The same through the dispatcher (the CPU or the composite kernel).
 Affine scale_shift(const Tensor& mean, const Tensor& rstd, const std::optional<Tensor>& gamma,
                    const std::optional<Tensor>& beta) {
-  const Tensor scale = gamma.has_value() ? gamma->to(rstd.scalar_type()) * rstd : rstd;
-  const Tensor shift = beta.has_value() ? beta->to(rstd.scalar_type()) - mean * scale : -mean * scale;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastresnet_ext::scale_shift", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                            const std::optional<Tensor>&)>();
+  auto [scale, shift] = op.call(mean, rstd, gamma, beta);
   return {scale, shift};
+}
+
+std::pair<Tensor, Affine> bn_affine(const Tensor& mean, const Tensor& var, double eps,
+                                    const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastresnet_ext::bn_affine", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double,
+                                                    const std::optional<Tensor>&, const std::optional<Tensor>&)>();
+  auto [rstd, scale, shift] = op.call(mean, var, eps, gamma, beta);
+  return {rstd, Affine{scale, shift}};
 }
 
 Tensor conv(const Tensor& a, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding) {
@@ -119,18 +158,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv_backward(const Tensor& d
                              : conv_backward(dy, a, weight, stride, padding);
   a.reset();
   auto [dx, sum_dz, sum_dz_xhat] = bn_relu_backward(da, x, bn.scale, bn.shift, mean, rstd, dres);
-  return {dx, dweight.to(weight.scalar_type()), sum_dz, sum_dz_xhat};
+  return {dx, cast(dweight, weight.scalar_type()), sum_dz, sum_dz_xhat};
 }
 
 // unit_ops._plain_conv: an nn.Conv2d on the shared activation (cast to the weight's dtype, as autocast does).
 Tensor plain_conv(const Tensor& a, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding) {
-  return conv(a.to(weight.scalar_type()), weight, stride, padding);
+  return conv(cast(a, weight.scalar_type()), weight, stride, padding);
 }
 
 std::tuple<Tensor, Tensor> plain_conv_backward(const Tensor& dy, const Tensor& a, const Tensor& weight,
                                                at::IntArrayRef stride, at::IntArrayRef padding) {
-  auto [da, dweight] = conv_backward(dy, a.to(weight.scalar_type()), weight, stride, padding);
-  return {da.to(a.scalar_type()), dweight};
+  auto [da, dweight] = conv_backward(dy, cast(a, weight.scalar_type()), weight, stride, padding);
+  return {cast(da, a.scalar_type()), dweight};
 }
 
 // Option A: stride-s subsampling, zero channels appended (unit_ops._zero_pad and its backward).
@@ -160,8 +199,9 @@ Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor&
               "preact_unit_forward: inconsistent per-layer argument lengths");
   Tensors ys, rstds, stats;
   auto affine = [&](size_t i, const Tensor& mean, const Tensor& var) {
-    rstds.push_back(at::rsqrt(var + eps[i]));
-    return scale_shift(mean, rstds.back(), bn_weights.get(i), bn_biases.get(i));
+    auto [rstd, bn] = bn_affine(mean, var, eps[i], bn_weights.get(i), bn_biases.get(i));
+    rstds.push_back(rstd);
+    return bn;
   };
   Tensor y = x, mean = x_mean, var = x_var, h;
   size_t first = 0;
@@ -232,9 +272,9 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
       Tensor da, dh;
       std::tie(da, dweights[0]) = plain_conv_backward(dy, a, weights[0], stride, padding);
       if (shortcut == "shared_identity") {
-        dh = dout.to(a.scalar_type());
+        dh = cast(dout, a.scalar_type());
       } else {
-        std::tie(dh, dweights[k]) = plain_conv_backward(dout.to(weights[k].scalar_type()), a, weights[k],
+        std::tie(dh, dweights[k]) = plain_conv_backward(cast(dout, weights[k].scalar_type()), a, weights[k],
                                                         {shortcut_stride, shortcut_stride}, {0, 0});
       }
       std::tie(dy, dbetas[0], dgammas[0]) =
@@ -242,8 +282,8 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
     } else {
       std::optional<Tensor> dres;
       if (n == 0) {
-        dres = shortcut == "identity" ? dout.to(x.scalar_type()).contiguous(layout(x))
-                                      : zero_pad_backward(dout.to(x.scalar_type()), x, shortcut_stride);
+        dres = shortcut == "identity" ? cast(dout, x.scalar_type()).contiguous(layout(x))
+                                      : zero_pad_backward(cast(dout, x.scalar_type()), x, shortcut_stride);
       }
       std::tie(dy, dweights[n], dbetas[n], dgammas[n]) =
           bn_relu_conv_backward(dy, xi, bn, means[n], rstds[n], weights[n], stride, padding, dres);
@@ -257,52 +297,99 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
 }
 
 // ---- the unit as one C++ autograd node ---------------------------------------------------------------------------
-// unit_ops._PreactUnit without Python: forward runs preact_unit_forward and updates the running statistics, backward
-// runs preact_unit_backward; the autograd engine calls backward directly. Same saved tensors: x, the inner BN inputs,
-// the weights, and per BN its mean and rstd (plus γ, β).
+// unit_ops._PreactUnit without Python: forward runs preact_unit_forward and queues the running-statistics updates
+// (RunningUpdates), backward runs preact_unit_backward; the autograd engine calls backward directly. Same saved
+// tensors: x, the inner BN inputs, the weights, and per BN its mean and rstd (plus γ, β).
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The running buffers of a unit's BNs, one entry per BN in order (all empty: leave them alone).
-struct RunningStats {
-  std::vector<Tensor> means, vars, num_batches_tracked;
-  std::vector<int64_t> counts;
-  double momentum;
-};
-
-// fastresnet.reference.update_running_stats_many for BNs that all have buffers (means of one dtype, variances of one
-// dtype) and one numeric momentum: the same four multi-tensor ops (num_batches_tracked += 1; running_mean.lerp_(mean,
-// m); running_var.lerp_(var·M/(M − 1), m)), so the buffers are bitwise those of the Python update.
-void update_running_stats(const RunningStats& running, at::TensorList means, at::TensorList vars) {
-  if (running.means.empty()) return;
-  TORCH_CHECK(running.means.size() == means.size() && running.vars.size() == means.size() &&
-                  running.num_batches_tracked.size() == means.size() && running.counts.size() == means.size(),
-              "running statistics: expected one buffer set per BN (", means.size(), ")");
-  std::vector<at::Scalar> unbias;
-  for (int64_t count : running.counts) unbias.emplace_back(static_cast<double>(count) / (count - 1));
-  at::_foreach_add_(running.num_batches_tracked, 1);
-  Tensors unbiased = at::_foreach_mul(vars, unbias);
-  Tensors batch_means(means.begin(), means.end());
-  for (size_t i = 0; i < means.size(); ++i) {  // in the buffers' dtype (a no-op when they hold the statistics dtype)
-    batch_means[i] = batch_means[i].to(running.means[i].scalar_type());
-    unbiased[i] = unbiased[i].to(running.vars[i].scalar_type());
+// The running-statistics updates of the units of one preact_units_train call, made together once every unit's
+// forward has run (no unit reads a running buffer in a training forward): fastresnet.reference.
+// update_running_stats_many for BNs that all have buffers (means of one dtype, variances of one dtype per unit) —
+// num_batches_tracked += 1; running_mean.lerp_(mean, m); running_var.lerp_(var·M/(M − 1), m) — so the buffers are
+// bitwise those of the Python update, with one multi-tensor op per kind and momentum for the whole chain instead of
+// four per unit (on a GPU: four kernels per step, not per unit). On CPU, dense float32/float64 variances are
+// unbiased and int64 counters incremented by a loop (per element the multiply ATen's `mul` by a Python float does,
+// by the factor rounded to the variance's dtype) instead of dispatcher calls that each wrap a scalar. The lerps are
+// ATen's everywhere: its CPU kernel may use FMA, whose bits a portable loop cannot promise.
+class RunningUpdates {
+ public:
+  void add(const RunningStats& running, at::TensorList means, at::TensorList vars) {
+    if (running.means.empty()) return;  // one buffer set per BN: make_unit_plan checked it
+    Group& group = group_of(running.momentum);
+    for (size_t i = 0; i < vars.size(); ++i) {
+      const Tensor& nbt = running.num_batches_tracked[i];
+      (nbt.is_cpu() && nbt.scalar_type() == at::kLong && nbt.numel() == 1 ? cpu_counters_ : counters_).push_back(nbt);
+      const double factor = static_cast<double>(running.counts[i]) / (running.counts[i] - 1);
+      const Tensor& v = vars[i];
+      group.running_means.push_back(running.means[i]);
+      group.means.push_back(cast(means[i], running.means[i].scalar_type()));
+      group.running_vars.push_back(running.vars[i]);
+      if (v.is_cpu() && (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble) && v.is_contiguous()) {
+        group.vars.push_back(cast(unbiased(v, factor), running.vars[i].scalar_type()));
+      } else {  // filled in by apply()
+        group.vars.emplace_back();
+        group.pending.push_back(group.vars.size() - 1);
+        pending_vars_.push_back(v);
+        pending_factors_.emplace_back(factor);
+      }
+    }
   }
-  at::_foreach_lerp_(running.means, batch_means, running.momentum);
-  at::_foreach_lerp_(running.vars, unbiased, running.momentum);
-}
 
-struct UnitConfig {
-  std::vector<double> eps;
-  std::vector<int64_t> strides, paddings;
-  std::string shortcut;
-  int64_t shortcut_stride;
+  void apply() {
+    for (const Tensor& nbt : cpu_counters_) {
+      ++*nbt.data_ptr<int64_t>();
+      torch::autograd::impl::bump_version(nbt);  // as the in-place add would
+    }
+    if (!counters_.empty()) at::_foreach_add_(counters_, 1);
+    Tensors unbiased_vars = pending_vars_.empty() ? Tensors() : at::_foreach_mul(pending_vars_, pending_factors_);
+    size_t next = 0;
+    for (Group& group : groups_) {
+      for (size_t j : group.pending) {
+        group.vars[j] = cast(unbiased_vars[next++], group.running_vars[j].scalar_type());
+      }
+      at::_foreach_lerp_(group.running_means, group.means, group.momentum);
+      at::_foreach_lerp_(group.running_vars, group.vars, group.momentum);
+    }
+  }
+
+ private:
+  struct Group {
+    double momentum;
+    Tensors running_means, means, running_vars, vars;
+    std::vector<size_t> pending;  // entries of vars that apply() computes
+  };
+
+  Group& group_of(double momentum) {
+    for (Group& group : groups_)
+      if (group.momentum == momentum) return group;
+    groups_.push_back(Group{momentum, {}, {}, {}, {}, {}});
+    return groups_.back();
+  }
+
+  static Tensor unbiased(const Tensor& v, double factor) {
+    Tensor u = at::empty_like(v);
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "unbiased_var", [&] {
+      const scalar_t f = static_cast<scalar_t>(factor);
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      scalar_t* up = u.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < v.numel(); ++c) up[c] = vp[c] * f;
+    });
+    return u;
+  }
+
+  std::vector<Group> groups_;
+  Tensors cpu_counters_, counters_, pending_vars_;
+  std::vector<at::Scalar> pending_factors_;
 };
 
 class PreactUnitFunction : public torch::autograd::Function<PreactUnitFunction> {
  public:
+  static constexpr size_t kConfigArgs = 3;  // forward's arguments after the tensors: cfg, running, updates
+
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& x_mean, const Tensor& x_var,
                                at::TensorList weights, at::TensorList gammas, at::TensorList betas,
-                               const UnitConfig& cfg, const RunningStats& running) {
+                               const UnitConfig& cfg, const RunningStats& running, RunningUpdates* updates) {
     const size_t k = gammas.size();
     const OptionalTensors g(std::vector<std::optional<Tensor>>(gammas.begin(), gammas.end()));
     const OptionalTensors b(std::vector<std::optional<Tensor>>(betas.begin(), betas.end()));
@@ -314,7 +401,7 @@ class PreactUnitFunction : public torch::autograd::Function<PreactUnitFunction> 
       means.push_back(res[i]);
       vars.push_back(res[i + 1]);
     }
-    update_running_stats(running, means, vars);
+    updates->add(running, means, vars);
     Tensors saved{x};
     saved.insert(saved.end(), res.begin() + 3, res.begin() + 2 + k);  // y_1 … y_{k−1}
     saved.insert(saved.end(), weights.begin(), weights.end());
@@ -337,7 +424,7 @@ class PreactUnitFunction : public torch::autograd::Function<PreactUnitFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t k = ctx->saved_data["k"].toInt(), n = ctx->saved_data["num_weights"].toInt();
-    if (!grads[0].defined()) return variable_list(3 + n + 2 * k + 2);  // x_{l+1} got no gradient: none flows back
+    if (!grads[0].defined()) return variable_list(3 + n + 2 * k + kConfigArgs);  // x_{l+1} got no gradient
     const variable_list saved = ctx->get_saved_variables();
     auto slice = [&](int64_t begin, int64_t len) { return at::TensorList(saved).slice(begin, len); };
     const at::TensorList ys = slice(1, k - 1), weights = slice(k, n), means = slice(k + n, k),
@@ -348,40 +435,63 @@ class PreactUnitFunction : public torch::autograd::Function<PreactUnitFunction> 
     const std::string shortcut = ctx->saved_data["shortcut"].toStringRef();
     Tensors res = preact_unit_backward(grads[0], saved[0], ys, weights, means, rstds, g, b, strides, paddings,
                                        shortcut, ctx->saved_data["shortcut_stride"].toInt());
-    // one gradient per forward argument, in order: x, x_mean, x_var, weights, γs, βs, the config, the buffers
+    // one gradient per forward argument, in order: x, x_mean, x_var, weights, γs, βs, then none for the config, the
+    // buffers and the update list
     variable_list out{res[0], Tensor(), Tensor()};
     out.insert(out.end(), res.begin() + 1, res.begin() + 1 + n);
-    for (int64_t i = 0; i < k; ++i) out.push_back(res[1 + n + i].to(gammas[i].scalar_type()));
-    for (int64_t i = 0; i < k; ++i) out.push_back(res[1 + n + k + i].to(betas[i].scalar_type()));
-    out.emplace_back();
-    out.emplace_back();
+    for (int64_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + i], gammas[i].scalar_type()));
+    for (int64_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + k + i], betas[i].scalar_type()));
+    out.resize(out.size() + kConfigArgs);
     return out;
   }
 };
 
 }  // namespace
 
-std::vector<at::Tensor> preact_unit_train(const at::Tensor& x, const at::Tensor& x_mean, const at::Tensor& x_var,
-                                          const std::vector<at::Tensor>& weights,
-                                          const std::vector<at::Tensor>& bn_weights,
-                                          const std::vector<at::Tensor>& bn_biases, std::vector<double> eps,
-                                          std::vector<int64_t> strides, std::vector<int64_t> paddings,
-                                          std::string shortcut, int64_t shortcut_stride,
-                                          std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
-                                          std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts,
-                                          double momentum) {
-  const UnitConfig cfg{std::move(eps), std::move(strides), std::move(paddings), std::move(shortcut),
-                       shortcut_stride};
-  const RunningStats running{std::move(running_means), std::move(running_vars), std::move(num_batches_tracked),
-                             std::move(counts), momentum};
-  return PreactUnitFunction::apply(x, x_mean, x_var, at::TensorList(weights), at::TensorList(bn_weights),
-                                   at::TensorList(bn_biases), cfg, running);
+UnitPlan make_unit_plan(std::vector<at::Tensor> weights, std::vector<at::Tensor> bn_weights,
+                        std::vector<at::Tensor> bn_biases, std::vector<double> eps, std::vector<int64_t> strides,
+                        std::vector<int64_t> paddings, std::string shortcut, int64_t shortcut_stride,
+                        std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
+                        std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts, double momentum) {
+  const size_t k = bn_weights.size();
+  TORCH_CHECK_VALUE(k >= 1 && bn_biases.size() == k && eps.size() == k && strides.size() == 2 * k &&
+                        paddings.size() == 2 * k && (weights.size() == k || weights.size() == k + 1),
+                    "UnitPlan: inconsistent per-layer argument lengths (", k, " BNs)");
+  const size_t r = running_means.size();
+  TORCH_CHECK_VALUE((r == 0 || r == k) && running_vars.size() == r && num_batches_tracked.size() == r &&
+                        counts.size() == r,
+                    "UnitPlan: expected one running buffer set and count per BN (", k, ") or none");
+  for (int64_t count : counts) TORCH_CHECK_VALUE(count > 1, "UnitPlan: counts: expected N·H·W > 1, got ", count);
+  return UnitPlan{std::move(weights),
+                  std::move(bn_weights),
+                  std::move(bn_biases),
+                  {std::move(eps), std::move(strides), std::move(paddings), std::move(shortcut), shortcut_stride},
+                  {std::move(running_means), std::move(running_vars), std::move(num_batches_tracked),
+                   std::move(counts), momentum}};
+}
+
+std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Tensor var,
+                                           const std::vector<std::shared_ptr<UnitPlan>>& plans) {
+  RunningUpdates updates;
+  for (const auto& plan : plans) {
+    TORCH_CHECK_VALUE(plan != nullptr, "preact_units_train: plans: expected UnitPlan objects, got None");
+    variable_list out = PreactUnitFunction::apply(x, mean, var, at::TensorList(plan->weights),
+                                                  at::TensorList(plan->bn_weights), at::TensorList(plan->bn_biases),
+                                                  plan->cfg, plan->running, &updates);
+    x = std::move(out[0]);
+    mean = std::move(out[1]);
+    var = std::move(out[2]);
+  }
+  updates.apply();
+  return {x, mean, var};
 }
 
 // One kernel for every device: the driver only calls other operators, which dispatch on the tensors' device.
 TORCH_LIBRARY_IMPL(fastresnet_ext, CompositeExplicitAutograd, m) {
   m.impl("preact_unit_forward", &preact_unit_forward);
   m.impl("preact_unit_backward", &preact_unit_backward);
+  m.impl("bn_affine", &bn_affine_composite);
+  m.impl("scale_shift", &scale_shift_composite);
 }
 
 }  // namespace fastresnet_ext

@@ -1,26 +1,50 @@
-// The C++ training entry of a full pre-activation residual unit (unit.cpp), bound to Python in ops.cpp as
-// fastresnet._C.preact_unit_train.
+// The C++ training entry of full pre-activation residual units (unit.cpp), bound to Python in ops.cpp as
+// fastresnet._C.UnitPlan and fastresnet._C.preact_units_train.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace fastresnet_ext {
 
-// x_{l+1} = h + F(x) in training as one autograd node whose backward is C++ (fastresnet/ops/unit_ops.py documents
-// the unit's arguments; bn_weights/bn_biases: every BN's γ and β, all present). Returns [x_{l+1}, its mean, its var].
-// The running buffers of the unit's BNs (one entry per BN in order; counts: N·H·W of each BN's input) are updated
-// with momentum; all empty: left alone (a recomputation's replay).
-std::vector<at::Tensor> preact_unit_train(const at::Tensor& x, const at::Tensor& x_mean, const at::Tensor& x_var,
-                                          const std::vector<at::Tensor>& weights,
-                                          const std::vector<at::Tensor>& bn_weights,
-                                          const std::vector<at::Tensor>& bn_biases, std::vector<double> eps,
-                                          std::vector<int64_t> strides, std::vector<int64_t> paddings,
-                                          std::string shortcut, int64_t shortcut_stride,
-                                          std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
-                                          std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts,
-                                          double momentum);
+// A unit's per-layer configuration (fastresnet/ops/unit_ops.py documents the meanings): eps per BN, flattened
+// (h, w) stride and padding pairs per conv, the shortcut kind and its stride.
+struct UnitConfig {
+  std::vector<double> eps;
+  std::vector<int64_t> strides, paddings;
+  std::string shortcut;
+  int64_t shortcut_stride;
+};
+
+// The running buffers of a unit's BNs, one entry per BN in order (counts: N·H·W of each BN's input); all empty:
+// leave them alone (a recomputation's replay).
+struct RunningStats {
+  std::vector<at::Tensor> means, vars, num_batches_tracked;
+  std::vector<int64_t> counts;
+  double momentum;
+};
+
+// Everything a unit's training call needs besides its input: built once per unit and input shape (bound to Python
+// as fastresnet._C.UnitPlan), so a step passes one object per unit instead of converting sixteen arguments.
+struct UnitPlan {
+  std::vector<at::Tensor> weights, bn_weights, bn_biases;  // every BN's γ and β: all present
+  UnitConfig cfg;
+  RunningStats running;
+};
+
+UnitPlan make_unit_plan(std::vector<at::Tensor> weights, std::vector<at::Tensor> bn_weights,
+                        std::vector<at::Tensor> bn_biases, std::vector<double> eps, std::vector<int64_t> strides,
+                        std::vector<int64_t> paddings, std::string shortcut, int64_t shortcut_stride,
+                        std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
+                        std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts, double momentum);
+
+// Units in training, one after another, each as one autograd node whose backward is C++: x_{l+1} = h + F(x_l) from
+// x and its batch statistics (mean, var); each unit hands its output's statistics to the next. Returns [x_out, its
+// mean, its var]. Bound as fastresnet._C.preact_units_train.
+std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Tensor var,
+                                           const std::vector<std::shared_ptr<UnitPlan>>& plans);
 
 }  // namespace fastresnet_ext

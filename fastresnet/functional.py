@@ -62,10 +62,15 @@ def check_bn_input(
         if t is not None:
             _check_channel_vector(name, t, x, num_features)
     if stats is not None:
-        if not isinstance(stats, (tuple, list)) or len(stats) != 2:
-            raise ValueError(f"stats: expected a (mean, var) pair, got {type(stats).__name__}")
-        for name, t in zip(("stats[0] (mean)", "stats[1] (var)"), stats):
-            _check_channel_vector(name, t, x, num_features)
+        check_stats(x, stats, num_features)
+
+
+def check_stats(x: Tensor, stats: Tuple[Tensor, Tensor], num_features: int) -> None:
+    """Validate precomputed batch statistics (mean, var) of x: two 1-D tensors of num_features on x's device."""
+    if not isinstance(stats, (tuple, list)) or len(stats) != 2:
+        raise ValueError(f"stats: expected a (mean, var) pair, got {type(stats).__name__}")
+    for name, t in zip(("stats[0] (mean)", "stats[1] (var)"), stats):
+        _check_channel_vector(name, t, x, num_features)
 
 
 def check_conv_input(
@@ -131,11 +136,18 @@ def bn_statistics(
     return mean, rstd
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The conv's compute dtype under autocast for x's device; None when autocast is off there."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def _conv_weight(weight: Tensor, x: Tensor) -> Tensor:
     """The weight in the conv's compute dtype: the autocast dtype when autocast is on for x's device."""
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        return weight.to(torch.get_autocast_dtype(x.device.type))
-    return weight
+    dtype = _autocast_dtype(x)
+    return weight if dtype is None else weight.to(dtype)
 
 
 def bn_relu(
@@ -321,32 +333,10 @@ def preact_unit(
 
     `stats`: x's batch (mean, biased var) if known (the previous unit returns them). Returns (x_{l+1}, its mean, its
     var) for the next unit's `stats`. Saves x and the inner BN inputs; the backward runs the layers in reverse and
-    adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3).
+    adds the shortcut gradient inside the kernel that writes dx (docs/architecture.md §3). A caller that runs the
+    same layers again and again (a module) keeps a `PreparedUnit` instead.
     """
-    counts, args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
-    running = None
-    if not recompute.replaying():  # a recomputed unit's replay leaves the running buffers alone
-        running = [None if layer.running_mean is None else
-                   (layer.running_mean, layer.running_var, layer.num_batches_tracked, count, layer.momentum)
-                   for layer, count in zip(layers, counts)]
-    return ops.preact_unit(*args, running=running)
-
-
-def _unit_args(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_weight: Optional[Tensor],
-               shortcut_stride: int, stats: Optional[Tuple[Tensor, Tensor]], backend: Optional[str]
-               ) -> Tuple[List[int], tuple]:
-    """Check the arguments (`_check_unit`) and return (every BN's sample count, the arguments of `ops.preact_unit`
-    and `ops.unit_ops.preact_unit_gradients`): x's statistics (computed if not given), the weights in the autocast
-    dtype, the layers' vectors, flattened pairs."""
-    counts = _check_unit(x, layers, shortcut, shortcut_weight, shortcut_stride, stats)
-    name = resolve(x, backend)
-    mean, var = stats if stats is not None else ops.batch_stats(x, name)
-    weights = [_conv_weight(layer.weight, x) for layer in layers]
-    if shortcut_weight is not None:
-        weights.append(_conv_weight(shortcut_weight, x))
-    return counts, (x, mean, var, weights, [layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
-                    [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
-                    [p for layer in layers for p in layer.padding], shortcut, shortcut_stride, name)
+    return PreparedUnit(layers, shortcut, shortcut_weight, shortcut_stride)(x, stats, backend)
 
 
 def preact_unit_gradients(
@@ -364,10 +354,78 @@ def preact_unit_gradients(
     gradient)] for every conv weight, the projection and every present γ, β), gradients in the parameters' dtypes.
     Running buffers are untouched. Bitwise what backward through `preact_unit` computes; the recomputation
     (`fastresnet.recompute`) uses it for the last unit of a segment."""
-    _, args = _unit_args(x, layers, shortcut, shortcut_weight, shortcut_stride, stats, backend)
-    dx, dweights, dgammas, dbetas = ops.unit_ops.preact_unit_gradients(*args, dout)
-    params = [layer.weight for layer in layers] + ([] if shortcut_weight is None else [shortcut_weight])
-    pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(params, dweights)]
-    for layer, dg, db in zip(layers, dgammas, dbetas):
-        pairs += [(t, g) for t, g in ((layer.bn_weight, dg), (layer.bn_bias, db)) if t is not None]
-    return dx, pairs
+    return PreparedUnit(layers, shortcut, shortcut_weight, shortcut_stride).gradients(x, dout, stats, backend)
+
+
+class PreparedUnit:
+    """`preact_unit` and `preact_unit_gradients` for one fixed unit (layers, shortcut): the per-layer argument lists
+    are built once and the argument checks run once per input signature (x's shape, dtype and device) instead of on
+    every call — the host work a module repeats every training step (`fastresnet.nn.ResidualUnit` keeps one).
+
+    The layers' tensors are held by reference, so in-place updates (optimizer steps, `load_state_dict`) are seen;
+    a caller that replaces a parameter or buffer object, or changes a layer's hyper-parameters, makes a new one.
+    """
+
+    def __init__(self, layers: Sequence[BNConv], shortcut: str = "identity", shortcut_weight: Optional[Tensor] = None,
+                 shortcut_stride: int = 1):
+        self.layers, self.shortcut = tuple(layers), shortcut
+        self.shortcut_weight, self.shortcut_stride = shortcut_weight, shortcut_stride
+        self._signature = None  # (shape, dtype, device) of the last x that passed the checks
+        # what the last call ran: (backend name, its `unit_ops.native_plan`) when the backend's native unit with a
+        # plan kept here, else None (`fastresnet.nn.units.UnitChain` hands such plans over in one call)
+        self.last_plan = None
+
+    def _check(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]]) -> None:
+        """`_check_unit`, then the argument lists for inputs of x's signature."""
+        self._signature = None
+        layers = self.layers
+        counts = _check_unit(x, layers, self.shortcut, self.shortcut_weight, self.shortcut_stride, stats)
+        self._weights = [layer.weight for layer in layers] + ([] if self.shortcut_weight is None
+                                                               else [self.shortcut_weight])
+        self._lists = ([layer.bn_weight for layer in layers], [layer.bn_bias for layer in layers],
+                       [layer.eps for layer in layers], [s for layer in layers for s in layer.stride],
+                       [p for layer in layers for p in layer.padding], self.shortcut, self.shortcut_stride)
+        self._running = [None if layer.running_mean is None else
+                         (layer.running_mean, layer.running_var, layer.num_batches_tracked, count, layer.momentum)
+                         for layer, count in zip(layers, counts)]
+        self._plans = {}  # (backend name, replaying) -> native_plan of the held weights, for inputs like x
+        self._signature = (x.shape, x.dtype, x.device)
+
+    def args(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], backend: Optional[str]) -> tuple:
+        """Check the arguments and return those of `ops.preact_unit` and `ops.unit_ops.preact_unit_gradients`: x's
+        statistics (computed if not given), the weights in the autocast dtype, the layers' vectors, flattened
+        pairs, the resolved backend."""
+        if not isinstance(x, Tensor) or (x.shape, x.dtype, x.device) != self._signature:
+            self._check(x, stats)
+        elif stats is not None:
+            check_stats(x, stats, x.shape[1])
+        name = resolve(x, backend)
+        mean, var = stats if stats is not None else ops.batch_stats(x, name)
+        dtype = _autocast_dtype(x)
+        weights = self._weights if dtype is None else [w.to(dtype) for w in self._weights]
+        return (x, mean, var, weights, *self._lists, name)
+
+    def __call__(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, backend: Optional[str] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+        """`preact_unit(x, *this unit, stats=stats, backend=backend)`."""
+        args = self.args(x, stats, backend)
+        running = None if recompute.replaying() else self._running  # a recomputed unit's replay leaves them alone
+        plan = None
+        if args[3] is self._weights and not ops.unit_ops.traced():  # no autocast copies of the weights: keep a plan
+            key = (args[-1], running is None)
+            if key not in self._plans:
+                self._plans[key] = ops.unit_ops.native_plan(args[-1], *args[3:-1], running)
+            plan = self._plans[key]
+        self.last_plan = None if plan is None else (args[-1], plan)
+        return ops.preact_unit(*args, running=running, plan=plan)
+
+    def gradients(self, x: Tensor, dout: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None,
+                  backend: Optional[str] = None) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+        """`preact_unit_gradients(x, dout, *this unit, stats=stats, backend=backend)`."""
+        dx, dweights, dgammas, dbetas = ops.unit_ops.preact_unit_gradients(*self.args(x, stats, backend), dout)
+        params = [layer.weight for layer in self.layers] + ([] if self.shortcut_weight is None
+                                                              else [self.shortcut_weight])
+        pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(params, dweights)]
+        for layer, dg, db in zip(self.layers, dgammas, dbetas):
+            pairs += [(t, g) for t, g in ((layer.bn_weight, dg), (layer.bn_bias, db)) if t is not None]
+        return dx, pairs

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastresnet
 from fastresnet import BNReLU2d, PreActConv2d
+from fastresnet.nn.units import ResidualUnit
 
 
 def _unfused(cin, cout, k, s, p):
@@ -166,3 +167,28 @@ def test_per_channel_arguments_are_checked():
         F_.bn_relu_conv2d(x, torch.ones(4, 4), None, None)
     with pytest.raises(ValueError, match="residual: expected shape"):
         F_.bn_relu_conv2d(x, torch.ones(5, 4, 1, 1), None, None, residual=torch.zeros(2, 4, 3, 3))
+
+
+def test_pre_act_conv_follows_its_bn_mode():
+    """Freezing every BatchNorm2d of a model (`m.eval()` on each, the usual fine-tuning recipe) freezes the BN inside
+    a PreActConv2d too: it normalises with its running statistics and leaves them alone, as eager BN → ReLU → conv
+    does, in the layer and in a unit's chained forward (which then runs it per layer)."""
+    torch.manual_seed(0)
+    unit = ResidualUnit(4, 4, backend="torch").double()
+    for m in unit.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+    unit.conv2.bn.eval()
+    layer, bn = unit.conv2, unit.conv2.bn
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    before = [b.clone() for b in bn.buffers()]
+    expected = torch.nn.functional.conv2d(
+        torch.relu(torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False)),
+        layer.conv.weight, None, 1, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    assert unit.one_op() is None
+    out, _ = unit.forward_chained(x)
+    frozen_input = unit.conv1(x)
+    torch.testing.assert_close(out, x + layer(frozen_input), rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn.buffers()))

@@ -359,6 +359,6 @@ def test_unit_chain_op_is_traceable():
     x, mean, rstd, scale, shift, weight = _inputs(2, 16, 5, 5, 16, 3, 1, True)
     res = torch.randn(2, 16, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last)
     gamma = torch.ones(16, device=DEV, requires_grad=True)
-    torch.library.opcheck(_bn_relu_conv_stats,
+    torch.library.opcheck(_bn_relu_conv_stats.op,
                           (x, weight, mean, rstd, gamma, None, res, [1, 1], [1, 1], True, "triton_conv"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -76,7 +76,7 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.floa
     results = []
     for native in (True, False):
         if not native:
-            for name in ("unit_forward", "unit_backward", "unit_train"):
+            for name in ("unit_forward", "unit_backward", "unit_plan", "units_train"):
                 monkeypatch.setattr(type(get_backend_impl("cuda")), name, None)
         model = _net(kind, "cuda", True, dtype).to(device)
         model.set_checkpoint(checkpoint)

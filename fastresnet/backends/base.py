@@ -61,11 +61,14 @@ class Backend:
     # -- whole units ------------------------------------------------------------------------------------------------
     # A backend that runs a full pre-activation unit natively sets these to methods taking the arguments of
     # `fastresnet.ops.unit_ops._unit_forward` / `_unit_backward` (positionally, backend name left out) and returning
-    # their lists, bitwise; None: unit_ops composes the unit from the ops of this class. `unit_train`: the whole
-    # training call as one autograd node of its own (arguments: see CudaBackend.unit_train), or None.
+    # their lists, bitwise; None: unit_ops composes the unit from the ops of this class. `unit_plan` / `units_train`:
+    # the whole training call as one autograd node per unit of the backend's own, or None — unit_plan takes a unit's
+    # arguments except x and its statistics (see CudaBackend.unit_plan) and returns an opaque plan; units_train(x,
+    # mean, var, plans) runs planned units one after another and returns (x_out, its mean, its var).
     unit_forward = None
     unit_backward = None
-    unit_train = None
+    unit_plan = None
+    units_train = None
 
     # -- conv level (tier A by default) ----------------------------------------------------------------------------
     def bn_relu_conv(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding) -> Tensor:

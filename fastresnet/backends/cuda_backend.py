@@ -87,10 +87,14 @@ class CudaBackend(Backend):
     def unit_backward(self, *args):
         return torch.ops.fastresnet_ext.preact_unit_backward(*args)
 
-    def unit_train(self, x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
-                   shortcut_stride, running_means, running_vars, num_batches_tracked, counts, momentum):
-        """`unit_ops.preact_unit` as a C++ autograd node (csrc/unit.cpp): forward, running-buffer updates and a
-        backward that runs without Python. Returns [x_{l+1}, its mean, its var]."""
-        return _C.preact_unit_train(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings,
-                                    shortcut, shortcut_stride, running_means, running_vars, num_batches_tracked,
-                                    counts, momentum)
+    def unit_plan(self, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
+                  running_means, running_vars, num_batches_tracked, counts, momentum):
+        """A `_C.UnitPlan`: one unit's arguments of `unit_ops.preact_unit` except x and its statistics, with its BNs'
+        running buffers (and the N·H·W `counts` of their inputs; all empty: no update), held in C++."""
+        return _C.UnitPlan(weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
+                           running_means, running_vars, num_batches_tracked, counts, momentum)
+
+    def units_train(self, x, mean, var, plans):
+        """Planned units as C++ autograd nodes (csrc/unit.cpp): each forward, its running-buffer updates and a backward
+        that runs without Python; one call for all of them. Returns [x_out, its mean, its var]."""
+        return _C.preact_units_train(x, mean, var, plans)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fastresnet import recompute
 from fastresnet.models.registry import register_model
 from fastresnet.nn.layers import BNReLU2d
-from fastresnet.nn.units import VARIANTS, ResidualUnit
+from fastresnet.nn.units import VARIANTS, ResidualUnit, UnitChain
 
 # variant -> (stem ends with, head begins with), from the modification procedure of Fig. 5: the pre-activation
 # moved into the first unit and an extra activation after the last addition.
@@ -96,6 +96,7 @@ class ResNet(nn.Module):
         self.num_features = in_ch
         self.chained = variant == "full_preact" and all(
             u.chainable for u in self.modules() if isinstance(u, ResidualUnit))
+        self.unit_chain = UnitChain()  # runs the units in a chained training forward (and keeps its host-work cache)
         self.set_checkpoint(checkpoint, segment_size)
         self.reset_parameters()
 
@@ -135,8 +136,9 @@ class ResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """[N, 3, H, W] -> [N, num_features, H', W'] (after the head activation, before pooling).
 
-        Training a full pre-activation net runs the units as one chain (`ResidualUnit.forward_chained`): each fused
-        conv hands its output's batch statistics to the next BN, so none is computed by re-reading a tensor. With
+        Training a full pre-activation net runs the units as one chain (`ResidualUnit.forward_chained`, through
+        `nn.units.UnitChain`): each fused conv hands its output's batch statistics to the next BN, so none is computed
+        by re-reading a tensor. With
         `checkpoint` "unit" or "segment" the units run in recomputed segments (`fastresnet.recompute`).
         """
         x = self.stem(x)
@@ -147,10 +149,7 @@ class ResNet(nn.Module):
             return self.head_act(x, stats) if self.chained else self.head_act(x)
         if not (self.training and self.chained):
             return self.head_act(self.stages(x))
-        stats = None
-        for stage in self.stages:
-            for unit in stage:
-                x, stats = unit.forward_chained(x, stats)
+        x, stats = self.unit_chain(self.units, x)
         return self.head_act(x, stats)
 
     def forward_head(self, x: Tensor) -> Tensor:

@@ -49,7 +49,9 @@ class PreActConv2d(nn.Module):
     """BN → ReLU → conv as one fused op (`functional.bn_relu_conv2d`): stores only the BN input for backward.
 
     Holds a real `nn.BatchNorm2d` (`bn`) and `nn.Conv2d` (`conv`, bias-free, groups 1, dilation 1) as parameter
-    containers, so its state dict has the keys of `Sequential(bn=BatchNorm2d, relu=ReLU, conv=Conv2d)`.
+    containers, so its state dict has the keys of `Sequential(bn=BatchNorm2d, relu=ReLU, conv=Conv2d)`. The BN
+    normalises as `bn.training` says (batch statistics, or its running statistics in eval mode), so freezing every
+    `nn.BatchNorm2d` of a model (`m.eval()`) freezes the BN inside this layer too.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, eps: float = 1e-5,
@@ -74,12 +76,12 @@ class PreActConv2d(nn.Module):
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         bn = self.bn
-        if self.process_group is not None and self.training:
+        if self.process_group is not None and bn.training:
             return sync_bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                        bn.num_batches_tracked, bn.momentum, bn.eps, self.conv.stride,
                                        self.conv.padding, self.process_group, stats, self.backend)
         return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                 bn.num_batches_tracked, self.training, bn.momentum, bn.eps,
+                                 bn.num_batches_tracked, bn.training, bn.momentum, bn.eps,
                                  self.conv.stride, self.conv.padding, stats, self.backend)
 
     def forward_stats(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None,
@@ -89,12 +91,12 @@ class PreActConv2d(nn.Module):
         With a process group (synchronised BN) the layer runs its synchronised forward and the statistics come
         from the add + statistics op: local statistics, which the next synchronised BN combines across ranks."""
         bn = self.bn
-        if self.process_group is not None and self.training:
+        if self.process_group is not None and bn.training:
             y = self.forward(x, stats)
             return FF.add_stats(y, residual, self.backend) if residual is not None else \
                 (y,) + FF.batch_stats(y, self.backend)
         return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                 bn.num_batches_tracked, self.training, bn.momentum, bn.eps, self.conv.stride,
+                                 bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.conv.stride,
                                  self.conv.padding, stats, self.backend, residual=residual, return_stats=True)
 
     def extra_repr(self) -> str:

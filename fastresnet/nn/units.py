@@ -18,11 +18,15 @@ F and the shortcut — the paper's first unit after conv1 and its pre-activated 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from fastresnet import functional as FF
+from fastresnet import functional as FF, ops, recompute
+from fastresnet.backends import get_backend, get_backend_impl
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
 
@@ -59,6 +63,27 @@ def _activation(kind: Optional[str], channels: int, backend: Optional[str]) -> O
         return None
     return {"relu": lambda: nn.ReLU(inplace=False), "bn": lambda: nn.BatchNorm2d(channels),
             "bn_relu": lambda: BNReLU2d(channels, backend=backend)}[kind]()
+
+
+# The plain attributes of a unit and its submodules that `ResidualUnit.one_op` reads (with every parameter, buffer
+# and child module): what its cached result is checked against (`_watch`).
+_WATCHED_ATTRS = ("training", "fuse_unit", "variant", "merge_kind", "share_preact", "num_layers", "process_group",
+                  "momentum", "eps", "stride", "padding", "backend")
+
+
+def _watch(modules: List[nn.Module]) -> Tuple[tuple, tuple, tuple]:
+    """(mappings, keys, objects): every parameter, buffer and child of `modules` and their `_WATCHED_ATTRS`, as
+    found now, for `_unchanged`."""
+    found = [(table, key, obj) for m in modules
+             for table in (m._parameters, m._buffers, m._modules) for key, obj in table.items()]
+    found += [(m.__dict__, key, m.__dict__[key]) for m in modules for key in _WATCHED_ATTRS if key in m.__dict__]
+    return tuple(zip(*found))
+
+
+def _unchanged(watched: Tuple[tuple, tuple, tuple]) -> bool:
+    """Whether every entry `_watch` found is still the same object (one C-level pass: about a microsecond)."""
+    tables, keys, objects = watched
+    return all(map(operator.is_, map(dict.get, tables, keys), objects))
 
 
 def _bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> FF.BNConv:
@@ -141,9 +166,9 @@ class ResidualUnit(nn.Module):
         return y if self.post is None else self.post(y)
 
     def forward(self, x: Tensor) -> Tensor:
-        spec = self.one_op() if self.training else None
-        if spec is not None:
-            return FF.preact_unit(x, *spec, backend=self.backend)[0]
+        unit = self.prepared() if self.training else None
+        if unit is not None:
+            return unit(x, backend=self.backend)[0]
         if self.preact is not None:
             a = self.preact(x)
             branch_in, shortcut_in = a, (a if self.share_preact else x)
@@ -197,13 +222,36 @@ class ResidualUnit(nn.Module):
             return None
         return layers + [_bn_conv(c.bn, c.conv) for c in convs], kind, weight, stride
 
+    def prepared(self) -> Optional[FF.PreparedUnit]:
+        """`one_op()` as a `functional.PreparedUnit` (its checks and argument lists reused across calls), or None.
+        Cached: rebuilt only when one of the objects `one_op` read — a parameter, buffer or submodule of this unit,
+        a training flag, a BN's momentum or eps, a conv's stride or padding, the backend — was replaced since, so a
+        training step pays about a microsecond here instead of re-reading and re-checking every layer. Not cached
+        for a copy that shares this module's attributes but not its tables (a DataParallel replica) nor when a
+        parametrization computes a weight on every access (`torch.nn.utils.parametrize`)."""
+        state = self.__dict__
+        cached = state.get("_prepared_unit")
+        if cached is None or cached[0] is not state["_modules"] or not _unchanged(cached[1]):
+            spec = self.one_op()
+            unit = None if spec is None else FF.PreparedUnit(*spec)
+            modules = list(self.modules())
+            if any(parametrize.is_parametrized(m) for m in modules):
+                return unit
+            cached = (state["_modules"], _watch(modules), unit)
+            state["_prepared_unit"] = cached
+        return cached[2]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_prepared_unit", None)  # a cache of references into this module: rebuilt on first use
+        return state
+
     def gradients(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], dout: Tensor
                   ) -> Tuple[Tensor, Dict[Tensor, Tensor]]:
         """(dx, {parameter: gradient}) of a one-op training forward from x (and its statistics) for the gradient
         dout of its output, without a graph and without the last conv (`functional.preact_unit_gradients`): the
         recomputation's backward of a segment's last unit. Needs `one_op()`."""
-        layers, kind, weight, stride = self.one_op()
-        dx, pairs = FF.preact_unit_gradients(x, dout, layers, kind, weight, stride, stats, self.backend)
+        dx, pairs = self.prepared().gradients(x, dout, stats, self.backend)
         return dx, dict(pairs)
 
     def forward_chained(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
@@ -215,9 +263,9 @@ class ResidualUnit(nn.Module):
         reads a tensor only to compute statistics. Returns (x_{l+1}, its (mean, var)); same values as `forward`.
         The whole unit is one op (`functional.preact_unit`) where `one_op` allows, else one op per layer.
         """
-        spec = self.one_op()
-        if spec is not None:
-            out, mean, var = FF.preact_unit(x, *spec, stats=stats, backend=self.backend)
+        unit = self.prepared()
+        if unit is not None:
+            out, mean, var = unit(x, stats, self.backend)
             return out, (mean, var)
         if self.share_preact:  # conv1 is a plain conv on the shared activation: its output statistics are unknown
             a = self.preact(x, stats)
@@ -237,6 +285,46 @@ class ResidualUnit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, variant={self.variant!r}, merge={self.merge_kind!r}"
+
+
+class UnitChain:
+    """Runs residual units one after another in training (`ResidualUnit.forward_chained`, each unit's output
+    statistics handed to the next) and takes the host work per unit away where it can: after a pass in which every
+    unit ran its backend's native unit with a kept plan (`functional.PreparedUnit.last_plan`), a pass with an input
+    of the same shape, dtype and device, the same default backend and autocast state, and unchanged units
+    (`ResidualUnit.prepared` returns the same objects) hands all of them to the backend in one call
+    (`Backend.units_train`): the same autograd nodes and results, without a Python call per unit."""
+
+    def __init__(self):
+        self._cached = None  # (input key, the units' PreparedUnits, backend name, plans)
+
+    def __getstate__(self):
+        return {"_cached": None}  # references into the model and C++ plans: rebuilt on first use
+
+    def __call__(self, units: Sequence["ResidualUnit"], x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
+                 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        prepared = [u.prepared() for u in units]
+        device = x.device
+        key = (x.shape, x.dtype, device, stats is None, get_backend(),
+               device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type))
+        cached = self._cached
+        if (cached is not None and cached[0] == key and all(map(operator.is_, prepared, cached[1]))
+                and not ops.unit_ops.traced() and not recompute.replaying()):
+            name, plans = cached[2], cached[3]
+            if stats is None:
+                stats = ops.batch_stats(x, name)
+            else:
+                FF.check_stats(x, stats, x.shape[1])
+            out, mean, var = get_backend_impl(name).units_train(x, stats[0], stats[1], plans)
+            return out, (mean, var)
+        self._cached = None
+        x0_key = key
+        for unit in units:
+            x, stats = unit.forward_chained(x, stats)
+        done = [p.last_plan if p is not None else None for p in prepared]
+        if units and all(d is not None and d[0] == done[0][0] for d in done):
+            self._cached = (x0_key, prepared, done[0][0], [d[1] for d in done])
+        return x, stats
 
 
 def run_per_layer(model: nn.Module) -> nn.Module:

@@ -1,19 +1,74 @@
-"""The fused BN ops as custom ops. Saved for backward: the BN input x, mean, rstd (fp32, [C]), γ, β and the conv
-weight — never the BN or ReLU output, which the backward recomputes from x.
+"""The fused BN ops as custom ops (`FusedOp`: eager calls skip the custom op's own dispatch). Saved for backward:
+the BN input x, mean, rstd (fp32, [C]), γ, β and the conv weight — never the BN or ReLU output, which the backward
+recomputes from x.
 
 `training` is an argument of the forward ops only so that setup_context can hand it to the backward: in training
 (batch statistics) the BN backward includes the dependence of mean and rstd on x; in eval it does not.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import layout
+
+
+def traced() -> bool:
+    """Whether the registered ops must run rather than their bodies: under torch.compile, or while a
+    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def profiler_range(qualname: str):
+    """A profiler range named like an op while a profiler runs (an eager call that skips the op's own dispatch would
+    not show in a trace otherwise), else nothing."""
+    return torch.profiler.record_function(qualname) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+class FusedOp:
+    """A fused op: the `torch.library` custom op "fastresnet::<name>" (what torch.compile and dispatch modes see, with
+    its fake implementation and, if given, its backward formula) and a direct path for eager calls, which runs the
+    body — and the backward formula, inside one plain `autograd.Function` — without the custom op's own layers
+    (dispatch to a Python kernel, argument defaults, its autograd wrapper): at small sizes those cost more host time
+    than the op's kernels. Both paths run the same code on the same values. Statistics outputs (all outputs after
+    the first) are not differentiable: their consumer's backward accounts for them."""
+
+    def __init__(self, name: str, body: Callable, fake: Callable, setup: Optional[Callable] = None,
+                 backward: Optional[Callable] = None):
+        self.op = torch.library.custom_op(f"fastresnet::{name}", body, mutates_args=())
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup)
+        self.qualname, self.body, self.setup, self.backward = f"fastresnet::{name}", body, setup, backward
+
+    def __call__(self, *args):
+        if traced():
+            return self.op(*args)
+        with profiler_range(self.qualname):
+            return self.body(*args) if self.backward is None else _EagerOp.apply(self, *args)
+
+
+class _EagerOp(torch.autograd.Function):
+    """`FusedOp`'s eager path: its body forward, its setup_context and backward formula as they are registered."""
+
+    @staticmethod
+    def forward(ctx, op: FusedOp, *args):
+        out = op.body(*args)
+        op.setup(ctx, args, out)
+        ctx.formula = op.backward
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + tuple(ctx.formula(ctx, *grads))
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -43,14 +98,11 @@ def affine_grads(bn_weight, bn_bias, dgamma, dbeta):
 
 
 # ---- batch statistics ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastresnet::batch_stats", mutates_args=())
-def _batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _batch_stats_body(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return get_backend_impl(backend).batch_stats(x)
 
 
-@_batch_stats.register_fake
-def _(x, backend):
-    return _stats_fake(x), _stats_fake(x)
+_batch_stats = FusedOp("batch_stats", _batch_stats_body, lambda x, backend: (_stats_fake(x), _stats_fake(x)))
 
 
 def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
@@ -59,13 +111,11 @@ def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
 
 
 # ---- residual add with output statistics --------------------------------------------------------------------------
-@torch.library.custom_op("fastresnet::add_stats", mutates_args=())
-def _add_stats(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _add_stats_body(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return get_backend_impl(backend).add_stats(a, b)
 
 
-@_add_stats.register_fake
-def _(a, b, backend):
+def _add_stats_fake(a, b, backend):
     y = _empty_as(a, a.shape, torch.promote_types(a.dtype, b.dtype))
     return y, _stats_fake(y), _stats_fake(y)
 
@@ -79,7 +129,7 @@ def _add_stats_bwd(ctx, dy, dmean, dvar):
     return dy.to(ctx.dtypes[0]), dy.to(ctx.dtypes[1]), None
 
 
-_add_stats.register_autograd(_add_stats_bwd, setup_context=_add_stats_setup)
+_add_stats = FusedOp("add_stats", _add_stats_body, _add_stats_fake, _add_stats_setup, _add_stats_bwd)
 
 
 def add_stats(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -89,8 +139,7 @@ def add_stats(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tenso
 
 
 # ---- BN + ReLU ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastresnet::bn_relu", mutates_args=())
-def _bn_relu(
+def _bn_relu_body(
     x: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     training: bool, backend: str,
 ) -> Tensor:
@@ -98,13 +147,7 @@ def _bn_relu(
     return get_backend_impl(backend).bn_relu(x, scale, shift, x.dtype)
 
 
-@_bn_relu.register_fake
-def _(x, mean, rstd, bn_weight, bn_bias, training, backend):
-    return _empty_as(x, x.shape, x.dtype)
-
-
-@torch.library.custom_op("fastresnet::bn_relu_backward", mutates_args=())
-def _bn_relu_backward(
+def _bn_relu_backward_body(
     dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -113,9 +156,10 @@ def _bn_relu_backward(
     return dx, sum_dz_xhat, sum_dz
 
 
-@_bn_relu_backward.register_fake
-def _(dy, x, mean, rstd, bn_weight, bn_bias, training, backend):
-    return _empty_as(x, x.shape, x.dtype), _stats_fake(x), _stats_fake(x)
+_bn_relu_backward = FusedOp(
+    "bn_relu_backward", _bn_relu_backward_body,
+    lambda dy, x, mean, rstd, bn_weight, bn_bias, training, backend: (
+        _empty_as(x, x.shape, x.dtype), _stats_fake(x), _stats_fake(x)))
 
 
 def _bn_relu_setup(ctx, inputs, output):
@@ -130,7 +174,9 @@ def _bn_relu_bwd(ctx, dy):
     return (dx, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None, None)
 
 
-_bn_relu.register_autograd(_bn_relu_bwd, setup_context=_bn_relu_setup)
+_bn_relu = FusedOp("bn_relu", _bn_relu_body,
+                   lambda x, mean, rstd, bn_weight, bn_bias, training, backend: _empty_as(x, x.shape, x.dtype),
+                   _bn_relu_setup, _bn_relu_bwd)
 
 
 def bn_relu(x, mean, rstd, bn_weight, bn_bias, training: bool, backend: str) -> Tensor:
@@ -139,8 +185,7 @@ def bn_relu(x, mean, rstd, bn_weight, bn_bias, training: bool, backend: str) -> 
 
 
 # ---- BN + ReLU + conv ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastresnet::bn_relu_conv", mutates_args=())
-def _bn_relu_conv(
+def _bn_relu_conv_body(
     x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tensor:
@@ -148,13 +193,11 @@ def _bn_relu_conv(
     return get_backend_impl(backend).bn_relu_conv(x, scale, shift, weight, stride, padding)
 
 
-@_bn_relu_conv.register_fake
-def _(x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training, backend):
+def _bn_relu_conv_fake(x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training, backend):
     return _empty_as(x, conv_out_shape(x.shape, weight.shape, stride, padding), weight.dtype)
 
 
-@torch.library.custom_op("fastresnet::bn_relu_conv_backward", mutates_args=())
-def _bn_relu_conv_backward(
+def _bn_relu_conv_backward_body(
     dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -164,9 +207,10 @@ def _bn_relu_conv_backward(
     return dx, dweight, sum_dz_xhat, sum_dz
 
 
-@_bn_relu_conv_backward.register_fake
-def _(dy, x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training, backend):
-    return _empty_as(x, x.shape, x.dtype), torch.empty_like(weight), _stats_fake(x), _stats_fake(x)
+_bn_relu_conv_backward = FusedOp(
+    "bn_relu_conv_backward", _bn_relu_conv_backward_body,
+    lambda dy, x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training, backend: (
+        _empty_as(x, x.shape, x.dtype), torch.empty_like(weight), _stats_fake(x), _stats_fake(x)))
 
 
 def _bn_relu_conv_setup(ctx, inputs, output):
@@ -183,7 +227,8 @@ def _bn_relu_conv_bwd(ctx, dy):
     return (dx, dweight, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (None,) * 4
 
 
-_bn_relu_conv.register_autograd(_bn_relu_conv_bwd, setup_context=_bn_relu_conv_setup)
+_bn_relu_conv = FusedOp("bn_relu_conv", _bn_relu_conv_body, _bn_relu_conv_fake, _bn_relu_conv_setup,
+                        _bn_relu_conv_bwd)
 
 
 def bn_relu_conv(x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training: bool, backend: str) -> Tensor:

@@ -10,21 +10,19 @@ statistics in the conv epilogue; tier-A backends run the conv, then their fused 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import layout
-from fastresnet.ops.bn_ops import affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake, conv_out_shape
+from fastresnet.ops.bn_ops import (FusedOp, affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake,
+                                   conv_out_shape, profiler_range, traced)
 
 
-@torch.library.custom_op("fastresnet::bn_relu_conv_stats", mutates_args=())
-def _bn_relu_conv_stats(
+def _bn_relu_conv_stats_body(
     x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     residual: Optional[Tensor], stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -32,8 +30,7 @@ def _bn_relu_conv_stats(
     return get_backend_impl(backend).bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual)
 
 
-@_bn_relu_conv_stats.register_fake
-def _(x, weight, mean, rstd, bn_weight, bn_bias, residual, stride, padding, training, backend):
+def _bn_relu_conv_stats_fake(x, weight, mean, rstd, bn_weight, bn_bias, residual, stride, padding, training, backend):
     dtype = weight.dtype if residual is None else torch.promote_types(weight.dtype, residual.dtype)
     y = _empty_as(x, conv_out_shape(x.shape, weight.shape, stride, padding), dtype)
     return y, _stats_fake(y), _stats_fake(y)
@@ -56,7 +53,8 @@ def _backward(ctx, dy, dmean, dvar):
     return (dx, dweight, None, None) + affine_grads(bn_weight, bn_bias, dgamma, dbeta) + (dres,) + (None,) * 4
 
 
-_bn_relu_conv_stats.register_autograd(_backward, setup_context=_setup)
+_bn_relu_conv_stats = FusedOp("bn_relu_conv_stats", _bn_relu_conv_stats_body, _bn_relu_conv_stats_fake, _setup,
+                              _backward)
 
 
 def bn_relu_conv_stats(x, weight, mean, rstd, bn_weight, bn_bias, residual, stride, padding, training: bool,
@@ -120,7 +118,7 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
     `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
     recomputation needs for the backward alone."""
     impl = get_backend_impl(backend)
-    if impl.unit_forward is not None and not _traced():  # traced: the composition, so its convs are seen (FLOPs)
+    if impl.unit_forward is not None and not traced():  # traced: the composition, so its convs are seen (FLOPs)
         return impl.unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
                                  shortcut_stride, through_last)
     k = len(bn_weights)
@@ -163,7 +161,7 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
     gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
     impl = get_backend_impl(backend)
-    if impl.unit_backward is not None and not _traced():
+    if impl.unit_backward is not None and not traced():
         return impl.unit_backward(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings,
                                   shortcut, shortcut_stride)
     k = len(means)
@@ -235,27 +233,19 @@ def _(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddin
     return [_empty_as(x, x.shape, x.dtype)] + [torch.empty_like(w) for w in weights] + sums
 
 
-def _traced() -> bool:
-    """Whether the registered ops must run rather than their bodies: under torch.compile, or while a
-    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
 def _run(op, body, args: tuple) -> List[Tensor]:
-    """The registered op when `_traced`, else its Python body inside a profiler range named like the op (so traces
+    """The registered op when `traced`, else its Python body inside a profiler range named like the op (so traces
     show the unit; no range when no profiler runs)."""
-    if _traced():
+    if traced():
         return op(*args)
-    label = (torch.profiler.record_function(op._qualname) if torch.autograd._profiler_enabled()
-             else contextlib.nullcontext())
-    with label:
+    with profiler_range(op._qualname):
         return body(*args)
 
 
 class _PreactUnit(torch.autograd.Function):
     """The unit as one autograd node around the two ops above. Eager calls their Python bodies directly (a custom
     op's own dispatch costs more host time than the unit's kernels at small sizes); under torch.compile or a
-    dispatch mode (`_traced`) the registered ops run, opaque, with their fake implementations and FLOP formulas."""
+    dispatch mode (`traced`) the registered ops run, opaque, with their fake implementations and FLOP formulas."""
 
     @staticmethod
     def forward(ctx, config: tuple, x: Tensor, x_mean: Tensor, x_var: Tensor, *params: Optional[Tensor]):
@@ -289,8 +279,8 @@ class _PreactUnit(torch.autograd.Function):
 
 def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
                 bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
-                shortcut: str, shortcut_stride: int, backend: str,
-                running: Optional[List[Optional[tuple]]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                shortcut: str, shortcut_stride: int, backend: str, running: Optional[List[Optional[tuple]]] = None,
+                plan=None) -> Tuple[Tensor, Tensor, Tensor]:
     """A full pre-activation residual unit in training as one autograd node (docs/architecture.md §3):
     x_{l+1} = h + W_k(relu(BN_k(… W_1(relu(BN_1(x)))))), with batch statistics (x_mean, x_var for BN_1; the others
     from the conv epilogues) and the shortcut h of kind `shortcut` (`SHORTCUTS`; `weights[k]` is the projection).
@@ -300,16 +290,17 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
     batch statistics (`reference.update_running_stats_many`). None: no update (a recomputation's replay). Returns
     (x_{l+1}, its mean, its var). Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics.
 
-    A backend with a native unit (`Backend.unit_train`: the "cuda" backend's C++ autograd node, whose backward runs
-    without Python) takes the whole call in eager mode when every BN is affine and has buffers with one numeric
-    momentum; otherwise, and under torch.compile or a dispatch mode, `_PreactUnit` runs (bitwise the same).
+    A backend with a native unit (`Backend.unit_plan`: the "cuda" backend's C++ autograd node, whose backward runs
+    without Python) takes the whole call in eager mode when `native_plan` allows; otherwise, and under
+    torch.compile or a dispatch mode, `_PreactUnit` runs (bitwise the same). `plan`: the caller's `native_plan` of
+    these arguments, if it keeps one.
     """
-    impl = get_backend_impl(backend)
-    if impl.unit_train is not None and not _traced() and _native_unit_ok(bn_weights, bn_biases, running):
-        rms, rvs, nbts, counts, momenta = zip(*running) if running else ((),) * 5
-        return tuple(impl.unit_train(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings,
-                                     shortcut, shortcut_stride, rms, rvs, nbts, counts,
-                                     momenta[0] if momenta else 0.0))
+    if not traced():
+        if plan is None:
+            plan = native_plan(backend, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
+                               shortcut_stride, running)
+        if plan is not None:
+            return tuple(get_backend_impl(backend).units_train(x, x_mean, x_var, [plan]))
     config = (tuple(eps), tuple(strides), tuple(paddings), shortcut, shortcut_stride, backend)
     out, out_mean, out_var, *stats = _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)
     if running:
@@ -319,18 +310,24 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
     return out, out_mean, out_var
 
 
-def _native_unit_ok(bn_weights, bn_biases, running) -> bool:
-    """Whether `Backend.unit_train` can take a unit: every BN affine; running buffers for every BN (or no update)
-    with num_batches_tracked, one numeric momentum and one dtype per kind of buffer (one multi-tensor update)."""
-    if any(w is None for w in bn_weights) or any(b is None for b in bn_biases):
-        return False
-    if not running:
-        return True
-    if running[0] is None or running[0][4] is None:
-        return False
-    rm, rv, _, _, momentum = running[0]
-    return all(r is not None and r[2] is not None and r[4] == momentum and r[0].dtype == rm.dtype
-               and r[1].dtype == rv.dtype for r in running)
+def native_plan(backend: str, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
+                bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
+                shortcut: str, shortcut_stride: int, running: Optional[List[Optional[tuple]]]):
+    """The backend's plan of a unit (`Backend.unit_plan`: `preact_unit`'s arguments except x and its statistics),
+    or None when the backend has no native unit or it cannot take this one: it needs every BN affine and running
+    buffers for every BN (or no update) with num_batches_tracked, one numeric momentum and one dtype per kind of
+    buffer (one multi-tensor update). Its `units_train` runs plans in eager mode only (see `traced`)."""
+    impl = get_backend_impl(backend)
+    if impl.unit_plan is None or any(w is None for w in bn_weights) or any(b is None for b in bn_biases):
+        return None
+    if running:
+        rm, rv, _, _, momentum = running[0] if running[0] is not None else (None,) * 5
+        if momentum is None or not all(r is not None and r[2] is not None and r[4] == momentum
+                                       and r[0].dtype == rm.dtype and r[1].dtype == rv.dtype for r in running):
+            return None
+    rms, rvs, nbts, counts, momenta = map(list, zip(*running)) if running else ([],) * 5
+    return impl.unit_plan(weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride, rms,
+                          rvs, nbts, counts, momenta[0] if momenta else 0.0)
 
 
 def preact_unit_gradients(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],

@@ -1,0 +1,264 @@
+"""The host path of a training step: what a unit keeps between calls (`ResidualUnit.prepared`, a
+`functional.PreparedUnit`), the whole chain of units handed to the backend in one call (`nn.units.UnitChain`,
+`Backend.units_train`), and BN's folded affine map as one C++ op (`fastresnet_ext::bn_affine`, `scale_shift`).
+Every cached path must give bitwise the results of the path that rebuilds and re-checks everything, and must notice
+every change that would make its cache wrong."""
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fastresnet import reference
+from fastresnet.backends import get_backend_impl, set_backend
+from fastresnet.models import ResNet
+from fastresnet.nn.units import ResidualUnit
+
+
+def _available(backend):
+    reason = get_backend_impl(backend).why_not(torch.empty(1, 1, 1, 1))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def _default_backend(name):
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(None)
+
+
+def _net(backend="cuda", dtype=torch.float64):
+    torch.manual_seed(0)
+    return ResNet("basic", [2, 2], [4, 8], 3, stem_width=4, shortcut="A", backend=backend).to(dtype)
+
+
+def _train(model, steps=3, batch=2, dtype=torch.float64):
+    """`steps` SGD steps on fixed inputs; returns every output, gradient, parameter and buffer along the way."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    for i in range(steps):
+        torch.manual_seed(10 + i)
+        x = (2.0 + torch.randn(batch, 3, 6, 6, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        opt.step()
+        seen += [out.detach()] + [p.grad.clone() for p in model.parameters()]
+        seen += [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    return seen
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), (i, (u.double() - v.double()).abs().max())
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records the number of plans of every `Backend.units_train` call of the "cuda" backend."""
+    impl = type(get_backend_impl("cuda"))
+    seen, original = [], impl.units_train
+
+    def units_train(self, x, mean, var, plans):
+        seen.append(len(plans))
+        return original(self, x, mean, var, plans)
+
+    monkeypatch.setattr(impl, "units_train", units_train)
+    return seen
+
+
+def test_chain_hands_all_units_over_and_matches_the_per_unit_path(calls, monkeypatch):
+    """After one pass unit by unit, a net's units go to the backend in one call per step (all n plans in one list),
+    with bitwise the results of the C++ node called unit by unit and of the Python node."""
+    _available("cuda")
+    n = len(_net().units)
+    fast = _train(_net())
+    assert calls == [1] * n + [n, n], calls  # step 1: unit by unit (and recorded); steps 2, 3: one call
+    calls.clear()
+    model = _net()
+    model.unit_chain = _unit_by_unit
+    _assert_same(fast, _train(model))
+    assert calls == [1] * (3 * n)
+    monkeypatch.setattr(type(get_backend_impl("cuda")), "unit_plan", None)  # the Python node (`_PreactUnit`)
+    _assert_same(fast, _train(_net()))
+
+
+def _unit_by_unit(units, x):
+    stats = None
+    for unit in units:
+        x, stats = unit.forward_chained(x, stats)
+    return x, stats
+
+
+def _mutations():
+    """(name, change to make on a model): each invalidates a cache or changes what a unit's one op is."""
+    def set_weight(m):
+        m.units[1].conv1.conv.weight = nn.Parameter(m.units[1].conv1.conv.weight.detach() * 0.5)
+
+    def set_buffer(m):
+        m.units[2].conv2.bn.running_var = torch.full_like(m.units[2].conv2.bn.running_var, 2.0)
+
+    def set_momentum(m):
+        m.units[3].conv1.bn.momentum = 0.5
+
+    def set_eps(m):
+        m.units[0].conv2.bn.eps = 1e-2
+
+    def freeze_bn(m):
+        m.units[2].conv1.bn.eval()
+
+    def unfuse(m):
+        m.units[3].fuse_unit = False
+
+    def to_float(m):
+        m.float().double()  # every buffer replaced by a new tensor (`Module._apply`)
+
+    def other_backend(m):
+        m.units[1].backend = "torch"
+
+    return [("set_weight", set_weight), ("set_buffer", set_buffer), ("set_momentum", set_momentum),
+            ("set_eps", set_eps), ("freeze_bn", freeze_bn), ("unfuse", unfuse), ("to_float", to_float),
+            ("other_backend", other_backend)]
+
+
+@pytest.mark.parametrize("name,change", _mutations(), ids=[n for n, _ in _mutations()])
+def test_caches_notice_changes(name, change):
+    """A model trained a step (caches warm), changed, trained on, against a copy changed before any cache existed
+    (`copy.deepcopy` leaves the caches behind): bitwise the same."""
+    _available("cuda")
+    model = _net()
+    _train(model, steps=2)
+    fresh = copy.deepcopy(model)
+    change(model)
+    change(fresh)
+    assert model.__dict__["unit_chain"]._cached is not None and fresh.__dict__["unit_chain"]._cached is None
+    assert [u.prepared() is None for u in model.units] == [u.prepared() is None for u in fresh.units]
+    _assert_same(_train(model), _train(fresh))
+
+
+def test_caches_follow_the_input_and_the_default_backend(calls):
+    """A new batch size changes every BN's sample count (the checks and plans are redone); a new default backend
+    for units that take the default changes who runs them."""
+    _available("cuda")
+    model = _net(backend=None)
+    with _default_backend("cuda"):
+        _train(model, steps=2)  # caches warm for batch 2
+        fresh = copy.deepcopy(model)  # the same state without them
+        _assert_same(_train(model, batch=3), _train(fresh, batch=3))
+        fresh = copy.deepcopy(model)
+    calls.clear()
+    with _default_backend("torch"):
+        a = _train(model, steps=2)
+        assert calls == []
+        b = _train(fresh, steps=2)
+    _assert_same(a, b)
+
+
+def test_unit_cache_is_reused_and_not_pickled():
+    _available("cuda")
+    unit = ResidualUnit(4, 4, backend="cuda").double()
+    first = unit.prepared()
+    assert first is not None and unit.prepared() is first
+    unit.conv1.bn.momentum = 0.3
+    assert unit.prepared() is not first
+    assert "_prepared_unit" not in copy.deepcopy(unit).__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 16, 17, 64, 1000])
+def test_affine_ops_equal_their_aten_composition(dtype, channels):
+    """The CPU kernels of bn_affine / scale_shift against `torch.rsqrt(var + eps)` and `reference.scale_shift`
+    (their definition): bitwise, for γ/β present or absent and in other dtypes, over variances of many magnitudes
+    (ATen's AVX-512 rsqrt is not correctly rounded; the kernel must give its bits, not 1/sqrt's)."""
+    _available("cuda")
+    ops = torch.ops.fastresnet_ext
+    torch.manual_seed(channels)
+    mean = (torch.randn(channels, dtype=torch.float64) * 100).to(dtype)
+    var = torch.exp(torch.randn(channels, dtype=torch.float64) * 10).to(dtype)
+    for gamma, beta in [(None, None), (torch.randn(channels, dtype=dtype), None),
+                        (torch.randn(channels).bfloat16(), torch.randn(channels, dtype=dtype))]:
+        rstd, scale, shift = ops.bn_affine(mean, var, 1e-5, gamma, beta)
+        expected_rstd = torch.rsqrt(var + 1e-5)
+        expected = reference.scale_shift(mean, expected_rstd, gamma, beta)
+        assert torch.equal(rstd, expected_rstd)
+        assert torch.equal(scale, expected[0]) and torch.equal(shift, expected[1])
+        again = ops.scale_shift(mean, rstd, gamma, beta)
+        assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+
+
+def test_affine_ops_name_bad_arguments():
+    _available("cuda")
+    ops = torch.ops.fastresnet_ext
+    v = torch.ones(4)
+    with pytest.raises(RuntimeError, match="var: expected Float of shape \\[4\\]"):
+        ops.bn_affine(v, torch.ones(5), 1e-5, None, None)
+    with pytest.raises(RuntimeError, match="mean: expected a float32 or float64 vector"):
+        ops.bn_affine(torch.ones(4, dtype=torch.int64), v, 1e-5, None, None)
+    with pytest.raises(RuntimeError, match="weight: expected a floating vector of shape \\[4\\]"):
+        ops.scale_shift(v, v, torch.ones(3), None)
+
+
+def test_unit_cache_is_not_shared_with_replicas_or_parametrized_weights():
+    """A DataParallel replica shares the unit's attributes but has its own tables (and tensors): it builds its own
+    cache. A parametrized conv weight is computed on every access: the unit never caches it."""
+    _available("cuda")
+    unit = ResidualUnit(4, 4, backend="cuda").double()
+    first = unit.prepared()
+    replica = unit._replicate_for_data_parallel()
+    assert replica.prepared() is not first and unit.prepared() is first
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(unit.conv2.conv, "weight", Doubled())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    unit.forward_chained(x)
+    with torch.no_grad():
+        unit.conv2.conv.parametrizations.weight.original.mul_(0.5)  # the computed weight changes, no object does
+    out, _ = unit.forward_chained(x)
+    unit.fuse_unit = False  # the per-layer path reads the weight through the module: bitwise the one op's result
+    expected, _ = unit.forward_chained(x)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_eager_path_of_the_per_layer_ops_equals_the_custom_op(backend):
+    """`FusedOp`: an eager call runs the body and backward formula in a plain autograd.Function instead of the
+    `torch.library` op; outputs, statistics and every gradient are bitwise the op's, and the statistics are not
+    differentiable."""
+    _available(backend)
+    from fastresnet.ops import bn_ops, unit_ops
+    torch.manual_seed(0)
+    x = (3 + torch.randn(2, 4, 5, 5, dtype=torch.float64)).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    g, b = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    res = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    mean, var = reference.batch_stats(x)
+    rstd = torch.rsqrt(var + 1e-5)
+    cases = [
+        (bn_ops._bn_relu, (x, mean, rstd, g, b, True, backend)),
+        (bn_ops._bn_relu_conv, (x, w, mean, rstd, g, b, [1, 1], [1, 1], True, backend)),
+        (bn_ops._add_stats, (x, x.flip(0), backend)),
+        (unit_ops._bn_relu_conv_stats, (x, w, mean, rstd, g, b, res, [1, 1], [1, 1], True, backend)),
+    ]
+    for fused, args in cases:
+        results = []
+        for call in (fused, fused.op):
+            leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dim() != 1
+                      or a is g or a is b else a for a in args]
+            out = call(*leaves)
+            outs = out if isinstance(out, tuple) else (out,)
+            (outs[0] * torch.linspace(-1, 1, outs[0].numel(), dtype=outs[0].dtype).view_as(outs[0])).sum().backward()
+            grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+            results.append((outs, grads))
+            if call is fused:
+                assert all(not o.requires_grad for o in outs[1:])
+        (outs_a, grads_a), (outs_b, grads_b) = results
+        _assert_same(list(outs_a) + grads_a, list(outs_b) + grads_b)
