@@ -262,3 +262,19 @@ def test_eager_path_of_the_per_layer_ops_equals_the_custom_op(backend):
                 assert all(not o.requires_grad for o in outs[1:])
         (outs_a, grads_a), (outs_b, grads_b) = results
         _assert_same(list(outs_a) + grads_a, list(outs_b) + grads_b)
+
+
+def test_eager_path_works_under_torch_func_grad():
+    """The eager path is a new-style autograd.Function (setup_context), so torch.func transforms that need a
+    backward (grad) go through it as they went through the custom op: the same gradient as autograd."""
+    _available("cuda")
+    import fastresnet.functional as FF
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+
+    def loss(weight):
+        return FF.bn_relu_conv2d(x, weight, None, None, padding=1, backend="cuda").square().sum()
+
+    expected = w.clone().requires_grad_()
+    loss(expected).backward()
+    assert torch.equal(torch.func.grad(loss)(w), expected.grad)

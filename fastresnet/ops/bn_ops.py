@@ -58,13 +58,16 @@ class _EagerOp(torch.autograd.Function):
     """`FusedOp`'s eager path: its body forward, its setup_context and backward formula as they are registered."""
 
     @staticmethod
-    def forward(ctx, op: FusedOp, *args):
-        out = op.body(*args)
-        op.setup(ctx, args, out)
+    def forward(op: FusedOp, *args):
+        return op.body(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, args = inputs[0], inputs[1:]
+        op.setup(ctx, args, output)
         ctx.formula = op.backward
-        if isinstance(out, tuple):
-            ctx.mark_non_differentiable(*out[1:])
-        return out
+        if isinstance(output, tuple):
+            ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, *grads):
