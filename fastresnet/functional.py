@@ -423,9 +423,7 @@ class PreparedUnit:
                   backend: Optional[str] = None) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
         """`preact_unit_gradients(x, dout, *this unit, stats=stats, backend=backend)`."""
         dx, dweights, dgammas, dbetas = ops.unit_ops.preact_unit_gradients(*self.args(x, stats, backend), dout)
-        params = [layer.weight for layer in self.layers] + ([] if self.shortcut_weight is None
-                                                              else [self.shortcut_weight])
-        pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(params, dweights)]
+        pairs = [(p, reference.cast(g, p.dtype)) for p, g in zip(self._weights, dweights)]
         for layer, dg, db in zip(self.layers, dgammas, dbetas):
             pairs += [(t, g) for t, g in ((layer.bn_weight, dg), (layer.bn_bias, db)) if t is not None]
         return dx, pairs

@@ -318,12 +318,11 @@ class UnitChain:
             out, mean, var = get_backend_impl(name).units_train(x, stats[0], stats[1], plans)
             return out, (mean, var)
         self._cached = None
-        x0_key = key
         for unit in units:
             x, stats = unit.forward_chained(x, stats)
         done = [p.last_plan if p is not None else None for p in prepared]
         if units and all(d is not None and d[0] == done[0][0] for d in done):
-            self._cached = (x0_key, prepared, done[0][0], [d[1] for d in done])
+            self._cached = (key, prepared, done[0][0], [d[1] for d in done])
         return x, stats
 
 
