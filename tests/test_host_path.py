@@ -135,9 +135,9 @@ def test_caches_notice_changes(name, change):
     model = _net()
     _train(model, steps=2)
     fresh = copy.deepcopy(model)
+    assert model.__dict__["unit_chain"]._cached is not None and fresh.__dict__["unit_chain"]._cached is None
     change(model)
     change(fresh)
-    assert model.__dict__["unit_chain"]._cached is not None and fresh.__dict__["unit_chain"]._cached is None
     assert [u.prepared() is None for u in model.units] == [u.prepared() is None for u in fresh.units]
     _assert_same(_train(model), _train(fresh))
 
@@ -278,3 +278,38 @@ def test_eager_path_works_under_torch_func_grad():
     expected = w.clone().requires_grad_()
     loss(expected).backward()
     assert torch.equal(torch.func.grad(loss)(w), expected.grad)
+
+
+def test_conversion_that_swaps_parameter_tensors_rebuilds_the_cache():
+    """With `swap_module_params_on_conversion`, `.to(...)` keeps each Parameter object and swaps the tensor inside
+    it, which no identity comparison sees: the unit drops its cache on any conversion."""
+    _available("cuda")
+    model = _net()
+    _train(model, steps=2)
+    fresh = copy.deepcopy(model)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(memory_format=torch.channels_last)
+        fresh.to(memory_format=torch.channels_last)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    _assert_same(_train(model), _train(fresh))
+
+
+def test_state_dict_load_that_swaps_parameter_tensors_works():
+    """`load_state_dict` in swap mode swaps each parameter's tensor, which refuses tensors held elsewhere: the caches
+    let go first, and training goes on as in a model that never had them."""
+    _available("cuda")
+    model, source = _net(), _net()
+    _train(model, steps=2)
+    _train(source, steps=1)
+    fresh = copy.deepcopy(model)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(source.state_dict())
+        fresh.load_state_dict(source.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    _assert_same(_train(model), _train(fresh))

@@ -152,6 +152,14 @@ class ResNet(nn.Module):
         x, stats = self.unit_chain(self.units, x)
         return self.head_act(x, stats)
 
+    def _apply(self, fn, recurse=True):
+        self.unit_chain.clear()  # holds the units' tensors, as each unit's own cache (ResidualUnit._apply) does
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unit_chain.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))
 

@@ -246,6 +246,17 @@ class ResidualUnit(nn.Module):
         state.pop("_prepared_unit", None)  # a cache of references into this module: rebuilt on first use
         return state
 
+    # A conversion (.to, .cuda, .double, ...) or a state-dict load may swap the tensors inside the parameter objects
+    # the cache compares by identity (`torch.__future__.set_swap_module_params_on_conversion`), and a swap refuses
+    # tensors someone else holds: the cache goes first.
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_prepared_unit", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_prepared_unit", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def gradients(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], dout: Tensor
                   ) -> Tuple[Tensor, Dict[Tensor, Tensor]]:
         """(dx, {parameter: gradient}) of a one-op training forward from x (and its statistics) for the gradient
@@ -300,6 +311,10 @@ class UnitChain:
 
     def __getstate__(self):
         return {"_cached": None}  # references into the model and C++ plans: rebuilt on first use
+
+    def clear(self) -> None:
+        """Drop the cache (its owner converts or reloads its tensors: `ResidualUnit._apply`)."""
+        self._cached = None
 
     def __call__(self, units: Sequence["ResidualUnit"], x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None
                  ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
