@@ -227,16 +227,9 @@ def record_launches(calls: List[tuple]) -> List[dict]:
 
 def _op_functions() -> Dict[str, object]:
     """fastresnet op name -> its Python implementation (the function the custom op wraps)."""
-    from torch._library.custom_ops import CustomOpDef
     from fastresnet.ops import bn_ops, unit_ops
-    out = {}
-    for module in (bn_ops, unit_ops):
-        for obj in vars(module).values():
-            if isinstance(obj, bn_ops.FusedOp):
-                out[obj.qualname] = obj.body
-            elif isinstance(obj, CustomOpDef):
-                out[obj._qualname] = obj._init_fn
-    return out
+    return {obj.qualname: obj.body for module in (bn_ops, unit_ops) for obj in vars(module).values()
+            if isinstance(obj, bn_ops.FusedOp)}
 
 
 # ---- launch properties read from the launch itself ----------------------------------------------------------------

@@ -25,7 +25,7 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
-def profiler_range(qualname: str):
+def _profiler_range(qualname: str):
     """A profiler range named like an op while a profiler runs (an eager call that skips the op's own dispatch would
     not show in a trace otherwise), else nothing."""
     return torch.profiler.record_function(qualname) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
@@ -50,7 +50,7 @@ class FusedOp:
     def __call__(self, *args):
         if traced():
             return self.op(*args)
-        with profiler_range(self.qualname):
+        with _profiler_range(self.qualname):
             return self.body(*args) if self.backward is None else _EagerOp.apply(self, *args)
 
 

@@ -19,7 +19,7 @@ from fastresnet import reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import layout
 from fastresnet.ops.bn_ops import (FusedOp, affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake,
-                                   conv_out_shape, profiler_range, traced)
+                                   conv_out_shape, traced)
 
 
 def _bn_relu_conv_stats_body(
@@ -194,8 +194,7 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     return [dy] + dweights + dgammas + dbetas
 
 
-@torch.library.custom_op("fastresnet::preact_unit", mutates_args=())
-def _preact_unit_op(
+def _preact_unit_body(
     x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
     bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int], shortcut: str,
     shortcut_stride: int, backend: str,
@@ -204,8 +203,7 @@ def _preact_unit_op(
                          shortcut_stride, backend)
 
 
-@_preact_unit_op.register_fake
-def _(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride, backend):
+def _preact_unit_fake(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride, backend):
     k = len(bn_weights)
     shapes = layer_shapes(x.shape, [w.shape for w in weights], strides, paddings)
     ys = [_empty_as(x, shape, w.dtype) for shape, w in zip(shapes, weights)]
@@ -216,8 +214,10 @@ def _(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, 
             + [_stats_fake(t) for t in inner for _ in range(2)])
 
 
-@torch.library.custom_op("fastresnet::preact_unit_backward", mutates_args=())
-def _preact_unit_backward_op(
+_preact_unit_op = FusedOp("preact_unit", _preact_unit_body, _preact_unit_fake)
+
+
+def _preact_unit_backward_body(
     dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], means: List[Tensor], rstds: List[Tensor],
     bn_weights: List[Optional[Tensor]], bn_biases: List[Optional[Tensor]], strides: List[int], paddings: List[int],
     shortcut: str, shortcut_stride: int, backend: str,
@@ -226,20 +226,13 @@ def _preact_unit_backward_op(
                           shortcut_stride, backend)
 
 
-@_preact_unit_backward_op.register_fake
-def _(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings, shortcut, shortcut_stride,
+def _preact_unit_backward_fake(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings, shortcut, shortcut_stride,
       backend):
     sums = [_stats_fake(t) for _ in range(2) for t in [x] + ys]  # Σdz·x̂ and Σdz: distinct tensors, no aliases
     return [_empty_as(x, x.shape, x.dtype)] + [torch.empty_like(w) for w in weights] + sums
 
 
-def _run(op, body, args: tuple) -> List[Tensor]:
-    """The registered op when `traced`, else its Python body inside a profiler range named like the op (so traces
-    show the unit; no range when no profiler runs)."""
-    if traced():
-        return op(*args)
-    with profiler_range(op._qualname):
-        return body(*args)
+_preact_unit_backward_op = FusedOp("preact_unit_backward", _preact_unit_backward_body, _preact_unit_backward_fake)
 
 
 class _PreactUnit(torch.autograd.Function):
@@ -254,7 +247,7 @@ class _PreactUnit(torch.autograd.Function):
         weights, bn_weights, bn_biases = list(params[:-2 * k]), list(params[-2 * k:-k]), list(params[-k:])
         args = (x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
                 backend)
-        res = _run(_preact_unit_op, _unit_forward, args)
+        res = _preact_unit_op(*args)
         ys, rstds, stats = res[3:2 + k], res[2 + k:2 + 2 * k], res[2 + 2 * k:]
         ctx.save_for_backward(x, *ys, *weights, x_mean, *stats[0::2], *rstds, *bn_weights, *bn_biases)
         ctx.config, ctx.num_weights = config, len(weights)
@@ -271,7 +264,7 @@ class _PreactUnit(torch.autograd.Function):
         means, rstds, gammas, betas = (list(saved[k + n + j * k:2 * k + n + j * k]) for j in range(4))
         args = (dout, x, ys, weights, means, rstds, gammas, betas, strides, paddings, shortcut, shortcut_stride,
                 backend)
-        grads = _run(_preact_unit_backward_op, _unit_backward, args)
+        grads = _preact_unit_backward_op(*args)
         dx, dweights, dgammas, dbetas = grads[0], grads[1:1 + n], grads[1 + n:1 + n + k], grads[1 + n + k:]
         affine = [affine_grads(g, b, dg, db) for g, b, dg, db in zip(gammas, betas, dgammas, dbetas)]
         return (None, dx, None, None, *dweights, *(a[0] for a in affine), *(a[1] for a in affine))
