@@ -46,6 +46,7 @@ from fastresnet.backends import BACKEND_NAMES
 from fastresnet.convert import unconvert
 from fastresnet.kernels import conv_fp32_precision
 from fastresnet.models.registry import default_num_classes
+from fastresnet.nn.units import run_per_layer
 from fastresnet.profile import default_input_size, profile
 
 MODELS = ("preact_resnet110", "preact_resnet164", "preact_resnet1001", "preact_resnet50", "preact_resnet200")
@@ -61,6 +62,8 @@ class Provider:
     backend: Optional[str] = None       # fastresnet backend; None: the eager twin
     graph: bool = False                 # capture the whole step as one CUDA graph
     compile_mode: Optional[str] = None  # torch.compile mode ("default", "max-autotune"); None: no compile
+    per_layer: bool = False             # every fused layer its own module call (`nn.units.run_per_layer`): the path
+                                        # of converted models, which have no residual units of fastresnet's
 
 
 def all_providers() -> List[Provider]:
@@ -89,6 +92,8 @@ def build_model(name: str, provider: Provider, device: torch.device, channels_la
     if provider.backend is None:
         model = unconvert(model, inplace=True)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if provider.per_layer:
+        run_per_layer(model)
     if provider.compile_mode is not None:
         model = torch.compile(model, mode=provider.compile_mode)
     return model

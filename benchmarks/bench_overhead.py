@@ -8,8 +8,10 @@ dispatcher, autograd and the optimizer cost per layer, and how many kernels one 
 Providers, all measured in one process on the same architecture and seed-0 weights (`bench_models.build_model`):
 `eager` (`unconvert(create_model(name))`: BatchNorm2d / ReLU / Conv2d; always measured, the reference of the
 ratios), `fastresnet:<b>` for every backend, "auto" included (on CPU, backends that "auto" would not pick — the
-Triton ones, whose interpreter measures Python rather than a kernel — only with --triton), and `compile`
-(`torch.compile` of the eager twin, with --compile; otherwise a "skipped" row).
+Triton ones, whose interpreter measures Python rather than a kernel — only with --triton), `fastresnet:auto/per-layer`
+("auto" with every fused layer its own module call, `nn.units.run_per_layer`: the path of a converted timm or
+torchvision model, whose blocks are not fastresnet's residual units) and `compile` (`torch.compile` of the eager
+twin, with --compile; otherwise a "skipped" row).
 
 One step is `common.TrainStep`: zero_grad, forward, cross-entropy, backward, SGD (momentum 0.9, weight decay), fp32,
 channels_last, default batch 2 at 4x4 (--batch, --image-size), torch.set_num_threads(--threads, default 1). After
@@ -77,9 +79,10 @@ CONV_OP = re.compile(r"^aten::\w*conv(?!ert)")  # conv2d, convolution, _convolut
 
 
 def all_providers() -> List[Provider]:
-    """eager, every backend (auto first), compile: the run order within a round."""
+    """eager, every backend (auto first), "auto" with one op per layer, compile: the run order within a round."""
     return ([Provider("eager")] + [Provider(f"fastresnet:{b}", b) for b in BACKEND_NAMES]
-            + [Provider("compile", compile_mode="default")])
+            + [Provider("fastresnet:auto/per-layer", "auto", per_layer=True),
+               Provider("compile", compile_mode="default")])
 
 
 def skip_reason(provider: Provider, device: torch.device, args: argparse.Namespace) -> Optional[Tuple[str, str]]:

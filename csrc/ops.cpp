@@ -62,6 +62,18 @@ PYBIND11_MODULE(_C, m) {
            py::arg("bn_biases"), py::arg("eps"), py::arg("strides"), py::arg("paddings"), py::arg("shortcut"),
            py::arg("shortcut_stride"), py::arg("running_means"), py::arg("running_vars"),
            py::arg("num_batches_tracked"), py::arg("counts"), py::arg("momentum"));
+  m.def(
+      "update_running_stats",
+      [](std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
+         std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts, double momentum,
+         const std::vector<at::Tensor>& means, const std::vector<at::Tensor>& vars) {
+        const fastresnet_ext::RunningStats running{std::move(running_means), std::move(running_vars),
+                                                   std::move(num_batches_tracked), std::move(counts), momentum};
+        fastresnet_ext::update_running_stats(running, means, vars);
+      },
+      py::arg("running_means"), py::arg("running_vars"), py::arg("num_batches_tracked"), py::arg("counts"),
+      py::arg("momentum"), py::arg("means"), py::arg("vars"),
+      "BatchNorm running-statistics updates of several BNs, in place (csrc/unit.h)");
   m.def("preact_units_train", &fastresnet_ext::preact_units_train, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("plans"),
         "Full pre-activation residual units in training, one C++ autograd node each, one after another "

@@ -470,6 +470,19 @@ UnitPlan make_unit_plan(std::vector<at::Tensor> weights, std::vector<at::Tensor>
                    std::move(counts), momentum}};
 }
 
+void update_running_stats(const RunningStats& running, const std::vector<at::Tensor>& means,
+                          const std::vector<at::Tensor>& vars) {
+  const size_t n = running.means.size();
+  TORCH_CHECK_VALUE(running.vars.size() == n && running.num_batches_tracked.size() == n &&
+                        running.counts.size() == n && means.size() == n && vars.size() == n,
+                    "update_running_stats: expected one running buffer set, count, mean and var per BN");
+  for (int64_t count : running.counts)
+    TORCH_CHECK_VALUE(count > 1, "update_running_stats: counts: expected N·H·W > 1, got ", count);
+  RunningUpdates updates;
+  updates.add(running, means, vars);
+  updates.apply();
+}
+
 std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Tensor var,
                                            const std::vector<std::shared_ptr<UnitPlan>>& plans) {
   RunningUpdates updates;

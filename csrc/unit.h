@@ -41,6 +41,12 @@ UnitPlan make_unit_plan(std::vector<at::Tensor> weights, std::vector<at::Tensor>
                         std::vector<at::Tensor> running_means, std::vector<at::Tensor> running_vars,
                         std::vector<at::Tensor> num_batches_tracked, std::vector<int64_t> counts, double momentum);
 
+// BatchNorm's running-statistics update of several BNs at once (one entry of `running` per BN, with its batch
+// statistics means[i], vars[i]): fastresnet.reference.update_running_stats_many's arithmetic, bitwise, for BNs with
+// num_batches_tracked and a numeric momentum. Bound as fastresnet._C.update_running_stats.
+void update_running_stats(const RunningStats& running, const std::vector<at::Tensor>& means,
+                          const std::vector<at::Tensor>& vars);
+
 // Units in training, one after another, each as one autograd node whose backward is C++: x_{l+1} = h + F(x_l) from
 // x and its batch statistics (mean, var); each unit hands its output's statistics to the next. Returns [x_out, its
 // mean, its var]. Bound as fastresnet._C.preact_units_train.

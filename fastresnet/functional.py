@@ -126,8 +126,8 @@ def bn_statistics(
         if process_group is not None and training:
             mean, var, count = combine_batch_stats(mean, var, count, process_group)
         if training and running_mean is not None:
-            reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
-                                           momentum)
+            ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum,
+                                     backend)
     else:
         mean, var = running_mean, running_var
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -313,3 +313,81 @@ def test_state_dict_load_that_swaps_parameter_tensors_works():
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
     _assert_same(_train(model), _train(fresh))
+
+
+def test_eager_path_skips_function_apply_unless_a_functorch_transform_is_active(monkeypatch):
+    """`FusedOp` calls autograd.Function's C apply directly (Function.apply binds the forward's arguments with
+    inspect.signature on every call); only under a torch.func transform does it take Function.apply, which routes
+    the call through functorch."""
+    _available("cuda")
+    import fastresnet.functional as FF
+    from fastresnet.ops import bn_ops
+    taken = []
+    original = bn_ops._EagerOp.apply.__func__
+
+    def apply(cls, *args):
+        taken.append(torch._C._are_functorch_transforms_active())
+        return original(cls, *args)
+
+    monkeypatch.setattr(bn_ops._EagerOp, "apply", classmethod(apply))
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+
+    def loss(weight):
+        return FF.bn_relu_conv2d(x, weight, None, None, padding=1, backend="cuda").square().sum()
+
+    expected = w.clone().requires_grad_()
+    loss(expected).backward()
+    assert taken == []
+    assert torch.equal(torch.func.grad(loss)(w), expected.grad)
+    assert taken and taken[0]  # (functorch then calls apply again below its transform)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_backend_affine_map_equals_the_reference(backend):
+    """`Backend.scale_shift`, which the per-layer ops use: bitwise `reference.scale_shift` on every backend."""
+    _available(backend)
+    torch.manual_seed(0)
+    mean, rstd = torch.randn(7) * 50, torch.rand(7) * 10
+    for gamma, beta in [(None, None), (torch.randn(7), torch.randn(7)), (torch.randn(7).bfloat16(), None)]:
+        got = get_backend_impl(backend).scale_shift(mean, rstd, gamma, beta)
+        expected = reference.scale_shift(mean, rstd, gamma, beta)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_running_update_of_the_cuda_backend_equals_the_reference(buffer_dtype):
+    """The "cuda" backend's running update (C++, what BNReLU2d / PreActConv2d use in training there) against
+    `reference.update_running_stats`: buffers and counters bitwise over several steps, for buffers in every dtype a
+    model may hold; momentum=None (cumulative average) and BNs without a counter take the reference."""
+    _available("cuda")
+    from fastresnet import ops
+    torch.manual_seed(0)
+    stat_dtype = torch.float64 if buffer_dtype == torch.float64 else torch.float32
+    rm, rv = torch.randn(9).to(buffer_dtype), torch.rand(9).to(buffer_dtype)
+    nbt = torch.tensor(3)
+    mine, theirs = (rm.clone(), rv.clone(), nbt.clone()), (rm.clone(), rv.clone(), nbt.clone())
+    for step in range(4):
+        mean, var = (100 * torch.randn(9)).to(stat_dtype), torch.rand(9).to(stat_dtype) * 1e3
+        momentum = None if step == 3 else 0.1 * (step + 1)
+        ops.update_running_stats(*mine, mean, var, 2 * 5 * 7, momentum, "cuda")
+        reference.update_running_stats(*theirs, mean, var, 2 * 5 * 7, momentum)
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b), (step, a, b)
+    get_backend_impl("cuda").update_running_stats([mine[0]], [mine[1]], [mine[2]], [70], 0.5, [mean], [var])
+    reference.update_running_stats(*theirs, mean, var, 70, 0.5)
+    for a, b in zip(mine, theirs):
+        assert torch.equal(a, b)
+    ops.update_running_stats(mine[0], mine[1], None, mean, var, 70, 0.5, "cuda")
+    reference.update_running_stats(theirs[0], theirs[1], None, mean, var, 70, 0.5)
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+def test_running_update_names_bad_arguments():
+    _available("cuda")
+    from fastresnet import _C
+    v, n = torch.zeros(3), torch.tensor(0)
+    with pytest.raises(ValueError, match="counts: expected N·H·W > 1, got 1"):
+        _C.update_running_stats([v], [v.clone()], [n], [1], 0.1, [v], [v])
+    with pytest.raises(ValueError, match="expected one running buffer set, count, mean and var per BN"):
+        _C.update_running_stats([v], [v.clone()], [n], [4], 0.1, [v, v], [v])

@@ -58,6 +58,17 @@ class Backend:
     def add_stats(self, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
+    # -- BN's affine map and running statistics (the reference's ATen composition unless a backend has its own) --
+    def scale_shift(self, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
+                    bn_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """`reference.scale_shift`: BN folded into one affine map (scale = γ·rstd, shift = β − mean·scale), bitwise."""
+        return reference.scale_shift(mean, rstd, bn_weight, bn_bias)
+
+    # update_running_stats(running_means, running_vars, num_batches_tracked, counts, momentum, means, vars): the
+    # backend's own `reference.update_running_stats_many` (bitwise) for BNs that all have num_batches_tracked and one
+    # numeric momentum, or None (`fastresnet.ops.update_running_stats` then runs the reference).
+    update_running_stats = None
+
     # -- whole units ------------------------------------------------------------------------------------------------
     # A backend that runs a full pre-activation unit natively sets these to methods taking the arguments of
     # `fastresnet.ops.unit_ops._unit_forward` / `_unit_backward` (positionally, backend name left out) and returning

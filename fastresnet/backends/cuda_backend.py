@@ -81,6 +81,14 @@ class CudaBackend(Backend):
         y, mean, var = torch.ops.fastresnet_ext.add_stats(a, b)
         return y, mean, var
 
+    def scale_shift(self, mean, rstd, bn_weight, bn_bias):
+        scale, shift = torch.ops.fastresnet_ext.scale_shift(mean, rstd, bn_weight, bn_bias)
+        return scale, shift
+
+    def update_running_stats(self, running_means, running_vars, num_batches_tracked, counts, momentum, means, vars):
+        """In one C++ call (csrc/unit.cpp's RunningUpdates, which the units' nodes use too)."""
+        _C.update_running_stats(running_means, running_vars, num_batches_tracked, counts, momentum, means, vars)
+
     def unit_forward(self, *args):
         return torch.ops.fastresnet_ext.preact_unit_forward(*args)
 

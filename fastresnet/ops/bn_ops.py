@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastresnet import reference
@@ -51,7 +52,11 @@ class FusedOp:
         if traced():
             return self.op(*args)
         with _profiler_range(self.qualname):
-            return self.body(*args) if self.backward is None else _EagerOp.apply(self, *args)
+            if self.backward is None:
+                return self.body(*args)
+            if torch._C._are_functorch_transforms_active():  # torch.func.grad, vmap, ...: functorch's own path
+                return _EagerOp.apply(self, *args)
+            return _apply_autograd(self, *unwrap_dead_wrappers(args))
 
 
 class _EagerOp(torch.autograd.Function):
@@ -72,6 +77,12 @@ class _EagerOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None,) + tuple(ctx.formula(ctx, *grads))
+
+
+# autograd.Function.apply without its per-call `inspect.signature` binding of the forward's arguments (~12 µs a call;
+# forward takes no defaults to bind): what Function.apply runs once the binding is done and no functorch transform
+# is active.
+_apply_autograd = super(torch.autograd.Function, _EagerOp).apply
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -113,6 +124,18 @@ def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return _batch_stats(x.detach(), backend)
 
 
+def update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                         mean: Tensor, var: Tensor, count: int, momentum: Optional[float], backend: str) -> None:
+    """`reference.update_running_stats` (BatchNorm's running update, in place), bitwise; in eager mode by the
+    backend's own `update_running_stats` when it has one and the BN has num_batches_tracked and a numeric momentum."""
+    update = get_backend_impl(backend).update_running_stats
+    if (update is None or momentum is None or num_batches_tracked is None or traced()
+            or torch._C._are_functorch_transforms_active()):
+        reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    else:
+        update([running_mean], [running_var], [num_batches_tracked], [count], momentum, [mean], [var])
+
+
 # ---- residual add with output statistics --------------------------------------------------------------------------
 def _add_stats_body(a: Tensor, b: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return get_backend_impl(backend).add_stats(a, b)
@@ -146,16 +169,18 @@ def _bn_relu_body(
     x: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     training: bool, backend: str,
 ) -> Tensor:
-    scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
-    return get_backend_impl(backend).bn_relu(x, scale, shift, x.dtype)
+    impl = get_backend_impl(backend)
+    scale, shift = impl.scale_shift(mean, rstd, bn_weight, bn_bias)
+    return impl.bn_relu(x, scale, shift, x.dtype)
 
 
 def _bn_relu_backward_body(
     dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
-    dx, sum_dz, sum_dz_xhat = get_backend_impl(backend).bn_relu_backward(dy, x, scale, shift, mean, rstd, training)
+    impl = get_backend_impl(backend)
+    scale, shift = impl.scale_shift(mean, rstd, bn_weight, bn_bias)
+    dx, sum_dz, sum_dz_xhat = impl.bn_relu_backward(dy, x, scale, shift, mean, rstd, training)
     return dx, sum_dz_xhat, sum_dz
 
 
@@ -192,8 +217,9 @@ def _bn_relu_conv_body(
     x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tensor:
-    scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
-    return get_backend_impl(backend).bn_relu_conv(x, scale, shift, weight, stride, padding)
+    impl = get_backend_impl(backend)
+    scale, shift = impl.scale_shift(mean, rstd, bn_weight, bn_bias)
+    return impl.bn_relu_conv(x, scale, shift, weight, stride, padding)
 
 
 def _bn_relu_conv_fake(x, weight, mean, rstd, bn_weight, bn_bias, stride, padding, training, backend):
@@ -204,8 +230,9 @@ def _bn_relu_conv_backward_body(
     dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
-    dx, dweight, sum_dz, sum_dz_xhat = get_backend_impl(backend).bn_relu_conv_backward(
+    impl = get_backend_impl(backend)
+    scale, shift = impl.scale_shift(mean, rstd, bn_weight, bn_bias)
+    dx, dweight, sum_dz, sum_dz_xhat = impl.bn_relu_conv_backward(
         dy, x, scale, shift, mean, rstd, weight, stride, padding, training)
     return dx, dweight, sum_dz_xhat, sum_dz
 

@@ -26,8 +26,9 @@ def _bn_relu_conv_stats_body(
     x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     residual: Optional[Tensor], stride: List[int], padding: List[int], training: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    scale, shift = reference.scale_shift(mean, rstd, bn_weight, bn_bias)
-    return get_backend_impl(backend).bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual)
+    impl = get_backend_impl(backend)
+    scale, shift = impl.scale_shift(mean, rstd, bn_weight, bn_bias)
+    return impl.bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual)
 
 
 def _bn_relu_conv_stats_fake(x, weight, mean, rstd, bn_weight, bn_bias, residual, stride, padding, training, backend):
@@ -128,7 +129,7 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
 
     def affine(i: int, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         rstds.append(torch.rsqrt(var + eps[i]))
-        return reference.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
+        return impl.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
 
     y, mean, var, first = x, x_mean, x_var, 0
     if shortcut.startswith("shared"):  # one activation feeds conv1 and the shortcut: plain convs on it
@@ -172,7 +173,7 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     dy = dout
     for i in reversed(range(k)):
         xi = inputs[i]
-        scale, shift = reference.scale_shift(means[i], rstds[i], bn_weights[i], bn_biases[i])
+        scale, shift = impl.scale_shift(means[i], rstds[i], bn_weights[i], bn_biases[i])
         stride, padding = _pair(strides, i), _pair(paddings, i)
         dy = dy.contiguous(memory_format=layout(xi))
         if i == 0 and shortcut.startswith("shared"):
