@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <utility>
 
 namespace fastresnet_ext {
@@ -130,6 +131,25 @@ inline std::pair<at::Tensor, at::Tensor> prepare_add_stats(const at::Tensor& a, 
   const bool nhwc = is_nhwc(a);
   const auto t = c10::promoteTypes(a.scalar_type(), b.scalar_type());
   return {dense(a.to(t), nhwc), dense(b.to(t), nhwc)};
+}
+
+// BN's folded affine map (bn_affine, scale_shift): mean and var (or rstd) float32/float64 vectors [C] of one
+// dtype and device.
+inline void check_stats_pair(const at::Tensor& mean, const at::Tensor& v, const char* v_name) {
+  TORCH_CHECK(mean.dim() == 1 && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
+              "mean: expected a float32 or float64 vector [C], got ", mean.scalar_type(), " of shape ", mean.sizes());
+  TORCH_CHECK(v.sizes() == mean.sizes() && v.scalar_type() == mean.scalar_type() && v.device() == mean.device(),
+              v_name, ": expected ", mean.scalar_type(), " of shape ", mean.sizes(), " on ", mean.device(),
+              " (as mean), got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
+}
+
+// γ or β as a contiguous vector of the statistics dtype (undefined when absent).
+inline at::Tensor affine_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& mean) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == mean.sizes() && t->is_floating_point() && t->device() == mean.device(), name,
+              ": expected a floating vector of shape ", mean.sizes(), " on ", mean.device(), ", got ",
+              t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  return (t->scalar_type() == mean.scalar_type() ? *t : t->to(mean.scalar_type())).contiguous();
 }
 
 }  // namespace fastresnet_ext

@@ -467,23 +467,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cpu(const at::Tensor& a
 // multiply and subtract give the same bits in any vector width (setup.py builds with -ffp-contract=off, so no
 // multiply-subtract is fused into an FMA). rsqrt is ATen's own kernel applied in place: its AVX-512 version is not
 // correctly rounded, and calling it keeps the composition's bits.
-void check_stats_pair(const at::Tensor& mean, const at::Tensor& v, const char* v_name) {
-  TORCH_CHECK(mean.dim() == 1 && (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble),
-              "mean: expected a float32 or float64 vector [C], got ", mean.scalar_type(), " of shape ", mean.sizes());
-  TORCH_CHECK(v.sizes() == mean.sizes() && v.scalar_type() == mean.scalar_type() && v.device() == mean.device(),
-              v_name, ": expected ", mean.scalar_type(), " of shape ", mean.sizes(), " on ", mean.device(),
-              " (as mean), got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
-}
-
-// γ or β as a contiguous vector of the statistics dtype (undefined when absent).
-at::Tensor affine_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& mean) {
-  if (!t.has_value()) return at::Tensor();
-  TORCH_CHECK(t->sizes() == mean.sizes() && t->is_floating_point() && t->device() == mean.device(), name,
-              ": expected a floating vector of shape ", mean.sizes(), " on ", mean.device(), ", got ",
-              t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
-  return (t->scalar_type() == mean.scalar_type() ? *t : t->to(mean.scalar_type())).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> scale_shift_cpu(const at::Tensor& mean_in, const at::Tensor& rstd_in,
                                                    const std::optional<at::Tensor>& weight,
                                                    const std::optional<at::Tensor>& bias) {

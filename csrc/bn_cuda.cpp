@@ -2,6 +2,7 @@
 // workspace allocation through the caching allocator, the current stream, and registration for the CUDA key.
 // Built only when torch has CUDA (setup.py defines FASTRESNET_WITH_CUDA and compiles this file).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -110,6 +111,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cuda(const at::Tensor& 
   return {y, mean, var};
 }
 
+// BN's folded affine map as one kernel (the ATen composition is five kernels forward, three backward); its bits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_cuda(const at::Tensor& mean_in, const at::Tensor& var_or_rstd,
+                                                           bool from_var, double eps,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias) {
+  check_stats_pair(mean_in, var_or_rstd, from_var ? "var" : "rstd");
+  const at::Tensor mean = mean_in.contiguous(), v = var_or_rstd.contiguous();
+  const at::Tensor gamma = affine_param(weight, "weight", mean), beta = affine_param(bias, "bias", mean);
+  const c10::cuda::CUDAGuard guard(mean.device());
+  at::Tensor rstd = from_var ? at::empty_like(mean) : v, scale = at::empty_like(mean), shift = at::empty_like(mean);
+  check_launch(fc::bn_affine(mean.data_ptr(), from_var ? v.data_ptr() : nullptr, eps,
+                             gamma.defined() ? gamma.data_ptr() : nullptr, beta.defined() ? beta.data_ptr() : nullptr,
+                             rstd.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.numel(),
+                             dtype_of(mean.scalar_type()), stream()),
+               from_var ? "bn_affine" : "scale_shift");
+  return {rstd, scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine_cuda(const at::Tensor& mean, const at::Tensor& var, double eps,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              const std::optional<at::Tensor>& bias) {
+  return affine_cuda(mean, var, true, eps, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_shift_cuda(const at::Tensor& mean, const at::Tensor& rstd,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias) {
+  const auto res = affine_cuda(mean, rstd, false, 0.0, weight, bias);
+  return {std::get<1>(res), std::get<2>(res)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastresnet_ext, CUDA, m) {
@@ -117,6 +149,8 @@ TORCH_LIBRARY_IMPL(fastresnet_ext, CUDA, m) {
   m.impl("bn_relu", &bn_relu_cuda);
   m.impl("bn_relu_backward", &bn_relu_backward_cuda);
   m.impl("add_stats", &add_stats_cuda);
+  m.impl("bn_affine", &bn_affine_cuda);
+  m.impl("scale_shift", &scale_shift_cuda);
 }
 
 }  // namespace fastresnet_ext

@@ -25,8 +25,8 @@ TORCH_LIBRARY(fastresnet_ext, m) {
   // BN folded into one affine map from the batch statistics (float32/float64 [C]): rstd = rsqrt(var + eps),
   // scale = γ·rstd, shift = β − mean·scale (γ = 1, β = 0 when absent), every operation rounded to the statistics
   // dtype: bitwise the ATen composition `torch.rsqrt(var + eps)`, `reference.scale_shift` (the
-  // CompositeExplicitAutograd kernel in unit.cpp is that composition; the CPU kernel does it in one pass,
-  // bn_cpu.cpp). scale_shift: the same from a saved rstd.
+  // CompositeExplicitAutograd kernel in unit.cpp is that composition; the CPU and CUDA kernels do it in one pass,
+  // bn_cpu.cpp and cuda/bn_kernels.cu). scale_shift: the same from a saved rstd.
   m.def("bn_affine(Tensor mean, Tensor var, float eps, Tensor? weight, Tensor? bias) -> (Tensor rstd, Tensor scale, "
         "Tensor shift)");
   m.def("scale_shift(Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias) -> (Tensor scale, Tensor shift)");

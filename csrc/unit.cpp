@@ -80,7 +80,8 @@ struct Affine {
 
 // BN's folded affine map (ops.cpp): the CompositeExplicitAutograd kernels, i.e. `torch.rsqrt(var + eps)` and
 // fastresnet.reference.scale_shift — scale = γ·rstd, shift = β − mean·scale (γ = 1, β = 0 when absent) — as ATen
-// calls. They run for CUDA tensors; CPU tensors take the one-pass kernel of bn_cpu.cpp (the same bits).
+// calls: the definition, and the kernel of devices without their own (meta tensors: shapes); CPU and CUDA
+// tensors take the one-pass kernels of bn_cpu.cpp and cuda/bn_kernels.cu (the same bits).
 std::tuple<Tensor, Tensor> scale_shift_composite(const Tensor& mean, const Tensor& rstd,
                                                  const std::optional<Tensor>& gamma,
                                                  const std::optional<Tensor>& beta) {

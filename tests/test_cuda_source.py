@@ -36,7 +36,7 @@ int main() {
 
 # Kernel templates and how many instantiations the launchers make (dtype pairs × vector widths).
 KERNELS = {"moments_partial_kernel": 8, "moments_finalize_kernel": 2, "bwd_partial_kernel": 6,
-           "bwd_finalize_kernel": 2, "bn_relu_kernel": 12, "bwd_dx_kernel": 12}
+           "bwd_finalize_kernel": 2, "bn_relu_kernel": 12, "bwd_dx_kernel": 12, "affine_kernel": 2}
 MAX_TILES, FINALIZE_LANES = 1024, 32
 ARCHS = ("80", "90")
 
@@ -147,3 +147,16 @@ def test_elementwise_vector_variants_load_16_bytes(build):
             assert vector_loads and vector_stores, name
         else:  # the scalar fallback for unaligned pointers or rows that are not whole vectors
             assert not vector_loads and not vector_stores, name
+
+
+def test_affine_kernel_rounds_every_operation_as_aten_does(build):
+    """bn_affine / scale_shift on CUDA must give the bits of ATen's composition (rsqrt(var + eps), γ·rstd,
+    β − mean·scale: one rounding per operation). The float kernel: the add, multiplies and subtract are separately
+    rounded instructions (`add.rn` / `mul.rn`, nothing contracted into an `fma`) around the math library's rsqrt,
+    the instruction ATen's float rsqrt compiles to. (The double kernel calls the library's double rsqrt, a routine
+    with its own internal FMAs, exactly as ATen's double kernel does.)"""
+    (name,) = [k for k in build.ptx if _family(k) == "affine_kernel" and re.search(r"affine_kernelIfE", k)]
+    body = build.ptx[name]
+    assert "fma" not in body, body
+    assert re.search(r"rsqrt\.approx\.f32", body)
+    assert len(re.findall(r"add\.rn\.f32", body)) == 2 and len(re.findall(r"mul\.rn\.f32", body)) == 2, body

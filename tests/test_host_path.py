@@ -170,19 +170,24 @@ def test_unit_cache_is_reused_and_not_pickled():
     assert "_prepared_unit" not in copy.deepcopy(unit).__dict__
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels", [1, 3, 16, 17, 64, 1000])
-def test_affine_ops_equal_their_aten_composition(dtype, channels):
-    """The CPU kernels of bn_affine / scale_shift against `torch.rsqrt(var + eps)` and `reference.scale_shift`
-    (their definition): bitwise, for γ/β present or absent and in other dtypes, over variances of many magnitudes
-    (ATen's AVX-512 rsqrt is not correctly rounded; the kernel must give its bits, not 1/sqrt's)."""
+def test_affine_ops_equal_their_aten_composition(dtype, channels, device):
+    """The CPU and CUDA kernels of bn_affine / scale_shift against `torch.rsqrt(var + eps)` and
+    `reference.scale_shift` (their definition) on the same device: bitwise, for γ/β present or absent and in other
+    dtypes, over variances of many magnitudes (ATen's AVX-512 rsqrt is not correctly rounded; the kernel must give its
+    bits, not 1/sqrt's; on a GPU an FMA where ATen rounds twice would change the last bit)."""
     _available("cuda")
+    if device == "cuda" and not torch.ops.fastresnet_ext.bn_affine.default.has_kernel_for_dispatch_key("CUDA"):
+        pytest.skip("fastresnet._C was built without CUDA")
     ops = torch.ops.fastresnet_ext
     torch.manual_seed(channels)
-    mean = (torch.randn(channels, dtype=torch.float64) * 100).to(dtype)
-    var = torch.exp(torch.randn(channels, dtype=torch.float64) * 10).to(dtype)
-    for gamma, beta in [(None, None), (torch.randn(channels, dtype=dtype), None),
-                        (torch.randn(channels).bfloat16(), torch.randn(channels, dtype=dtype))]:
+    mean = (torch.randn(channels, dtype=torch.float64) * 100).to(dtype).to(device)
+    var = torch.exp(torch.randn(channels, dtype=torch.float64) * 10).to(dtype).to(device)
+    for gamma, beta in [(None, None), (torch.randn(channels, dtype=dtype, device=device), None),
+                        (torch.randn(channels, device=device).bfloat16(),
+                         torch.randn(channels, dtype=dtype, device=device))]:
         rstd, scale, shift = ops.bn_affine(mean, var, 1e-5, gamma, beta)
         expected_rstd = torch.rsqrt(var + 1e-5)
         expected = reference.scale_shift(mean, expected_rstd, gamma, beta)

@@ -380,6 +380,33 @@ __global__ void bwd_dx_kernel(const G* __restrict__ dy, const G* __restrict__ dr
   });
 }
 
+// ---- BN's folded affine map ---------------------------------------------------------------------------------------
+// Each operation as its own IEEE-rounded intrinsic (no contraction into an FMA, which would round once where the
+// composition rounds twice); rsqrt is the CUDA math library's, the function ATen's rsqrt kernel calls.
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+template <typename A>
+__global__ void affine_kernel(const A* __restrict__ mean, const A* __restrict__ var, A eps,
+                              const A* __restrict__ gamma, const A* __restrict__ beta, A* __restrict__ rstd,
+                              A* __restrict__ scale, A* __restrict__ shift, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  A r;
+  if (var != nullptr) {
+    r = ::rsqrt(add_rn(var[c], eps));
+    rstd[c] = r;
+  } else {
+    r = rstd[c];
+  }
+  const A sc = gamma != nullptr ? mul_rn(gamma[c], r) : r;
+  const A ms = mul_rn(mean[c], sc);  // the composition's (−mean)·scale without β is −(mean·scale), the same bits
+  scale[c] = sc;
+  shift[c] = beta != nullptr ? add_rn(beta[c], -ms) : -ms;
+}
+
 // ---- launch helpers ----------------------------------------------------------------------------------------------
 dim3 reduce_grid(const Geom& g) {
   return dim3(static_cast<unsigned>(tiling(g).tiles), static_cast<unsigned>(g.nhwc ? (g.C + 31) / 32 : g.C));
@@ -531,6 +558,22 @@ cudaError_t bn_relu_backward(const void* dy, const void* dres, DType g_dt, const
   if (x_dt == DType::kBFloat16)
     return backward<__nv_bfloat16, float>(dy, dres, x, scale, shift, mean, rstd, training, g, partial, coef, sum_dz,
                                           sum_dz_xhat, dx, stream);
+  return cudaErrorNotSupported;
+}
+
+cudaError_t bn_affine(const void* mean, const void* var, double eps, const void* gamma, const void* beta, void* rstd,
+                      void* scale, void* shift, int64_t C, DType dt, cudaStream_t stream) {
+  if (C == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  auto launch = [&](auto tag) {
+    using A = decltype(tag);
+    affine_kernel<A><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const A*>(mean), static_cast<const A*>(var), static_cast<A>(eps), static_cast<const A*>(gamma),
+        static_cast<const A*>(beta), static_cast<A*>(rstd), static_cast<A*>(scale), static_cast<A*>(shift), C);
+    return cudaGetLastError();
+  };
+  if (dt == DType::kFloat32) return launch(float{});
+  if (dt == DType::kFloat64) return launch(double{});
   return cudaErrorNotSupported;
 }
 

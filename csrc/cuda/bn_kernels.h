@@ -47,4 +47,11 @@ cudaError_t bn_relu_backward(const void* dy, const void* dres, DType g_dt, const
                              const Geom& g, void* partial, void* coef, void* sum_dz, void* sum_dz_xhat, void* dx,
                              cudaStream_t stream);
 
+// BN's folded affine map per channel (bn_affine): rstd = rsqrt(var + eps), scale = γ·rstd, shift = β − mean·scale
+// (γ = 1, β = 0 when gamma / beta are null), every operation rounded to dt (kFloat32 or kFloat64; no multiply is
+// fused into an add): bitwise ATen's CUDA composition `torch.rsqrt(var + eps)`, `γ·rstd`, `β − mean·scale`. var null
+// (scale_shift): rstd is read instead of written. All vectors [C] of dt, dense.
+cudaError_t bn_affine(const void* mean, const void* var, double eps, const void* gamma, const void* beta, void* rstd,
+                      void* scale, void* shift, int64_t C, DType dt, cudaStream_t stream);
+
 }  // namespace fastresnet_cuda
