@@ -269,11 +269,23 @@ def test_eager_path_of_the_per_layer_ops_equals_the_custom_op(backend):
         _assert_same(list(outs_a) + grads_a, list(outs_b) + grads_b)
 
 
-def test_eager_path_works_under_torch_func_grad():
+def test_eager_path_works_under_torch_func_grad(monkeypatch):
     """The eager path is a new-style autograd.Function (setup_context), so torch.func transforms that need a
-    backward (grad) go through it as they went through the custom op: the same gradient as autograd."""
+    backward (grad) go through it as they went through the custom op: the same gradient as autograd. `FusedOp`
+    calls autograd.Function's C apply directly (Function.apply binds the forward's arguments with
+    inspect.signature on every call); only under a torch.func transform does it take Function.apply, which routes
+    the call through functorch."""
     _available("cuda")
     import fastresnet.functional as FF
+    from fastresnet.ops import bn_ops
+    taken = []
+    original = bn_ops._EagerOp.apply.__func__
+
+    def apply(cls, *args):
+        taken.append(torch._C._are_functorch_transforms_active())
+        return original(cls, *args)
+
+    monkeypatch.setattr(bn_ops._EagerOp, "apply", classmethod(apply))
     torch.manual_seed(0)
     x, w = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
 
@@ -282,7 +294,9 @@ def test_eager_path_works_under_torch_func_grad():
 
     expected = w.clone().requires_grad_()
     loss(expected).backward()
+    assert taken == []
     assert torch.equal(torch.func.grad(loss)(w), expected.grad)
+    assert taken and taken[0]  # (functorch then calls apply again below its transform)
 
 
 def test_conversion_that_swaps_parameter_tensors_rebuilds_the_cache():
@@ -318,34 +332,6 @@ def test_state_dict_load_that_swaps_parameter_tensors_works():
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
     _assert_same(_train(model), _train(fresh))
-
-
-def test_eager_path_skips_function_apply_unless_a_functorch_transform_is_active(monkeypatch):
-    """`FusedOp` calls autograd.Function's C apply directly (Function.apply binds the forward's arguments with
-    inspect.signature on every call); only under a torch.func transform does it take Function.apply, which routes
-    the call through functorch."""
-    _available("cuda")
-    import fastresnet.functional as FF
-    from fastresnet.ops import bn_ops
-    taken = []
-    original = bn_ops._EagerOp.apply.__func__
-
-    def apply(cls, *args):
-        taken.append(torch._C._are_functorch_transforms_active())
-        return original(cls, *args)
-
-    monkeypatch.setattr(bn_ops._EagerOp, "apply", classmethod(apply))
-    torch.manual_seed(0)
-    x, w = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
-
-    def loss(weight):
-        return FF.bn_relu_conv2d(x, weight, None, None, padding=1, backend="cuda").square().sum()
-
-    expected = w.clone().requires_grad_()
-    loss(expected).backward()
-    assert taken == []
-    assert torch.equal(torch.func.grad(loss)(w), expected.grad)
-    assert taken and taken[0]  # (functorch then calls apply again below its transform)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
