@@ -13,13 +13,19 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bn_common.h"
@@ -301,7 +307,6 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
 // unit_ops._PreactUnit without Python: forward runs preact_unit_forward and queues the running-statistics updates
 // (RunningUpdates), backward runs preact_unit_backward; the autograd engine calls backward directly. Same saved
 // tensors: x, the inner BN inputs, the weights, and per BN its mean and rstd (plus γ, β).
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The running-statistics updates of the units of one preact_units_train call, made together once every unit's
@@ -384,68 +389,137 @@ class RunningUpdates {
   std::vector<at::Scalar> pending_factors_;
 };
 
-class PreactUnitFunction : public torch::autograd::Function<PreactUnitFunction> {
+// The unit's backward node: the saved tensors as SavedVariables (so in-place changes are caught and saved-tensor
+// hooks apply, as for any node), the configuration by reference to the plan. Written as a Node rather than a
+// torch::autograd::Function, whose apply converts every argument, keeps the configuration in a string-keyed map of
+// IValues and the saved tensors in one list: host time paid by every unit of every step.
+class NativeUnitBackward final : public torch::autograd::Node {
  public:
-  static constexpr size_t kConfigArgs = 3;  // forward's arguments after the tensors: cfg, running, updates
-
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& x_mean, const Tensor& x_var,
-                               at::TensorList weights, at::TensorList gammas, at::TensorList betas,
-                               const UnitConfig& cfg, const RunningStats& running, RunningUpdates* updates) {
-    const size_t k = gammas.size();
-    const OptionalTensors g(std::vector<std::optional<Tensor>>(gammas.begin(), gammas.end()));
-    const OptionalTensors b(std::vector<std::optional<Tensor>>(betas.begin(), betas.end()));
-    Tensors res = preact_unit_forward(x, x_mean, x_var, weights, g, b, cfg.eps, cfg.strides, cfg.paddings,
-                                      cfg.shortcut, cfg.shortcut_stride, true);
-    // res: [out, out_mean, out_var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …]
-    Tensors means{x_mean}, vars{x_var};
-    for (size_t i = 2 + 2 * k; i + 1 < res.size(); i += 2) {
-      means.push_back(res[i]);
-      vars.push_back(res[i + 1]);
-    }
-    updates->add(running, means, vars);
-    Tensors saved{x};
-    saved.insert(saved.end(), res.begin() + 3, res.begin() + 2 + k);  // y_1 … y_{k−1}
-    saved.insert(saved.end(), weights.begin(), weights.end());
-    saved.insert(saved.end(), means.begin(), means.end());
-    saved.insert(saved.end(), res.begin() + 2 + k, res.begin() + 2 + 2 * k);  // rstds
-    saved.insert(saved.end(), gammas.begin(), gammas.end());
-    saved.insert(saved.end(), betas.begin(), betas.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["k"] = static_cast<int64_t>(k);
-    ctx->saved_data["num_weights"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["strides"] = cfg.strides;
-    ctx->saved_data["paddings"] = cfg.paddings;
-    ctx->saved_data["shortcut"] = cfg.shortcut;
-    ctx->saved_data["shortcut_stride"] = cfg.shortcut_stride;
-    variable_list outs{res[0], res[1], res[2]};
-    ctx->mark_non_differentiable({res[1], res[2]});
-    ctx->set_materialize_grads(false);  // no zero tensors made for the statistics outputs' (absent) gradients
-    return outs;
+  NativeUnitBackward(std::shared_ptr<const UnitPlan> plan, const Tensor& x, at::TensorList ys, at::TensorList means,
+                     at::TensorList rstds)
+      : plan_(std::move(plan)), x_(x, false) {
+    save(ys_, ys);
+    save(weights_, plan_->weights);
+    save(means_, means);
+    save(rstds_, rstds);
+    save(gammas_, plan_->bn_weights);
+    save(betas_, plan_->bn_biases);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t k = ctx->saved_data["k"].toInt(), n = ctx->saved_data["num_weights"].toInt();
-    if (!grads[0].defined()) return variable_list(3 + n + 2 * k + kConfigArgs);  // x_{l+1} got no gradient
-    const variable_list saved = ctx->get_saved_variables();
-    auto slice = [&](int64_t begin, int64_t len) { return at::TensorList(saved).slice(begin, len); };
-    const at::TensorList ys = slice(1, k - 1), weights = slice(k, n), means = slice(k + n, k),
-                         rstds = slice(2 * k + n, k), gammas = slice(3 * k + n, k), betas = slice(4 * k + n, k);
-    const OptionalTensors g(std::vector<std::optional<Tensor>>(gammas.begin(), gammas.end()));
-    const OptionalTensors b(std::vector<std::optional<Tensor>>(betas.begin(), betas.end()));
-    const auto strides = ctx->saved_data["strides"].toIntVector(), paddings = ctx->saved_data["paddings"].toIntVector();
-    const std::string shortcut = ctx->saved_data["shortcut"].toStringRef();
-    Tensors res = preact_unit_backward(grads[0], saved[0], ys, weights, means, rstds, g, b, strides, paddings,
-                                       shortcut, ctx->saved_data["shortcut_stride"].toInt());
-    // one gradient per forward argument, in order: x, x_mean, x_var, weights, γs, βs, then none for the config, the
-    // buffers and the update list
-    variable_list out{res[0], Tensor(), Tensor()};
-    out.insert(out.end(), res.begin() + 1, res.begin() + 1 + n);
-    for (int64_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + i], gammas[i].scalar_type()));
-    for (int64_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + k + i], betas[i].scalar_type()));
-    out.resize(out.size() + kConfigArgs);
+  std::string name() const override { return "NativeUnitBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x_.reset_data();
+    for (auto* list : {&ys_, &weights_, &means_, &rstds_, &gammas_, &betas_})
+      for (SavedVariable& v : *list) v.reset_data();
+  }
+
+  // grads: the gradient of x_{l+1}; returns one per next edge: x, the weights, the γs, the βs
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(num_outputs());  // x_{l+1} got no gradient
+    const Tensors ys = unpack(ys_), weights = unpack(weights_), means = unpack(means_), rstds = unpack(rstds_),
+                  gammas = unpack(gammas_), betas = unpack(betas_);
+    const UnitConfig& cfg = plan_->cfg;
+    Tensors res = preact_unit_backward(grads[0], x_.unpack(), ys, weights, means, rstds, optionals(gammas),
+                                       optionals(betas), cfg.strides, cfg.paddings, cfg.shortcut,
+                                       cfg.shortcut_stride);
+    // res: [dx, dW…, Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]
+    const size_t n = weights.size(), k = means.size();
+    variable_list out(res.begin(), res.begin() + 1 + n);
+    for (size_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + i], gammas[i].scalar_type()));
+    for (size_t i = 0; i < k; ++i) out.push_back(cast(res[1 + n + k + i], betas[i].scalar_type()));
     return out;
   }
+
+ private:
+  using SavedVariable = torch::autograd::SavedVariable;
+
+  static void save(std::vector<SavedVariable>& to, at::TensorList tensors) {
+    to.reserve(tensors.size());
+    for (const Tensor& t : tensors) to.emplace_back(t, false);
+  }
+
+  static Tensors unpack(const std::vector<SavedVariable>& saved) {
+    Tensors out;
+    out.reserve(saved.size());
+    for (const SavedVariable& v : saved) out.push_back(v.unpack());
+    return out;
+  }
+
+  static OptionalTensors optionals(const Tensors& tensors) {
+    return OptionalTensors(std::vector<std::optional<Tensor>>(tensors.begin(), tensors.end()));
+  }
+
+  std::shared_ptr<const UnitPlan> plan_;
+  SavedVariable x_;
+  std::vector<SavedVariable> ys_, weights_, means_, rstds_, gammas_, betas_;
 };
+
+// A new node, held the way this torch's autograd holds nodes (std::shared_ptr in older releases,
+// c10::intrusive_ptr in newer ones).
+template <class N, class... Args>
+auto make_node(Args&&... args) {
+  using NodePtr = decltype(std::declval<torch::autograd::Edge&>().function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+}
+
+bool any_requires_grad(const Tensor& x, const UnitPlan& plan) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (x.requires_grad()) return true;
+  for (const auto* list : {&plan.weights, &plan.bn_weights, &plan.bn_biases})
+    for (const Tensor& t : *list)
+      if (t.requires_grad()) return true;
+  return false;
+}
+
+bool any_forward_grad(const Tensor& x, const UnitPlan& plan) {
+  if (x._fw_grad(0).defined()) return true;
+  for (const auto* list : {&plan.weights, &plan.bn_weights, &plan.bn_biases})
+    for (const Tensor& t : *list)
+      if (t._fw_grad(0).defined()) return true;
+  return false;
+}
+
+// One unit in training: preact_unit_forward (below autograd, as ATen's own autograd kernels run their forward), its
+// running-statistics updates queued, and with gradients required its NativeUnitBackward node. Returns x_{l+1} and
+// its statistics (never differentiable: the next BN's backward already contains their dependence on x_{l+1}).
+std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tensor& var,
+                                 const std::shared_ptr<UnitPlan>& plan, RunningUpdates& updates) {
+  TORCH_CHECK(!any_forward_grad(x, *plan),
+              "preact_units_train: forward-mode AD is not supported by the fused unit's C++ node");
+  const size_t k = plan->bn_weights.size();
+  Tensors res;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const OptionalTensors g(std::vector<std::optional<Tensor>>(plan->bn_weights.begin(), plan->bn_weights.end()));
+    const OptionalTensors b(std::vector<std::optional<Tensor>>(plan->bn_biases.begin(), plan->bn_biases.end()));
+    const UnitConfig& cfg = plan->cfg;
+    res = preact_unit_forward(x, mean, var, plan->weights, g, b, cfg.eps, cfg.strides, cfg.paddings, cfg.shortcut,
+                              cfg.shortcut_stride, true);
+  }
+  // res: [out, out_mean, out_var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …]
+  Tensors means{mean}, vars{var};
+  for (size_t i = 2 + 2 * k; i + 1 < res.size(); i += 2) {
+    means.push_back(res[i]);
+    vars.push_back(res[i + 1]);
+  }
+  updates.add(plan->running, means, vars);
+  if (any_requires_grad(x, *plan)) {
+    const at::TensorList all(res);
+    auto node = make_node<NativeUnitBackward>(plan, x, all.slice(3, k - 1), means, all.slice(2 + k, k));
+    node->set_next_edges(torch::autograd::collect_next_edges(x, at::TensorList(plan->weights),
+                                                            at::TensorList(plan->bn_weights),
+                                                            at::TensorList(plan->bn_biases)));
+    torch::autograd::set_history(res[0], node);
+  }
+  return {res[0], res[1], res[2]};
+}
 
 }  // namespace
 
@@ -489,9 +563,7 @@ std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Te
   RunningUpdates updates;
   for (const auto& plan : plans) {
     TORCH_CHECK_VALUE(plan != nullptr, "preact_units_train: plans: expected UnitPlan objects, got None");
-    variable_list out = PreactUnitFunction::apply(x, mean, var, at::TensorList(plan->weights),
-                                                  at::TensorList(plan->bn_weights), at::TensorList(plan->bn_biases),
-                                                  plan->cfg, plan->running, &updates);
+    auto out = unit_train(x, mean, var, plan, updates);
     x = std::move(out[0]);
     mean = std::move(out[1]);
     var = std::move(out[2]);

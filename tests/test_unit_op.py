@@ -84,7 +84,7 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.floa
             x = torch.randn(2, 4, 6, 6, dtype=dtype, device=device, requires_grad=True)  # the stem's width: 4
             node = model.units[0](x).grad_fn
             results.append([_step(model, chained, dtype, device, memory_format) for chained in (True, False)])
-        assert ("PreactUnitFunction" in node.name()) == native, node.name()
+        assert (node.name() == "NativeUnitBackward") == native, node.name()
     for a, b in zip(sum(results[0], []), sum(results[1], [])):
         assert torch.equal(a, b)
 
@@ -114,6 +114,51 @@ def test_native_unit_equals_python_node_on_gpu(kind, autocast, monkeypatch):
     """The same on CUDA tensors: the CUDA kernels under the C++ driver and node, bitwise the Python node's."""
     _native_vs_python_node(kind, autocast, "cuda", monkeypatch)
 
+
+
+def _native_unit():
+    """A basic unit with an identity shortcut on the "cuda" backend (its C++ node), in training, and an input."""
+    _available("cuda")
+    torch.manual_seed(0)
+    unit = ResidualUnit(4, 4, 1, form="basic", shortcut="identity", backend="cuda")
+    x = (1.0 + torch.randn(2, 4, 5, 5, dtype=torch.float64)).requires_grad_()
+    return unit.double(), x
+
+
+def test_native_node_autograd_contract():
+    """The hand-written C++ node behaves as autograd nodes do: a second backward without retain_graph raises, with
+    it gives the same gradients again; a weight changed in place after the forward is caught at backward; saved-tensor
+    hooks see what it saves; forward-mode AD is refused by name; without gradients no node is made."""
+    unit, x = _native_unit()
+    out = unit(x)
+    assert out.grad_fn.name() == "NativeUnitBackward"
+    out.sum().backward(retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in unit.parameters()]
+    out.sum().backward()
+    again = [x.grad] + [p.grad for p in unit.parameters()]
+    assert all(torch.equal(b, 2 * a) for a, b in zip(first, again))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+
+    out = unit(x)
+    with torch.no_grad():
+        unit.conv1.conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        unit(x).sum().backward()
+    assert any(t is x for t in packed) and any(t is unit.conv1.conv.weight for t in packed)
+
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+        unit(fwAD.make_dual(x.detach(), torch.ones_like(x)))
+
+    steps = unit.conv1.bn.num_batches_tracked.item()
+    with torch.no_grad():
+        assert unit(x).grad_fn is None
+    assert unit.conv1.bn.num_batches_tracked.item() == steps + 1  # still training: buffers updated
 
 def test_one_op_bf16_autocast_close_to_per_layer_path():
     """Under bf16 autocast dx is rounded once (in the kernel, with the shortcut gradient) instead of twice, so the
