@@ -125,6 +125,8 @@ def _native_unit():
     return unit.double(), x
 
 
+# torch's forward-mode AD loads its decompositions through torch.jit.script, which torch itself marks deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_native_node_autograd_contract():
     """The hand-written C++ node behaves as autograd nodes do: a second backward without retain_graph raises, with
     it gives the same gradients again; a weight changed in place after the forward is caught at backward; saved-tensor
