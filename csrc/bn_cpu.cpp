@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -216,6 +217,13 @@ void merge_moments(const Geometry& g, const Tiling& t, const acc_t* pivot, const
   });
 }
 
+// Per-call working memory of n values, uninitialised as at::empty leaves it, without a tensor's dispatch and
+// bookkeeping (a few hundred nanoseconds per temporary, which small inputs pay on every call).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
 // Element offset of the first element (n = h = w = 0) of channel c.
 inline int64_t first_of(const Geometry& g, int64_t c) { return g.nhwc ? c : c * g.HW; }
 
@@ -227,11 +235,11 @@ template <typename scalar_t, typename acc_t, typename P, typename F>
 std::tuple<at::Tensor, at::Tensor> moments(const Geometry& g, const scalar_t* y, const at::TensorOptions& opts,
                                            const P& pivot_at, const F& produce) {
   const Tiling t = tiling(g);
-  auto part = at::empty({2, t.tiles, g.C}, opts), pivots = at::empty({g.C}, opts);
   auto mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);  // separate storages: outputs must not alias
-  acc_t* pivot = pivots.data_ptr<acc_t>();
-  acc_t* pmean = part.data_ptr<acc_t>();
+  const auto work = scratch<acc_t>((2 * t.tiles + 1) * g.C);  // tile partials (mean, M2) and the pivots
+  acc_t* pmean = work.get();
   acc_t* pm2 = pmean + t.tiles * g.C;
+  acc_t* pivot = pm2 + t.tiles * g.C;
   for (int64_t c = 0; c < g.C; ++c) pivot[c] = static_cast<acc_t>(pivot_at(first_of(g, c)));
   for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
     produce(tag, start, len);
@@ -361,9 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   const Tiling t = tiling(g);
   const auto opts = x.options().dtype(acc_type);
   auto dx = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
-  auto part = at::empty({2, t.tiles, g.C}, opts);
   auto sum_dz_t = at::empty({g.C}, opts), sum_dzxhat_t = at::empty({g.C}, opts);  // outputs must not alias
-  auto coef = at::empty({3, g.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
@@ -377,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
       const acc_t* tp = shift.data_ptr<acc_t>();
       const acc_t* mp = mean.data_ptr<acc_t>();
       const acc_t* rp = rstd.data_ptr<acc_t>();
-      acc_t* A = coef.data_ptr<acc_t>();
+      const auto work = scratch<acc_t>((2 * t.tiles + 3) * g.C);  // tile partials (Σdz, Σdz·(x − μ)), A, B, C
+      acc_t* A = work.get();
       acc_t* B = A + g.C;
       acc_t* Cc = B + g.C;
       std::copy(sp, sp + g.C, A);
@@ -395,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
                                 ch.B, ch.C);
       };
       // Pass 1: per-tile Σdz and Σdz·(x − μ); eval also writes the tile's dx.
-      acc_t* p_dz = part.data_ptr<acc_t>();
+      acc_t* p_dz = Cc + g.C;
       acc_t* p_dzx = p_dz + t.tiles * g.C;
       for_each_tile(g, t, [&](auto tag, int64_t tile, int64_t start, int64_t len, int64_t c) {
         if constexpr (decltype(tag)::value) {

@@ -74,6 +74,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("running_means"), py::arg("running_vars"), py::arg("num_batches_tracked"), py::arg("counts"),
       py::arg("momentum"), py::arg("means"), py::arg("vars"),
       "BatchNorm running-statistics updates of several BNs, in place (csrc/unit.h)");
+  py::class_<fastresnet_ext::LayerPlan, std::shared_ptr<fastresnet_ext::LayerPlan>>(
+      m, "LayerPlan", "One fused BN → ReLU (→ conv) layer's weights, configuration and running buffers (csrc/unit.h)")
+      .def(py::init(&fastresnet_ext::make_layer_plan), py::arg("weight"), py::arg("bn_weight"), py::arg("bn_bias"),
+           py::arg("eps"), py::arg("stride"), py::arg("padding"), py::arg("running_mean"), py::arg("running_var"),
+           py::arg("num_batches_tracked"), py::arg("momentum"));
+  m.def("preact_layer_train", &fastresnet_ext::preact_layer_train, py::arg("x"), py::arg("mean"), py::arg("var"),
+        py::arg("plan"), "A fused layer in training as one C++ autograd node (csrc/unit.h)");
   m.def("preact_units_train", &fastresnet_ext::preact_units_train, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("plans"),
         "Full pre-activation residual units in training, one C++ autograd node each, one after another "

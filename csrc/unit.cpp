@@ -469,21 +469,24 @@ auto make_node(Args&&... args) {
   }
 }
 
-bool any_requires_grad(const Tensor& x, const UnitPlan& plan) {
-  if (!at::GradMode::is_enabled()) return false;
-  if (x.requires_grad()) return true;
-  for (const auto* list : {&plan.weights, &plan.bn_weights, &plan.bn_biases})
-    for (const Tensor& t : *list)
-      if (t.requires_grad()) return true;
+// Whether any defined tensor of `lists` satisfies `pred`.
+template <class Pred>
+bool any_of(std::initializer_list<at::TensorList> lists, Pred pred) {
+  for (at::TensorList list : lists)
+    for (const Tensor& t : list)
+      if (t.defined() && pred(t)) return true;
   return false;
 }
 
-bool any_forward_grad(const Tensor& x, const UnitPlan& plan) {
-  if (x._fw_grad(0).defined()) return true;
-  for (const auto* list : {&plan.weights, &plan.bn_weights, &plan.bn_biases})
-    for (const Tensor& t : *list)
-      if (t._fw_grad(0).defined()) return true;
-  return false;
+// Whether a call on these inputs records a node: gradients enabled and one of them requires one.
+bool records_node(std::initializer_list<at::TensorList> inputs) {
+  return at::GradMode::is_enabled() && any_of(inputs, [](const Tensor& t) { return t.requires_grad(); });
+}
+
+// Forward-mode AD (dual tensors) is refused rather than silently dropped: the nodes have no forward derivative.
+void check_no_forward_grad(std::initializer_list<at::TensorList> inputs, const char* fn, const char* what) {
+  TORCH_CHECK(!any_of(inputs, [](const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }), fn,
+              ": forward-mode AD is not supported by the fused ", what, "'s C++ node");
 }
 
 // One unit in training: preact_unit_forward (below autograd, as ATen's own autograd kernels run their forward), its
@@ -491,8 +494,8 @@ bool any_forward_grad(const Tensor& x, const UnitPlan& plan) {
 // its statistics (never differentiable: the next BN's backward already contains their dependence on x_{l+1}).
 std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tensor& var,
                                  const std::shared_ptr<UnitPlan>& plan, RunningUpdates& updates) {
-  TORCH_CHECK(!any_forward_grad(x, *plan),
-              "preact_units_train: forward-mode AD is not supported by the fused unit's C++ node");
+  const std::initializer_list<at::TensorList> inputs{x, plan->weights, plan->bn_weights, plan->bn_biases};
+  check_no_forward_grad(inputs, "preact_units_train", "unit");
   const size_t k = plan->bn_weights.size();
   Tensors res;
   {
@@ -510,7 +513,7 @@ std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tens
     vars.push_back(res[i + 1]);
   }
   updates.add(plan->running, means, vars);
-  if (any_requires_grad(x, *plan)) {
+  if (records_node(inputs)) {
     const at::TensorList all(res);
     auto node = make_node<NativeUnitBackward>(plan, x, all.slice(3, k - 1), means, all.slice(2 + k, k));
     node->set_next_edges(torch::autograd::collect_next_edges(x, at::TensorList(plan->weights),
@@ -520,6 +523,55 @@ std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tens
   }
   return {res[0], res[1], res[2]};
 }
+
+// ---- one fused layer ------------------------------------------------------------------------------------------
+// The backward node of a converted model's fused layer in training (what ops.bn_ops' bn_relu / bn_relu_conv nodes
+// are in Python, bitwise): BN → ReLU gives (dx, dγ, dβ), BN → ReLU → conv (dx, dW, dγ, dβ), recomputing the
+// activation from x.
+class NativeLayerBackward final : public torch::autograd::Node {
+ public:
+  NativeLayerBackward(std::shared_ptr<const LayerPlan> plan, const Tensor& x, const Tensor& mean, const Tensor& rstd)
+      : plan_(std::move(plan)), x_(x, false), mean_(mean, false), rstd_(rstd, false), gamma_(plan_->bn_weight, false),
+        beta_(plan_->bn_bias, false) {
+    if (plan_->weight.defined()) weight_ = SavedVariable(plan_->weight, false);
+  }
+
+  std::string name() const override { return "NativeLayerBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &weight_, &mean_, &rstd_, &gamma_, &beta_}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(num_outputs());
+    const Tensor x = x_.unpack(), mean = mean_.unpack(), rstd = rstd_.unpack(), gamma = gamma_.unpack(),
+                 beta = beta_.unpack();
+    const Affine bn = scale_shift(mean, rstd, gamma, beta);
+    variable_list out;
+    Tensor sum_dz, sum_dz_xhat;
+    if (plan_->weight.defined()) {
+      Tensor dx, dweight;
+      std::tie(dx, dweight, sum_dz, sum_dz_xhat) =
+          bn_relu_conv_backward(grads[0].contiguous(layout(x)), x, bn, mean, rstd, weight_.unpack(), plan_->stride,
+                                plan_->padding, std::nullopt);
+      out = {dx, dweight};
+    } else {
+      Tensor dx;
+      std::tie(dx, sum_dz, sum_dz_xhat) = bn_relu_backward(grads[0], x, bn.scale, bn.shift, mean, rstd, std::nullopt);
+      out = {dx};
+    }
+    out.push_back(cast(sum_dz_xhat, gamma.scalar_type()));
+    out.push_back(cast(sum_dz, beta.scalar_type()));
+    return out;
+  }
+
+ private:
+  using SavedVariable = torch::autograd::SavedVariable;
+  std::shared_ptr<const LayerPlan> plan_;
+  SavedVariable x_, weight_, mean_, rstd_, gamma_, beta_;
+};
 
 }  // namespace
 
@@ -570,6 +622,63 @@ std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Te
   }
   updates.apply();
   return {x, mean, var};
+}
+
+LayerPlan make_layer_plan(std::optional<at::Tensor> weight, at::Tensor bn_weight, at::Tensor bn_bias, double eps,
+                          std::vector<int64_t> stride, std::vector<int64_t> padding,
+                          std::optional<at::Tensor> running_mean, std::optional<at::Tensor> running_var,
+                          std::optional<at::Tensor> num_batches_tracked, double momentum) {
+  TORCH_CHECK_VALUE(bn_weight.defined() && bn_bias.defined(), "LayerPlan: bn_weight, bn_bias: expected tensors");
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2, "LayerPlan: stride, padding: expected (h, w) pairs");
+  const bool running = running_mean.has_value();
+  TORCH_CHECK_VALUE(running_var.has_value() == running && num_batches_tracked.has_value() == running,
+                    "LayerPlan: running_mean, running_var, num_batches_tracked: expected all three or none");
+  RunningStats stats{{}, {}, {}, {}, momentum};
+  if (running) stats = RunningStats{{*running_mean}, {*running_var}, {*num_batches_tracked}, {0}, momentum};
+  return LayerPlan{weight.value_or(Tensor()), std::move(bn_weight), std::move(bn_bias), eps, std::move(stride),
+                   std::move(padding), std::move(stats)};
+}
+
+at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tensor>& mean_in,
+                              const std::optional<at::Tensor>& var_in, const std::shared_ptr<LayerPlan>& plan) {
+  TORCH_CHECK_VALUE(plan != nullptr, "preact_layer_train: plan: expected a LayerPlan, got None");
+  const int64_t channels = plan->bn_weight.size(0);
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == channels, "preact_layer_train: x: expected [N, ", channels,
+                    ", H, W], got ", x.sizes());
+  const int64_t count = x.numel() / channels;
+  TORCH_CHECK_VALUE(count > 1, "preact_layer_train: x: batch-norm training needs more than one value per channel");
+  TORCH_CHECK_VALUE(mean_in.has_value() == var_in.has_value(), "preact_layer_train: mean, var: expected both or neither");
+  const std::initializer_list<at::TensorList> inputs{x, plan->weight, plan->bn_weight, plan->bn_bias};
+  check_no_forward_grad(inputs, "preact_layer_train", "layer");
+  Tensor mean, var, rstd, out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (mean_in.has_value()) {
+      mean = *mean_in;
+      var = *var_in;
+    } else {
+      std::tie(mean, var) = batch_stats(x);
+    }
+    Affine bn;
+    std::tie(rstd, bn) = bn_affine(mean, var, plan->eps, plan->bn_weight, plan->bn_bias);
+    const Tensor& w = plan->weight;
+    out = w.defined() ? conv(bn_relu(x, bn.scale, bn.shift, w.scalar_type()), w, plan->stride, plan->padding)
+                      : bn_relu(x, bn.scale, bn.shift, x.scalar_type());
+  }
+  if (!plan->running.means.empty()) {
+    plan->running.counts[0] = count;
+    RunningUpdates updates;
+    updates.add(plan->running, {mean}, {var});
+    updates.apply();
+  }
+  if (records_node(inputs)) {
+    auto node = make_node<NativeLayerBackward>(plan, x, mean, rstd);
+    node->set_next_edges(plan->weight.defined()
+                             ? torch::autograd::collect_next_edges(x, plan->weight, plan->bn_weight, plan->bn_bias)
+                             : torch::autograd::collect_next_edges(x, plan->bn_weight, plan->bn_bias));
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 // One kernel for every device: the driver only calls other operators, which dispatch on the tensors' device.

@@ -1,10 +1,11 @@
-// The C++ training entry of full pre-activation residual units (unit.cpp), bound to Python in ops.cpp as
-// fastresnet._C.UnitPlan and fastresnet._C.preact_units_train.
+// The C++ training entries of full pre-activation residual units and of single fused layers (unit.cpp), bound to
+// Python in ops.cpp as fastresnet._C.UnitPlan / preact_units_train and fastresnet._C.LayerPlan / preact_layer_train.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,5 +53,26 @@ void update_running_stats(const RunningStats& running, const std::vector<at::Ten
 // mean, its var]. Bound as fastresnet._C.preact_units_train.
 std::vector<at::Tensor> preact_units_train(at::Tensor x, at::Tensor mean, at::Tensor var,
                                            const std::vector<std::shared_ptr<UnitPlan>>& plans);
+
+// One fused layer of a converted model — BN → ReLU (BNReLU2d) or BN → ReLU → conv (PreActConv2d) — for its training
+// calls (bound as fastresnet._C.LayerPlan): the conv weight (undefined for BN → ReLU), γ, β, eps, the conv's stride
+// and padding, and the BN's running buffers (one entry, or none: no update; counts[0] is set by each call).
+struct LayerPlan {
+  at::Tensor weight, bn_weight, bn_bias;
+  double eps;
+  std::vector<int64_t> stride, padding;
+  RunningStats running;
+};
+
+LayerPlan make_layer_plan(std::optional<at::Tensor> weight, at::Tensor bn_weight, at::Tensor bn_bias, double eps,
+                          std::vector<int64_t> stride, std::vector<int64_t> padding,
+                          std::optional<at::Tensor> running_mean, std::optional<at::Tensor> running_var,
+                          std::optional<at::Tensor> num_batches_tracked, double momentum);
+
+// The layer in training on x (batch statistics: `mean`/`var` when given, else computed from x), its running buffers
+// updated, as one autograd node whose backward is C++ (saved: x, the weight, mean, rstd, γ, β). Returns its output.
+// Bound as fastresnet._C.preact_layer_train.
+at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tensor>& mean,
+                              const std::optional<at::Tensor>& var, const std::shared_ptr<LayerPlan>& plan);
 
 }  // namespace fastresnet_ext

@@ -136,7 +136,7 @@ def bn_statistics(
     return mean, rstd
 
 
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The conv's compute dtype under autocast for x's device; None when autocast is off there."""
     device = x.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
@@ -146,7 +146,7 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 def _conv_weight(weight: Tensor, x: Tensor) -> Tensor:
     """The weight in the conv's compute dtype: the autocast dtype when autocast is on for x's device."""
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     return weight if dtype is None else weight.to(dtype)
 
 
@@ -401,7 +401,7 @@ class PreparedUnit:
             check_stats(x, stats, x.shape[1])
         name = resolve(x, backend)
         mean, var = stats if stats is not None else ops.batch_stats(x, name)
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         weights = self._weights if dtype is None else [w.to(dtype) for w in self._weights]
         return (x, mean, var, weights, *self._lists, name)
 

@@ -88,6 +88,11 @@ def replaying() -> bool:
     return tape is not None and tape.replaying
 
 
+def in_segment() -> bool:
+    """Whether this thread runs a recomputed segment, for the first time (recording) or as a replay."""
+    return getattr(_local, "tape", None) is not None
+
+
 def record_statistics(mean: Tensor, rstd: Tensor) -> None:
     """Append the (mean, rstd) a BN just used to the tape of the segment being run for the first time, if any."""
     tape = getattr(_local, "tape", None)

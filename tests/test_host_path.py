@@ -14,7 +14,8 @@ from torch.nn.utils import parametrize
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl, set_backend
 from fastresnet.models import ResNet
-from fastresnet.nn.units import ResidualUnit
+from fastresnet.nn import BNReLU2d, PreActConv2d, cache
+from fastresnet.nn.units import ResidualUnit, run_per_layer
 
 
 def _available(backend):
@@ -127,15 +128,21 @@ def _mutations():
             ("other_backend", other_backend)]
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["chained", "per-layer"])
 @pytest.mark.parametrize("name,change", _mutations(), ids=[n for n, _ in _mutations()])
-def test_caches_notice_changes(name, change):
+def test_caches_notice_changes(name, change, per_layer):
     """A model trained a step (caches warm), changed, trained on, against a copy changed before any cache existed
-    (`copy.deepcopy` leaves the caches behind): bitwise the same."""
+    (`copy.deepcopy` leaves the caches behind): bitwise the same. Per layer (`run_per_layer`), the caches are the
+    layers' plans."""
     _available("cuda")
-    model = _net()
+    model = run_per_layer(_net()) if per_layer else _net()
     _train(model, steps=2)
     fresh = copy.deepcopy(model)
-    assert model.__dict__["unit_chain"]._cached is not None and fresh.__dict__["unit_chain"]._cached is None
+    assert (model.__dict__["unit_chain"]._cached is None) == per_layer
+    assert fresh.__dict__["unit_chain"]._cached is None
+    layers = [m for m in model.modules() if isinstance(m, (PreActConv2d, BNReLU2d))]
+    assert all(cache.SLOT in m.__dict__ for m in layers) or not per_layer
+    assert not any(cache.SLOT in m.__dict__ for m in fresh.modules())
     change(model)
     change(fresh)
     assert [u.prepared() is None for u in model.units] == [u.prepared() is None for u in fresh.units]
@@ -167,7 +174,7 @@ def test_unit_cache_is_reused_and_not_pickled():
     assert first is not None and unit.prepared() is first
     unit.conv1.bn.momentum = 0.3
     assert unit.prepared() is not first
-    assert "_prepared_unit" not in copy.deepcopy(unit).__dict__
+    assert cache.SLOT not in copy.deepcopy(unit).__dict__
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -382,3 +389,94 @@ def test_running_update_names_bad_arguments():
         _C.update_running_stats([v], [v.clone()], [n], [1], 0.1, [v], [v])
     with pytest.raises(ValueError, match="expected one running buffer set, count, mean and var per BN"):
         _C.update_running_stats([v], [v.clone()], [n], [4], 0.1, [v, v], [v])
+
+
+# ---- single fused layers (`Backend.layer_train`: a converted model's PreActConv2d / BNReLU2d in training) ----------
+@pytest.fixture
+def layer_calls(monkeypatch):
+    """Records every `Backend.layer_train` call of the "cuda" backend: whether it was handed statistics."""
+    impl = type(get_backend_impl("cuda"))
+    seen, original = [], impl.layer_train
+
+    def layer_train(self, x, mean, var, plan):
+        seen.append(mean is not None)
+        return original(self, x, mean, var, plan)
+
+    monkeypatch.setattr(impl, "layer_train", layer_train)
+    return seen
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["per-layer", "chained"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_layers_equal_the_ops(chained, dtype, layer_calls, monkeypatch):
+    """Every fused layer of a net run layer by layer (`run_per_layer`, the path of a converted model), and the
+    chained net's head BN → ReLU (handed its input's statistics), as one C++ node each: bitwise the ops' results —
+    outputs, gradients, parameters and running buffers over three SGD steps."""
+    _available("cuda")
+
+    def net():
+        model = _net(dtype=dtype)
+        return model if chained else run_per_layer(model)
+
+    fast = _train(net(), dtype=dtype)
+    layers = sum(isinstance(m, (PreActConv2d, BNReLU2d)) for m in net().modules())
+    assert layer_calls == ([True] * 3 if chained else [False] * (3 * layers)), layer_calls
+    monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
+    _assert_same(fast, _train(net(), dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", ["bn_relu", "preact_conv"])
+def test_native_layer_node_contract(kind):
+    """The layer's C++ node: a second backward without retain_graph raises; a weight changed in place after the
+    forward is caught; without gradients no node is made and the running buffers are still updated; a layer that is
+    not affine, averages cumulatively or is frozen takes the ops."""
+    _available("cuda")
+    torch.manual_seed(0)
+    layer = (BNReLU2d(4, backend="cuda") if kind == "bn_relu" else PreActConv2d(4, 6, 3, 2, 1, backend="cuda"))
+    layer = layer.double()
+    bn = layer if kind == "bn_relu" else layer.bn
+    x = (1.0 + torch.randn(2, 4, 5, 5, dtype=torch.float64)).requires_grad_()
+    out = layer(x)
+    assert out.grad_fn.name() == "NativeLayerBackward"
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    out = layer(x)
+    with torch.no_grad():
+        bn.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    steps = bn.num_batches_tracked.item()
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    assert bn.num_batches_tracked.item() == steps + 1
+    bn.momentum = None
+    assert layer(x).grad_fn.name() != "NativeLayerBackward"
+    bn.momentum = 0.1
+    bn.eval()
+    assert layer(x).grad_fn.name() != "NativeLayerBackward"
+
+
+def test_layer_cache_is_not_shared_with_replicas_and_follows_parametrized_weights(monkeypatch):
+    """A DataParallel-style replica (new tables, its own weight) builds its own plan; a parametrized weight is read
+    through the module on every call. Both bitwise the ops' results."""
+    _available("cuda")
+    torch.manual_seed(0)
+    layer = PreActConv2d(4, 4, 3, 1, 1, backend="cuda").double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    layer(x)
+    replica = layer._replicate_for_data_parallel()
+    replica._modules["conv"] = layer.conv._replicate_for_data_parallel()
+    replica.conv._parameters["weight"] = layer.conv.weight.detach() * 2
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(layer.conv, "weight", Doubled())
+    layer(x)
+    with torch.no_grad():
+        layer.conv.parametrizations.weight.original.mul_(0.5)
+    native = [replica(x), layer(x)]
+    monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
+    _assert_same(native, [replica(x), layer(x)])

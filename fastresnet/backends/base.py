@@ -81,6 +81,14 @@ class Backend:
     unit_plan = None
     units_train = None
 
+    # -- single fused layers in training ------------------------------------------------------------------------------
+    # layer_plan(weight, bn_weight, bn_bias, eps, stride, padding, running_mean, running_var, num_batches_tracked,
+    # momentum) -> an opaque plan of one BN → ReLU (→ conv, weight None: no conv) layer with affine BN and numeric
+    # momentum; layer_train(x, mean, var, plan) -> its output in training, one autograd node of the backend's own,
+    # bitwise the layer's ops (mean/var: x's batch statistics, or None to compute them). None: the ops run.
+    layer_plan = None
+    layer_train = None
+
     # -- conv level (tier A by default) ----------------------------------------------------------------------------
     def bn_relu_conv(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding) -> Tensor:
         """y = conv2d(relu(x·scale + shift), weight); the activation is a temporary, never saved."""

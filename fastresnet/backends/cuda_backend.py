@@ -106,3 +106,13 @@ class CudaBackend(Backend):
         """Planned units as C++ autograd nodes (csrc/unit.cpp): each forward, its running-buffer updates and a backward
         that runs without Python; one call for all of them. Returns [x_out, its mean, its var]."""
         return _C.preact_units_train(x, mean, var, plans)
+
+    def layer_plan(self, weight, bn_weight, bn_bias, eps, stride, padding, running_mean, running_var,
+                   num_batches_tracked, momentum):
+        """A `_C.LayerPlan`: one fused layer's weights, configuration and running buffers, held in C++."""
+        return _C.LayerPlan(weight, bn_weight, bn_bias, eps, stride, padding, running_mean, running_var,
+                            num_batches_tracked, momentum)
+
+    def layer_train(self, x, mean, var, plan):
+        """A planned layer in training as one C++ autograd node (csrc/unit.cpp), its running buffers updated."""
+        return _C.preact_layer_train(x, mean, var, plan)

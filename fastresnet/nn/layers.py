@@ -12,15 +12,64 @@ So `PreActConv2d(...).load_state_dict(seq.state_dict())` works for such a Sequen
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
-from fastresnet import functional as FF
+from fastresnet import functional as FF, recompute
+from fastresnet.backends import get_backend, get_backend_impl, resolve
+from fastresnet.nn.cache import PlanCache, cached
+from fastresnet.ops.bn_ops import traced
 from fastresnet.sync_functional import sync_bn_relu, sync_bn_relu_conv2d
 
 
-class BNReLU2d(nn.BatchNorm2d):
+def _train_natively(layer: nn.Module, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], bn: nn.BatchNorm2d,
+                    conv: Optional[nn.Conv2d]) -> Optional[Tensor]:
+    """The training forward of `layer` (bn → ReLU, → conv if given) as one call into its backend's own node
+    (`Backend.layer_train`: for the "cuda" backend a C++ autograd node, bitwise the ops' results), or None where
+    the ops must run: torch.compile or a dispatch mode, a functorch transform, a recomputed segment, autocast, a BN
+    that is not affine or averages cumulatively (momentum None), statistics in another dtype than the layer's, a
+    backend without it. The input checks and the plan are cached per input shape, dtype, device and default backend
+    (`nn.cache.cached`), so a repeated call checks nothing again."""
+    if (traced() or torch._C._are_functorch_transforms_active() or recompute.in_segment()
+            or not isinstance(x, Tensor) or FF.autocast_dtype(x) is not None):
+        return None
+    native = cached(layer, (x.shape, x.dtype, x.device, get_backend()), lambda: _layer_plan(layer, x, bn, conv))
+    if native is None:
+        return None
+    train, plan = native
+    if stats is None:
+        return train(x, None, None, plan)
+    FF.check_stats(x, stats, bn.num_features)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # what the ops would cast the statistics to
+    if stats[0].dtype != acc or stats[1].dtype != acc:
+        return None
+    return train(x, stats[0], stats[1], plan)
+
+
+def _layer_plan(layer: nn.Module, x: Tensor, bn: nn.BatchNorm2d, conv: Optional[nn.Conv2d]):
+    """(the modules the plan reads, (layer_train, plan) or None): the input checked as the ops check it."""
+    modules: List[nn.Module] = [layer] if conv is None else [layer, bn, conv]
+    impl = get_backend_impl(resolve(x, layer.backend))
+    running = bn.running_mean is not None
+    if (impl.layer_plan is None or bn.weight is None or bn.bias is None
+            or (running and (bn.momentum is None or bn.num_batches_tracked is None))):
+        return modules, None
+    params = [("bn_weight", bn.weight), ("bn_bias", bn.bias), ("running_mean", bn.running_mean),
+              ("running_var", bn.running_var)]
+    if conv is None:
+        FF.check_bn_input(x, bn.num_features, True, params)
+        stride = padding = (1, 1)
+    else:
+        stride, padding = FF.check_conv_input(x, conv.weight, True, conv.stride, conv.padding, params)
+    plan = impl.layer_plan(None if conv is None else conv.weight, bn.weight, bn.bias, bn.eps, list(stride),
+                           list(padding), bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                           float(bn.momentum) if running else 0.0)
+    return modules, (impl.layer_train, plan)
+
+
+class BNReLU2d(PlanCache, nn.BatchNorm2d):
     """relu(BatchNorm2d(x)) in one fused op that saves x, not its output, for backward.
 
     A subclass of `nn.BatchNorm2d` (same arguments, parameters and buffers), so BatchNorm2d checkpoints load as they
@@ -38,6 +87,10 @@ class BNReLU2d(nn.BatchNorm2d):
             return sync_bn_relu(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 self.num_batches_tracked, self.momentum, self.eps, self.process_group, stats,
                                 self.backend)
+        if self.training:
+            y = _train_natively(self, x, stats, self, None)
+            if y is not None:
+                return y
         return FF.bn_relu(x, self.running_mean, self.running_var, self.weight, self.bias, self.num_batches_tracked,
                           self.training, self.momentum, self.eps, stats, self.backend)
 
@@ -45,7 +98,7 @@ class BNReLU2d(nn.BatchNorm2d):
         return super().extra_repr() + ("" if self.backend is None else f", backend={self.backend!r}")
 
 
-class PreActConv2d(nn.Module):
+class PreActConv2d(PlanCache):
     """BN → ReLU → conv as one fused op (`functional.bn_relu_conv2d`): stores only the BN input for backward.
 
     Holds a real `nn.BatchNorm2d` (`bn`) and `nn.Conv2d` (`conv`, bias-free, groups 1, dilation 1) as parameter
@@ -80,6 +133,10 @@ class PreActConv2d(nn.Module):
             return sync_bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                        bn.num_batches_tracked, bn.momentum, bn.eps, self.conv.stride,
                                        self.conv.padding, self.process_group, stats, self.backend)
+        if bn.training:
+            y = _train_natively(self, x, stats, bn, self.conv)
+            if y is not None:
+                return y
         return FF.bn_relu_conv2d(x, self.conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                  bn.num_batches_tracked, bn.training, bn.momentum, bn.eps,
                                  self.conv.stride, self.conv.padding, stats, self.backend)

@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from fastresnet import functional as FF, ops, recompute
 from fastresnet.backends import get_backend, get_backend_impl
+from fastresnet.nn.cache import PlanCache, cached as cached_value
 from fastresnet.nn.layers import BNReLU2d, PreActConv2d
 from fastresnet.nn.shortcuts import ExclusiveGate, Projection, ShortcutDropout, ZeroPadShortcut
 
@@ -65,33 +65,12 @@ def _activation(kind: Optional[str], channels: int, backend: Optional[str]) -> O
             "bn_relu": lambda: BNReLU2d(channels, backend=backend)}[kind]()
 
 
-# The plain attributes of a unit and its submodules that `ResidualUnit.one_op` reads (with every parameter, buffer
-# and child module): what its cached result is checked against (`_watch`).
-_WATCHED_ATTRS = ("training", "fuse_unit", "variant", "merge_kind", "share_preact", "num_layers", "process_group",
-                  "momentum", "eps", "stride", "padding", "backend")
-
-
-def _watch(modules: List[nn.Module]) -> Tuple[tuple, tuple, tuple]:
-    """(mappings, keys, objects): every parameter, buffer and child of `modules` and their `_WATCHED_ATTRS`, as
-    found now, for `_unchanged`."""
-    found = [(table, key, obj) for m in modules
-             for table in (m._parameters, m._buffers, m._modules) for key, obj in table.items()]
-    found += [(m.__dict__, key, m.__dict__[key]) for m in modules for key in _WATCHED_ATTRS if key in m.__dict__]
-    return tuple(zip(*found))
-
-
-def _unchanged(watched: Tuple[tuple, tuple, tuple]) -> bool:
-    """Whether every entry `_watch` found is still the same object (one C-level pass: about a microsecond)."""
-    tables, keys, objects = watched
-    return all(map(operator.is_, map(dict.get, tables, keys), objects))
-
-
 def _bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> FF.BNConv:
     return FF.BNConv(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                      bn.momentum, bn.eps, conv.stride, conv.padding)
 
 
-class ResidualUnit(nn.Module):
+class ResidualUnit(PlanCache):
     """One residual unit; see the module docstring for the variants.
 
     Args:
@@ -224,38 +203,15 @@ class ResidualUnit(nn.Module):
 
     def prepared(self) -> Optional[FF.PreparedUnit]:
         """`one_op()` as a `functional.PreparedUnit` (its checks and argument lists reused across calls), or None.
-        Cached: rebuilt only when one of the objects `one_op` read — a parameter, buffer or submodule of this unit,
-        a training flag, a BN's momentum or eps, a conv's stride or padding, the backend — was replaced since, so a
-        training step pays about a microsecond here instead of re-reading and re-checking every layer. Not cached
-        for a copy that shares this module's attributes but not its tables (a DataParallel replica) nor when a
-        parametrization computes a weight on every access (`torch.nn.utils.parametrize`)."""
-        state = self.__dict__
-        cached = state.get("_prepared_unit")
-        if cached is None or cached[0] is not state["_modules"] or not _unchanged(cached[1]):
-            spec = self.one_op()
-            unit = None if spec is None else FF.PreparedUnit(*spec)
-            modules = list(self.modules())
-            if any(parametrize.is_parametrized(m) for m in modules):
-                return unit
-            cached = (state["_modules"], _watch(modules), unit)
-            state["_prepared_unit"] = cached
-        return cached[2]
+        Cached (`nn.cache.cached`): rebuilt only when one of the objects `one_op` read — a parameter, buffer or
+        submodule of this unit, a training flag, a BN's momentum or eps, a conv's stride or padding, the backend — was
+        replaced since, so a training step pays about a microsecond here instead of re-reading and re-checking every
+        layer."""
+        return cached_value(self, None, self._prepare)
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_prepared_unit", None)  # a cache of references into this module: rebuilt on first use
-        return state
-
-    # A conversion (.to, .cuda, .double, ...) or a state-dict load may swap the tensors inside the parameter objects
-    # the cache compares by identity (`torch.__future__.set_swap_module_params_on_conversion`), and a swap refuses
-    # tensors someone else holds: the cache goes first.
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_prepared_unit", None)
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_prepared_unit", None)
-        super()._load_from_state_dict(*args, **kwargs)
+    def _prepare(self):
+        spec = self.one_op()
+        return list(self.modules()), None if spec is None else FF.PreparedUnit(*spec)
 
     def gradients(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], dout: Tensor
                   ) -> Tuple[Tensor, Dict[Tensor, Tensor]]:
