@@ -494,7 +494,7 @@ void check_no_forward_grad(std::initializer_list<at::TensorList> inputs, const c
 // its statistics (never differentiable: the next BN's backward already contains their dependence on x_{l+1}).
 std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tensor& var,
                                  const std::shared_ptr<UnitPlan>& plan, RunningUpdates& updates) {
-  const std::initializer_list<at::TensorList> inputs{x, plan->weights, plan->bn_weights, plan->bn_biases};
+  const std::initializer_list<at::TensorList> inputs{x, mean, var, plan->weights, plan->bn_weights, plan->bn_biases};
   check_no_forward_grad(inputs, "preact_units_train", "unit");
   const size_t k = plan->bn_weights.size();
   Tensors res;
@@ -647,29 +647,34 @@ at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tenso
                     ", H, W], got ", x.sizes());
   const int64_t count = x.numel() / channels;
   TORCH_CHECK_VALUE(count > 1, "preact_layer_train: x: batch-norm training needs more than one value per channel");
-  TORCH_CHECK_VALUE(mean_in.has_value() == var_in.has_value(), "preact_layer_train: mean, var: expected both or neither");
-  const std::initializer_list<at::TensorList> inputs{x, plan->weight, plan->bn_weight, plan->bn_bias};
+  TORCH_CHECK_VALUE(mean_in.has_value() == var_in.has_value(),
+                    "preact_layer_train: mean, var: expected both or neither");
+  const Tensor no_stats;
+  const std::initializer_list<at::TensorList> inputs{x, mean_in.has_value() ? *mean_in : no_stats,
+                                                     var_in.has_value() ? *var_in : no_stats, plan->weight,
+                                                     plan->bn_weight, plan->bn_bias};
   check_no_forward_grad(inputs, "preact_layer_train", "layer");
   Tensor mean, var, rstd, out;
+  if (mean_in.has_value()) {
+    mean = *mean_in;
+    var = *var_in;
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(mean, var) = batch_stats(x);
+  }
+  if (!plan->running.means.empty()) {  // before the statistics are used, as functional.bn_statistics orders it
+    plan->running.counts[0] = count;
+    RunningUpdates updates;
+    updates.add(plan->running, {mean}, {var});
+    updates.apply();
+  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    if (mean_in.has_value()) {
-      mean = *mean_in;
-      var = *var_in;
-    } else {
-      std::tie(mean, var) = batch_stats(x);
-    }
     Affine bn;
     std::tie(rstd, bn) = bn_affine(mean, var, plan->eps, plan->bn_weight, plan->bn_bias);
     const Tensor& w = plan->weight;
     out = w.defined() ? conv(bn_relu(x, bn.scale, bn.shift, w.scalar_type()), w, plan->stride, plan->padding)
                       : bn_relu(x, bn.scale, bn.shift, x.scalar_type());
-  }
-  if (!plan->running.means.empty()) {
-    plan->running.counts[0] = count;
-    RunningUpdates updates;
-    updates.add(plan->running, {mean}, {var});
-    updates.apply();
   }
   if (records_node(inputs)) {
     auto node = make_node<NativeLayerBackward>(plan, x, mean, rstd);

@@ -457,9 +457,13 @@ def test_native_layer_node_contract(kind):
     assert layer(x).grad_fn.name() != "NativeLayerBackward"
 
 
-def test_layer_cache_is_not_shared_with_replicas_and_follows_parametrized_weights(monkeypatch):
-    """A DataParallel-style replica (new tables, its own weight) builds its own plan; a parametrized weight is read
-    through the module on every call. Both bitwise the ops' results."""
+# the hook-based weight_norm is deprecated in torch, and used here on purpose: its weight is a plain attribute
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_layer_path_edge_cases_equal_the_ops(monkeypatch):
+    """Bitwise the ops' results where the layer's plan could go stale or its order matter: a DataParallel-style
+    replica (new tables, its own weight) builds its own plan; a parametrized weight is read through the module on every
+    call; a hook-based weight_norm keeps the weight as a plain attribute, recomputed before every call (no plan is
+    made); statistics handed in that alias the running buffers see the update first, as in the ops."""
     _available("cuda")
     torch.manual_seed(0)
     layer = PreActConv2d(4, 4, 3, 1, 1, backend="cuda").double()
@@ -477,6 +481,45 @@ def test_layer_cache_is_not_shared_with_replicas_and_follows_parametrized_weight
     layer(x)
     with torch.no_grad():
         layer.conv.parametrizations.weight.original.mul_(0.5)
-    native = [replica(x), layer(x)]
+    normed = torch.nn.utils.weight_norm(BNReLU2d(4, backend="cuda").double(), dim=None)
+    aliased = BNReLU2d(4, backend="cuda").double()
+
+    def run():
+        torch.manual_seed(1)
+        state = copy.deepcopy((normed.state_dict(), aliased.state_dict()))
+        out = [replica(x), layer(x)]
+        for _ in range(2):
+            xg = x.clone().requires_grad_()
+            y = normed(xg) + aliased(xg, (aliased.running_mean, aliased.running_var))
+            y.sum().backward()
+            out += [y.detach(), xg.grad, aliased.running_mean.clone(), normed.weight_g.grad.clone()]
+        normed.load_state_dict(state[0])
+        aliased.load_state_dict(state[1])
+        normed.zero_grad()
+        return out
+
+    native = run()
     monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
-    _assert_same(native, [replica(x), layer(x)])
+    _assert_same(native, run())
+
+
+def test_compiled_autograd_runs_the_registered_ops():
+    """With compiled autograd on, layers and units record the registered ops' nodes (which it can trace), not the C++
+    nodes, and the gradients are bitwise those of plain eager mode."""
+    _available("cuda")
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    torch.manual_seed(0)
+    for model, channels in [(PreActConv2d(4, 4, 3, 1, 1, backend="cuda"), 4), (_net(dtype=torch.float32), 3)]:
+        x = (1.0 + torch.randn(2, channels, 6, 6)).requires_grad_()
+        model(x).sum().backward()  # plain eager: C++ nodes
+        expected = [x.grad] + [p.grad for p in model.parameters()]
+        x.grad = None
+        model.zero_grad()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.num_batches_tracked.zero_()
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            out = model(x)
+            assert "Native" not in out.grad_fn.name()
+            out.sum().backward()
+        _assert_same(expected, [x.grad] + [p.grad for p in model.parameters()])

@@ -48,13 +48,22 @@ def _train_natively(layer: nn.Module, x: Tensor, stats: Optional[Tuple[Tensor, T
     return train(x, stats[0], stats[1], plan)
 
 
+def _registered(module: nn.Module, *names: str) -> bool:
+    """Whether each attribute is the module's registered parameter or buffer (or None): what the plan's cache watches.
+    A tensor kept as a plain attribute (a hook-based weight_norm recomputes one before every call) is not."""
+    tables = (module._parameters, module._buffers)
+    return all(getattr(module, n) is None or any(t.get(n) is getattr(module, n) for t in tables) for n in names)
+
+
 def _layer_plan(layer: nn.Module, x: Tensor, bn: nn.BatchNorm2d, conv: Optional[nn.Conv2d]):
     """(the modules the plan reads, (layer_train, plan) or None): the input checked as the ops check it."""
     modules: List[nn.Module] = [layer] if conv is None else [layer, bn, conv]
     impl = get_backend_impl(resolve(x, layer.backend))
     running = bn.running_mean is not None
     if (impl.layer_plan is None or bn.weight is None or bn.bias is None
-            or (running and (bn.momentum is None or bn.num_batches_tracked is None))):
+            or (running and (bn.momentum is None or bn.num_batches_tracked is None))
+            or not _registered(bn, "weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+            or not (conv is None or _registered(conv, "weight"))):
         return modules, None
     params = [("bn_weight", bn.weight), ("bn_bias", bn.bias), ("running_mean", bn.running_mean),
               ("running_var", bn.running_var)]

@@ -8,6 +8,7 @@ recomputes from x.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -21,9 +22,16 @@ from fastresnet.backends.base import layout
 
 
 def traced() -> bool:
-    """Whether the registered ops must run rather than their bodies: under torch.compile, or while a
-    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    """Whether the registered ops must run rather than their bodies: under torch.compile, while a
+    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher, or while compiled
+    autograd is on (it traces a backward through nodes it knows: the registered ops', not the C++ nodes of
+    `Backend.units_train` / `layer_train`)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
+
+
+def _compiled_autograd() -> bool:
+    module = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: compiled autograd was never enabled
+    return module is not None and bool(module.compiled_autograd_enabled)
 
 
 def _profiler_range(qualname: str):
