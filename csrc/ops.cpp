@@ -80,7 +80,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("eps"), py::arg("stride"), py::arg("padding"), py::arg("running_mean"), py::arg("running_var"),
            py::arg("num_batches_tracked"), py::arg("momentum"));
   m.def("preact_layer_train", &fastresnet_ext::preact_layer_train, py::arg("x"), py::arg("mean"), py::arg("var"),
-        py::arg("plan"), "A fused layer in training as one C++ autograd node (csrc/unit.h)");
+        py::arg("plan"), py::arg("weight_dtype"), "A fused layer in training as one C++ autograd node (csrc/unit.h)");
   m.def("preact_units_train", &fastresnet_ext::preact_units_train, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("plans"),
         "Full pre-activation residual units in training, one C++ autograd node each, one after another "

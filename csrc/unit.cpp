@@ -530,11 +530,11 @@ std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tens
 // activation from x.
 class NativeLayerBackward final : public torch::autograd::Node {
  public:
-  NativeLayerBackward(std::shared_ptr<const LayerPlan> plan, const Tensor& x, const Tensor& mean, const Tensor& rstd)
-      : plan_(std::move(plan)), x_(x, false), mean_(mean, false), rstd_(rstd, false), gamma_(plan_->bn_weight, false),
-        beta_(plan_->bn_bias, false) {
-    if (plan_->weight.defined()) weight_ = SavedVariable(plan_->weight, false);
-  }
+  // weight: the conv weight the forward used (the plan's, or its autocast copy); undefined for BN → ReLU
+  NativeLayerBackward(std::shared_ptr<const LayerPlan> plan, const Tensor& x, const Tensor& weight, const Tensor& mean,
+                      const Tensor& rstd)
+      : plan_(std::move(plan)), x_(x, false), weight_(weight, false), mean_(mean, false), rstd_(rstd, false),
+        gamma_(plan_->bn_weight, false), beta_(plan_->bn_bias, false) {}
 
   std::string name() const override { return "NativeLayerBackward"; }
 
@@ -556,7 +556,7 @@ class NativeLayerBackward final : public torch::autograd::Node {
       std::tie(dx, dweight, sum_dz, sum_dz_xhat) =
           bn_relu_conv_backward(grads[0].contiguous(layout(x)), x, bn, mean, rstd, weight_.unpack(), plan_->stride,
                                 plan_->padding, std::nullopt);
-      out = {dx, dweight};
+      out = {dx, cast(dweight, plan_->weight.scalar_type())};  // an autocast copy's gradient, as `to` passes it back
     } else {
       Tensor dx;
       std::tie(dx, sum_dz, sum_dz_xhat) = bn_relu_backward(grads[0], x, bn.scale, bn.shift, mean, rstd, std::nullopt);
@@ -640,7 +640,8 @@ LayerPlan make_layer_plan(std::optional<at::Tensor> weight, at::Tensor bn_weight
 }
 
 at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tensor>& mean_in,
-                              const std::optional<at::Tensor>& var_in, const std::shared_ptr<LayerPlan>& plan) {
+                              const std::optional<at::Tensor>& var_in, const std::shared_ptr<LayerPlan>& plan,
+                              std::optional<at::ScalarType> weight_dtype) {
   TORCH_CHECK_VALUE(plan != nullptr, "preact_layer_train: plan: expected a LayerPlan, got None");
   const int64_t channels = plan->bn_weight.size(0);
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == channels, "preact_layer_train: x: expected [N, ", channels,
@@ -668,16 +669,17 @@ at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tenso
     updates.add(plan->running, {mean}, {var});
     updates.apply();
   }
+  Tensor w;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     Affine bn;
     std::tie(rstd, bn) = bn_affine(mean, var, plan->eps, plan->bn_weight, plan->bn_bias);
-    const Tensor& w = plan->weight;
+    if (plan->weight.defined()) w = weight_dtype.has_value() ? cast(plan->weight, *weight_dtype) : plan->weight;
     out = w.defined() ? conv(bn_relu(x, bn.scale, bn.shift, w.scalar_type()), w, plan->stride, plan->padding)
                       : bn_relu(x, bn.scale, bn.shift, x.scalar_type());
   }
   if (records_node(inputs)) {
-    auto node = make_node<NativeLayerBackward>(plan, x, mean, rstd);
+    auto node = make_node<NativeLayerBackward>(plan, x, w, mean, rstd);
     node->set_next_edges(plan->weight.defined()
                              ? torch::autograd::collect_next_edges(x, plan->weight, plan->bn_weight, plan->bn_bias)
                              : torch::autograd::collect_next_edges(x, plan->bn_weight, plan->bn_bias));

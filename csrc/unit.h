@@ -70,9 +70,11 @@ LayerPlan make_layer_plan(std::optional<at::Tensor> weight, at::Tensor bn_weight
                           std::optional<at::Tensor> num_batches_tracked, double momentum);
 
 // The layer in training on x (batch statistics: `mean`/`var` when given, else computed from x), its running buffers
-// updated, as one autograd node whose backward is C++ (saved: x, the weight, mean, rstd, γ, β). Returns its output.
-// Bound as fastresnet._C.preact_layer_train.
+// updated, as one autograd node whose backward is C++ (saved: x, the weight, mean, rstd, γ, β). `weight_dtype`: the
+// conv's compute dtype under autocast (the weight is cast to it, and its gradient cast back, as autograd would for
+// `weight.to(dtype)`); the cast copy is what is saved. Returns its output. Bound as fastresnet._C.preact_layer_train.
 at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tensor>& mean,
-                              const std::optional<at::Tensor>& var, const std::shared_ptr<LayerPlan>& plan);
+                              const std::optional<at::Tensor>& var, const std::shared_ptr<LayerPlan>& plan,
+                              std::optional<at::ScalarType> weight_dtype);
 
 }  // namespace fastresnet_ext

@@ -398,31 +398,37 @@ def layer_calls(monkeypatch):
     impl = type(get_backend_impl("cuda"))
     seen, original = [], impl.layer_train
 
-    def layer_train(self, x, mean, var, plan):
+    def layer_train(self, x, mean, var, plan, weight_dtype):
         seen.append(mean is not None)
-        return original(self, x, mean, var, plan)
+        return original(self, x, mean, var, plan, weight_dtype)
 
     monkeypatch.setattr(impl, "layer_train", layer_train)
     return seen
 
 
 @pytest.mark.parametrize("chained", [False, True], ids=["per-layer", "chained"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_native_layers_equal_the_ops(chained, dtype, layer_calls, monkeypatch):
+@pytest.mark.parametrize("dtype,autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)],
+                         ids=["fp64", "fp32", "bf16-autocast"])
+def test_native_layers_equal_the_ops(chained, dtype, autocast, layer_calls, monkeypatch):
     """Every fused layer of a net run layer by layer (`run_per_layer`, the path of a converted model), and the
     chained net's head BN → ReLU (handed its input's statistics), as one C++ node each: bitwise the ops' results —
-    outputs, gradients, parameters and running buffers over three SGD steps."""
+    outputs, gradients, parameters and running buffers over three SGD steps; under bf16 autocast too (the conv weight
+    cast per call, its gradient cast back)."""
     _available("cuda")
 
     def net():
         model = _net(dtype=dtype)
         return model if chained else run_per_layer(model)
 
-    fast = _train(net(), dtype=dtype)
+    def train():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _train(net(), dtype=dtype)
+
+    fast = train()
     layers = sum(isinstance(m, (PreActConv2d, BNReLU2d)) for m in net().modules())
     assert layer_calls == ([True] * 3 if chained else [False] * (3 * layers)), layer_calls
     monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
-    _assert_same(fast, _train(net(), dtype=dtype))
+    _assert_same(fast, train())
 
 
 @pytest.mark.parametrize("kind", ["bn_relu", "preact_conv"])

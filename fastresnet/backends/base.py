@@ -84,8 +84,9 @@ class Backend:
     # -- single fused layers in training ------------------------------------------------------------------------------
     # layer_plan(weight, bn_weight, bn_bias, eps, stride, padding, running_mean, running_var, num_batches_tracked,
     # momentum) -> an opaque plan of one BN → ReLU (→ conv, weight None: no conv) layer with affine BN and numeric
-    # momentum; layer_train(x, mean, var, plan) -> its output in training, one autograd node of the backend's own,
-    # bitwise the layer's ops (mean/var: x's batch statistics, or None to compute them). None: the ops run.
+    # momentum; layer_train(x, mean, var, plan, weight_dtype) -> its output in training, one autograd node of the
+    # backend's own, bitwise the layer's ops (mean/var: x's batch statistics, or None to compute them; weight_dtype:
+    # the conv's autocast dtype, or None). None: the ops run.
     layer_plan = None
     layer_train = None
 

@@ -113,6 +113,6 @@ class CudaBackend(Backend):
         return _C.LayerPlan(weight, bn_weight, bn_bias, eps, stride, padding, running_mean, running_var,
                             num_batches_tracked, momentum)
 
-    def layer_train(self, x, mean, var, plan):
+    def layer_train(self, x, mean, var, plan, weight_dtype):
         """A planned layer in training as one C++ autograd node (csrc/unit.cpp), its running buffers updated."""
-        return _C.preact_layer_train(x, mean, var, plan)
+        return _C.preact_layer_train(x, mean, var, plan, weight_dtype)

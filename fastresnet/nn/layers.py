@@ -28,24 +28,25 @@ def _train_natively(layer: nn.Module, x: Tensor, stats: Optional[Tuple[Tensor, T
                     conv: Optional[nn.Conv2d]) -> Optional[Tensor]:
     """The training forward of `layer` (bn → ReLU, → conv if given) as one call into its backend's own node
     (`Backend.layer_train`: for the "cuda" backend a C++ autograd node, bitwise the ops' results), or None where
-    the ops must run: torch.compile or a dispatch mode, a functorch transform, a recomputed segment, autocast, a BN
-    that is not affine or averages cumulatively (momentum None), statistics in another dtype than the layer's, a
-    backend without it. The input checks and the plan are cached per input shape, dtype, device and default backend
+    the ops must run: torch.compile or a dispatch mode, a functorch transform, a recomputed segment, a BN that is not
+    affine or averages cumulatively (momentum None), a weight that is not a registered parameter, statistics in
+    another dtype than the layer's, a backend without it. Under autocast the conv weight is cast to the autocast
+    dtype per call, as the ops cast it. The input checks and the plan are cached per input shape, dtype, device and default backend
     (`nn.cache.cached`), so a repeated call checks nothing again."""
-    if (traced() or torch._C._are_functorch_transforms_active() or recompute.in_segment()
-            or not isinstance(x, Tensor) or FF.autocast_dtype(x) is not None):
+    if traced() or torch._C._are_functorch_transforms_active() or recompute.in_segment() or not isinstance(x, Tensor):
         return None
+    weight_dtype = None if conv is None else FF.autocast_dtype(x)  # under autocast the conv runs in its dtype
     native = cached(layer, (x.shape, x.dtype, x.device, get_backend()), lambda: _layer_plan(layer, x, bn, conv))
     if native is None:
         return None
     train, plan = native
     if stats is None:
-        return train(x, None, None, plan)
+        return train(x, None, None, plan, weight_dtype)
     FF.check_stats(x, stats, bn.num_features)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # what the ops would cast the statistics to
     if stats[0].dtype != acc or stats[1].dtype != acc:
         return None
-    return train(x, stats[0], stats[1], plan)
+    return train(x, stats[0], stats[1], plan, weight_dtype)
 
 
 def _registered(module: nn.Module, *names: str) -> bool:
