@@ -303,6 +303,11 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
   return res;
 }
 
+// γs or βs, all present, as the Tensor?[] the unit ops take.
+OptionalTensors optionals(at::TensorList tensors) {
+  return OptionalTensors(std::vector<std::optional<Tensor>>(tensors.begin(), tensors.end()));
+}
+
 // ---- the unit as one C++ autograd node ---------------------------------------------------------------------------
 // unit_ops._PreactUnit without Python: forward runs preact_unit_forward and queues the running-statistics updates
 // (RunningUpdates), backward runs preact_unit_backward; the autograd engine calls backward directly. Same saved
@@ -448,10 +453,6 @@ class NativeUnitBackward final : public torch::autograd::Node {
     return out;
   }
 
-  static OptionalTensors optionals(const Tensors& tensors) {
-    return OptionalTensors(std::vector<std::optional<Tensor>>(tensors.begin(), tensors.end()));
-  }
-
   std::shared_ptr<const UnitPlan> plan_;
   SavedVariable x_;
   std::vector<SavedVariable> ys_, weights_, means_, rstds_, gammas_, betas_;
@@ -500,11 +501,9 @@ std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tens
   Tensors res;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const OptionalTensors g(std::vector<std::optional<Tensor>>(plan->bn_weights.begin(), plan->bn_weights.end()));
-    const OptionalTensors b(std::vector<std::optional<Tensor>>(plan->bn_biases.begin(), plan->bn_biases.end()));
     const UnitConfig& cfg = plan->cfg;
-    res = preact_unit_forward(x, mean, var, plan->weights, g, b, cfg.eps, cfg.strides, cfg.paddings, cfg.shortcut,
-                              cfg.shortcut_stride, true);
+    res = preact_unit_forward(x, mean, var, plan->weights, optionals(plan->bn_weights), optionals(plan->bn_biases),
+                              cfg.eps, cfg.strides, cfg.paddings, cfg.shortcut, cfg.shortcut_stride, true);
   }
   // res: [out, out_mean, out_var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …]
   Tensors means{mean}, vars{var};
@@ -665,9 +664,7 @@ at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tenso
   }
   if (!plan->running.means.empty()) {  // before the statistics are used, as functional.bn_statistics orders it
     plan->running.counts[0] = count;
-    RunningUpdates updates;
-    updates.add(plan->running, {mean}, {var});
-    updates.apply();
+    update_running_stats(plan->running, {mean}, {var});
   }
   Tensor w;
   {

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastresnet import ops, recompute, reference
 from fastresnet.backends import resolve
-from fastresnet.ops.bn_ops import conv_out_shape
+from fastresnet.ops.bn_ops import conv_out_shape, stat_dtype
 from fastresnet.sync import combine_batch_stats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -130,7 +130,7 @@ def bn_statistics(
                                      backend)
     else:
         mean, var = running_mean, running_var
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = stat_dtype(x)
     mean, rstd = mean.to(acc), torch.rsqrt(var.to(acc) + eps)
     recompute.record_statistics(mean, rstd)
     return mean, rstd

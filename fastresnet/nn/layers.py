@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastresnet import functional as FF, recompute
 from fastresnet.backends import get_backend, get_backend_impl, resolve
 from fastresnet.nn.cache import PlanCache, cached
-from fastresnet.ops.bn_ops import traced
+from fastresnet.ops.bn_ops import stat_dtype, traced
 from fastresnet.sync_functional import sync_bn_relu, sync_bn_relu_conv2d
 
 
@@ -43,7 +43,7 @@ def _train_natively(layer: nn.Module, x: Tensor, stats: Optional[Tuple[Tensor, T
     if stats is None:
         return train(x, None, None, plan, weight_dtype)
     FF.check_stats(x, stats, bn.num_features)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # what the ops would cast the statistics to
+    acc = stat_dtype(x)  # what the ops would cast the statistics to
     if stats[0].dtype != acc or stats[1].dtype != acc:
         return None
     return train(x, stats[0], stats[1], plan, weight_dtype)

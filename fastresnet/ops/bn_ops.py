@@ -93,12 +93,13 @@ class _EagerOp(torch.autograd.Function):
 _apply_autograd = super(torch.autograd.Function, _EagerOp).apply
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of BN statistics of x: float64 for float64 x, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _stats_fake(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=_stat_dtype(x))
+    return x.new_empty(x.shape[1], dtype=stat_dtype(x))
 
 
 def _empty_as(x: Tensor, shape, dtype) -> Tensor:
