@@ -13,6 +13,8 @@ Providers, all measured in one process and run, on the same architecture and ini
 | `compile-max-autotune`  | the same under `torch.compile(mode="max-autotune")`          | Inductor (+graphs) |
 | `fastresnet:<b>`        | `create_model(name, backend=b)` (fused layers)               | eager              |
 | `fastresnet:<b>+graph`  | the same                                                     | one CUDA graph     |
+| `fastresnet:<b>/python-node` | the same, the backend's own C++ autograd nodes off (`WithoutNativeNodes`) | eager |
+| `fastresnet:<b>/python-node+graph` | the same                                             | one CUDA graph     |
 
 `fastresnet.convert.unconvert` turns the zoo's fused layers into the same architecture in plain modules sharing
 the same parameters (PreActConv2d -> Sequential(BatchNorm2d, ReLU, Conv2d), BNReLU2d -> BatchNorm2d + ReLU, no
@@ -42,7 +44,7 @@ import torch
 
 from benchmarks import common
 from fastresnet import create_model
-from fastresnet.backends import BACKEND_NAMES
+from fastresnet.backends import BACKEND_NAMES, get_backend_impl
 from fastresnet.convert import unconvert
 from fastresnet.kernels import conv_fp32_precision
 from fastresnet.models.registry import default_num_classes
@@ -64,13 +66,55 @@ class Provider:
     compile_mode: Optional[str] = None  # torch.compile mode ("default", "max-autotune"); None: no compile
     per_layer: bool = False             # every fused layer its own module call (`nn.units.run_per_layer`): the path
                                         # of converted models, which have no residual units of fastresnet's
+    native: bool = True                 # False: the backend's own autograd nodes off (`WithoutNativeNodes`)
+
+
+NATIVE_HOOKS = ("unit_plan", "layer_plan")  # the Backend attributes through which a backend runs its own nodes
+
+
+def native_backends() -> List[str]:
+    """The backends with autograd nodes of their own (`Backend.unit_plan` / `layer_plan` set): "cuda"."""
+    return [b for b in BACKEND_NAMES if b != "auto"
+            and any(getattr(type(get_backend_impl(b)), h, None) is not None for h in NATIVE_HOOKS)]
+
+
+class WithoutNativeNodes(torch.nn.Module):
+    """Runs `model` with backend `backend`'s own autograd nodes switched off: during each forward its `unit_plan`
+    and `layer_plan` are None (what `Backend` has for a backend without such nodes), so each residual unit runs the
+    Python node (`ops.unit_ops._PreactUnit`, whose forward and backward still call the backend's unit ops) and each
+    single fused layer the ops, one call per unit and layer; the backward runs the nodes the forward recorded. The
+    Python path of the same kernels, to set against the backend's C++ one."""
+
+    def __init__(self, model: torch.nn.Module, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = type(get_backend_impl(self.backend))
+        saved = {h: cls.__dict__[h] for h in NATIVE_HOOKS if h in cls.__dict__}
+        for h in saved:
+            setattr(cls, h, None)
+        try:
+            return self.model(x)
+        finally:
+            for h, v in saved.items():
+                setattr(cls, h, v)
+
+
+def fused_providers(backends: List[str], graph: bool) -> List[Provider]:
+    """fastresnet:<b> for each backend, then fastresnet:<b>/python-node for those with nodes of their own; with
+    graph, each "+graph"."""
+    tail = "+graph" if graph else ""
+    return ([Provider(f"fastresnet:{b}{tail}", b, graph) for b in backends]
+            + [Provider(f"fastresnet:{b}/python-node{tail}", b, graph, native=False)
+               for b in native_backends() if b in backends])
 
 
 def all_providers() -> List[Provider]:
     """Every provider, in run order (eager first: it is the reference of the ratios)."""
     backends = [b for b in BACKEND_NAMES if b != "auto"]
-    return ([Provider("eager")] + [Provider(f"fastresnet:{b}", b) for b in backends]
-            + [Provider("eager+graph", graph=True)] + [Provider(f"fastresnet:{b}+graph", b, True) for b in backends]
+    return ([Provider("eager")] + fused_providers(backends, False)
+            + [Provider("eager+graph", graph=True)] + fused_providers(backends, True)
             + [Provider("compile", compile_mode="default"),
                Provider("compile-max-autotune", compile_mode="max-autotune")])
 
@@ -94,16 +138,25 @@ def build_model(name: str, provider: Provider, device: torch.device, channels_la
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if provider.per_layer:
         run_per_layer(model)
+    if not provider.native:
+        model = WithoutNativeNodes(model, provider.backend)
     if provider.compile_mode is not None:
         model = torch.compile(model, mode=provider.compile_mode)
     return model
 
 
+def graph_skip(provider: Provider, device: torch.device) -> Optional[Tuple[str, str]]:
+    """("unavailable", why) for a CUDA-graph provider on a device without CUDA graphs, else None."""
+    if provider.graph and device.type != "cuda":
+        return "unavailable", f"CUDA graphs need a CUDA device (this run: {device.type})"
+    return None
+
+
 def skip_reason(provider: Provider, model: str, dtype: str, device: torch.device,
                 compile_models: List[str]) -> Optional[Tuple[str, str]]:
     """(status, reason) if this cell should not run, else None."""
-    if provider.graph and device.type != "cuda":
-        return "unavailable", f"CUDA graphs need a CUDA device (this run: {device.type})"
+    if graph_skip(provider, device) is not None:
+        return graph_skip(provider, device)
     if provider.compile_mode is not None and model not in compile_models:
         return "skipped", ("compile not requested for this model (--compile-models); compiling takes about a "
                            "minute per model and dtype")

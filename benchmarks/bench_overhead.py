@@ -10,11 +10,14 @@ Providers, all measured in one process on the same architecture and seed-0 weigh
 ratios), `fastresnet:<b>` for every backend, "auto" included (on CPU, backends that "auto" would not pick — the
 Triton ones, whose interpreter measures Python rather than a kernel — only with --triton), `fastresnet:auto/per-layer`
 ("auto" with every fused layer its own module call, `nn.units.run_per_layer`: the path of a converted timm or
-torchvision model, whose blocks are not fastresnet's residual units) and `compile` (`torch.compile` of the eager
-twin, with --compile; otherwise a "skipped" row).
+torchvision model, whose blocks are not fastresnet's residual units), `fastresnet:<b>/python-node` for a backend with
+autograd nodes of its own ("cuda": its C++ path switched off, `bench_models.WithoutNativeNodes`, so every unit is a
+Python node), each of these but "auto" also captured as one CUDA graph (`eager+graph`, `fastresnet:<b>+graph`,
+...; "unavailable" rows on CPU), and `compile` (`torch.compile` of the eager twin, with --compile; otherwise a
+"skipped" row).
 
-One step is `common.TrainStep`: zero_grad, forward, cross-entropy, backward, SGD (momentum 0.9, weight decay), fp32,
-channels_last, default batch 2 at 4x4 (--batch, --image-size), torch.set_num_threads(--threads, default 1). After
+One step is `common.TrainStep`: zero_grad, forward, cross-entropy, backward, SGD (momentum 0.9, weight decay), fp32
+or bf16 autocast (--dtype), channels_last, default batch 2 at 4x4 (--batch, --image-size), torch.set_num_threads(--threads, default 1). After
 --warmup steps of every provider, --reps rounds each time one step of every provider, in an order rotated by one
 each round, so that machine noise hits every provider alike. Per provider: the median, min and max step time
 (perf_counter on CPU, CUDA events with a synchronisation after every step on a GPU), the median process CPU time,
@@ -36,8 +39,9 @@ Then one more step of each provider runs under torch.profiler, for
   two cuDNN kernels; cross_entropy: two), the same for every provider. torch.compile on CPU runs Inductor's C++
   kernels, which the profiler does not see: its CPU kernel count is not reported.
   kernels_optimizer: those under the optimizer step (on CPU SGD loops over the parameters, 3+ ops each; on a GPU
-  it uses multi-tensor kernels); kernels_forward_backward: the rest; kernels_per_conv_layer = kernels_forward_backward
-  / bn_relu_conv_layers, the convolutions whose input is a ReLU of a BatchNorm output (`bn_relu_conv_layers`).
+  it uses multi-tensor kernels; a graph replay has no Python caller to attribute kernels to, so a "+graph" row takes
+  them from its eagerly launched twin); kernels_forward_backward: the rest; kernels_per_conv_layer =
+  kernels_forward_backward / bn_relu_conv_layers, the convolutions whose input is a ReLU of a BatchNorm output (`bn_relu_conv_layers`).
 - triton_launches: Triton kernel launches in the step (triton.knobs.runtime.launch_enter_hook for compiled kernels;
   under TRITON_INTERPRET=1, which calls no launch hook, the interpreter's grid executor is wrapped while profiling).
 - host_vs_conv: the profiled step's wall time split into conv_self_ms (self CPU time of the ATen convolution ops,
@@ -59,7 +63,7 @@ import torch
 from torch.autograd import DeviceType
 
 from benchmarks import common
-from benchmarks.bench_models import Provider, build_model, select
+from benchmarks.bench_models import Provider, build_model, fused_providers, graph_skip, select
 from fastresnet.backends import BACKEND_NAMES, resolve
 from fastresnet.convert import BatchNormReLU2d
 from fastresnet.models.registry import default_num_classes
@@ -79,14 +83,18 @@ CONV_OP = re.compile(r"^aten::\w*conv(?!ert)")  # conv2d, convolution, _convolut
 
 
 def all_providers() -> List[Provider]:
-    """eager, every backend (auto first), "auto" with one op per layer, compile: the run order within a round."""
-    return ([Provider("eager")] + [Provider(f"fastresnet:{b}", b) for b in BACKEND_NAMES]
-            + [Provider("fastresnet:auto/per-layer", "auto", per_layer=True),
-               Provider("compile", compile_mode="default")])
+    """eager, every backend (auto first) and its python-node variant, "auto" with one op per layer, then the same
+    captured as CUDA graphs ("auto" left out), compile: the run order within a round."""
+    backends = [b for b in BACKEND_NAMES if b != "auto"]
+    return ([Provider("eager"), Provider("fastresnet:auto", "auto")] + fused_providers(backends, False)
+            + [Provider("fastresnet:auto/per-layer", "auto", per_layer=True), Provider("eager+graph", graph=True)]
+            + fused_providers(backends, True) + [Provider("compile", compile_mode="default")])
 
 
 def skip_reason(provider: Provider, device: torch.device, args: argparse.Namespace) -> Optional[Tuple[str, str]]:
     """(status, reason) if the provider is not measured in this run, else None."""
+    if graph_skip(provider, device) is not None:
+        return graph_skip(provider, device)
     if provider.compile_mode is not None:
         return None if args.compile else ("skipped", "torch.compile not requested (--compile): compiling a "
                                           "1000-layer net takes minutes")
@@ -300,11 +308,11 @@ def _reason(e: BaseException) -> str:
 def measure_model(model_name: str, providers: List[Provider], args: argparse.Namespace, env: Dict[str, object],
                   device: torch.device) -> List[Dict[str, object]]:
     """The rows of one model: every provider, timed in interleaved rounds, then profiled."""
-    base = dict(env, bench="overhead", smoke=args.smoke, model=model_name, dtype="fp32", batch=args.batch,
+    base = dict(env, bench="overhead", smoke=args.smoke, model=model_name, dtype=args.dtype, batch=args.batch,
                 image_size=args.image_size, channels_last=True, threads=torch.get_num_threads(), warmup=args.warmup,
                 reps=args.reps)
-    rows = {p.name: dict(base, provider=p.name, backend=p.backend, compile_mode=p.compile_mode, status="ok",
-                         reason=None) for p in providers}
+    rows = {p.name: dict(base, provider=p.name, backend=p.backend, cuda_graph=p.graph, compile_mode=p.compile_mode,
+                         status="ok", reason=None) for p in providers}
     steps: Dict[str, common.TrainStep] = {}
     for p in providers:
         skip = skip_reason(p, device, args)
@@ -314,7 +322,9 @@ def measure_model(model_name: str, providers: List[Provider], args: argparse.Nam
         try:
             model = build_model(model_name, p, device, channels_last=True)
             steps[p.name] = common.TrainStep(model, args.batch, args.image_size, default_num_classes(model_name),
-                                             "fp32", device)
+                                             args.dtype, device)
+            if p.graph:
+                steps[p.name].capture(args.warmup)
         except Exception as e:  # one failing provider must not stop the others: it becomes a row
             rows[p.name].update(status="error", reason=_reason(e))
         if p.backend == "auto":
@@ -358,8 +368,16 @@ def measure_model(model_name: str, providers: List[Provider], args: argparse.Nam
             row.update(profile_step(steps[p.name], device, p))
         except Exception as e:
             row.update(status="error", reason="profiling: " + _reason(e))
+    for p in providers:
+        row = rows[p.name]
+        if row["status"] != "ok" or row["kernels_per_step"] is None:
             continue
-        if row["kernels_per_step"] is not None:
+        if p.graph:  # a replay's kernels have no Python caller: the optimizer's are those of the eager twin's step
+            twin = rows.get(p.name[:-len("+graph")], {})
+            row["kernels_optimizer"] = twin.get("kernels_optimizer") if twin.get("status") == "ok" else None
+            row["kernel_count_note"] += (f"; one graph replay, its optimizer kernels those of the same step launched "
+                                         f"eagerly ({twin.get('provider')})")
+        if row["kernels_optimizer"] is not None:
             row["kernels_forward_backward"] = row["kernels_per_step"] - row["kernels_optimizer"]
             row["kernels_per_conv_layer"] = row["kernels_forward_backward"] / layers if layers else None
     eager = rows["eager"] if rows["eager"]["status"] == "ok" else None
@@ -414,6 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{[q.name for q in all_providers()]}; eager always runs (the reference of the ratios)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--image-size", type=int, default=4)
+    p.add_argument("--dtype", default="fp32", choices=tuple(common.DTYPES), help="bf16: autocast, fp32 parameters")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of every provider")
     p.add_argument("--reps", type=int, default=21, help="timed rounds, one step of every provider each")

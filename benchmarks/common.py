@@ -2,7 +2,7 @@
 step that every provider times.
 
 Rows are flat dicts written as JSON Lines; every row carries the environment of `environment()` (device name or
-"cpu", torch / CUDA / cuDNN / triton versions, date, git revision), so a results file is self-describing.
+"cpu", host CPU model and count, torch / CUDA / cuDNN / triton versions, date, git revision), so a results file is self-describing.
 """
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def _package_version(name: str) -> Optional[str]:
         return None
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), else platform.processor(), else "unknown": host-bound timings
+    depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu"."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -67,6 +80,8 @@ def environment(device: torch.device) -> Dict[str, object]:
         "python": platform.python_version(),
         "fastresnet": fastresnet.__version__,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "git_rev": git_revision(),
         "date": now.isoformat(timespec="seconds"),
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
