@@ -65,10 +65,10 @@ def cuda_kernel_names(source: Path = CU_SOURCE) -> List[str]:
 
 def triton_kernel_names() -> List[str]:
     """The Triton kernels (`@triton.jit` functions named *_kernel) of fastresnet.kernels."""
-    import triton
+    from triton.runtime.jit import KernelInterface  # compiled or interpreted (TRITON_INTERPRET=1) kernels alike
     from fastresnet.kernels import add_stats, bn_relu, conv, stats
     return sorted({name for mod in (add_stats, bn_relu, conv, stats) for name, v in vars(mod).items()
-                   if isinstance(v, triton.runtime.JITFunction) and name.endswith("_kernel")})
+                   if isinstance(v, KernelInterface) and name.endswith("_kernel")})
 
 
 def _extension_calls(device: torch.device) -> int:
