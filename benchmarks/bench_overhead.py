@@ -305,14 +305,24 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
 
 
-def measure_model(model_name: str, providers: List[Provider], args: argparse.Namespace, env: Dict[str, object],
-                  device: torch.device) -> List[Dict[str, object]]:
-    """The rows of one model: every provider, timed in interleaved rounds, then profiled."""
-    base = dict(env, bench="overhead", smoke=args.smoke, model=model_name, dtype=args.dtype, batch=args.batch,
+def base_row(model_name: str, provider: Provider, args: argparse.Namespace, env: Dict[str, object]
+             ) -> Dict[str, object]:
+    """A row's fields before measuring: the run's environment and configuration, the provider, status "ok"."""
+    return dict(env, bench="overhead", smoke=args.smoke, model=model_name, dtype=args.dtype, batch=args.batch,
                 image_size=args.image_size, channels_last=True, threads=torch.get_num_threads(), warmup=args.warmup,
-                reps=args.reps)
-    rows = {p.name: dict(base, provider=p.name, backend=p.backend, cuda_graph=p.graph, compile_mode=p.compile_mode,
-                         status="ok", reason=None) for p in providers}
+                reps=args.reps, provider=provider.name, backend=provider.backend, cuda_graph=provider.graph,
+                compile_mode=provider.compile_mode, status="ok", reason=None)
+
+
+def _over_budget(args: argparse.Namespace, start: float) -> bool:
+    return args.time_budget is not None and time.perf_counter() - start > args.time_budget
+
+
+def measure_model(model_name: str, providers: List[Provider], args: argparse.Namespace, env: Dict[str, object],
+                  device: torch.device, start: float) -> List[Dict[str, object]]:
+    """The rows of one model: every provider, timed in interleaved rounds, then profiled while the run's
+    --time-budget (counted from `start`) lasts."""
+    rows = {p.name: base_row(model_name, p, args, env) for p in providers}
     steps: Dict[str, common.TrainStep] = {}
     for p in providers:
         skip = skip_reason(p, device, args)
@@ -364,6 +374,10 @@ def measure_model(model_name: str, providers: List[Provider], args: argparse.Nam
         row.update(warmup_s=round(warm_s[p.name], 3), ms_per_step=common.quantile(wall[p.name], 0.5),
                    ms_min=min(wall[p.name]), ms_max=max(wall[p.name]),
                    cpu_ms_per_step=common.quantile(cpu[p.name], 0.5), bn_relu_conv_layers=layers)
+        if _over_budget(args, start):
+            row.update(kernels_per_step=None, kernels_optimizer=None, kernel_count_note=(
+                f"not profiled: time budget spent (--time-budget {args.time_budget:g} s)"))
+            continue
         try:
             row.update(profile_step(steps[p.name], device, p))
         except Exception as e:
@@ -410,7 +424,12 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     rows: List[Dict[str, object]] = []
     start = time.perf_counter()
     for m in models:
-        new = measure_model(m, providers, args, env, device)
+        if _over_budget(args, start):
+            new = [dict(base_row(m, p, args, env), status="skipped",
+                        reason=f"time budget spent (--time-budget {args.time_budget:g} s) before this model")
+                   for p in providers]
+        else:
+            new = measure_model(m, providers, args, env, device, start)
         common.write_rows(out, new)
         rows += new
         for r in new:
@@ -419,8 +438,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                 print(f"{took} {r['status']}: {r['reason']}", flush=True)
                 continue
             kernels = "–" if r["kernels_per_step"] is None else f"{r['kernels_per_step']:6d}"
+            conv = "" if r.get("conv_share") is None else f"  conv {r['conv_share']:.0%} of the profiled step"
             print(f"{took} {r['ms_per_step']:9.2f} ms ({r['host_cost_vs_eager'] or float('nan'):.2f}x eager)  "
-                  f"kernels/step {kernels}  conv {r['conv_share']:.0%} of the profiled step", flush=True)
+                  f"kernels/step {kernels}{conv}", flush=True)
     return rows
 
 
@@ -437,6 +457,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of every provider")
     p.add_argument("--reps", type=int, default=21, help="timed rounds, one step of every provider each")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager twin")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; past them a model is recorded as "
+                   "skipped and a provider is not profiled (its timing rows stay)")
     p.add_argument("--triton", action="store_true", help="on CPU also time the backends 'auto' would not pick "
                    "there (the Triton backends, under TRITON_INTERPRET=1: a measure of the interpreter)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -31,18 +31,20 @@
 #                 bn_cuda.cpp (torch's CUDA headers) cannot compile there, count it as another ops.cpp. With 16
 #                 jobs the five compiles run side by side, so the build takes about its slowest file, ~55 s of one
 #                 core here; the GPU machine's cores are taken to be no slower. pip's own work, the link and the
-#                 import check add about 5 s: 60 s, and a slower machine spends the slack later stages would get.
-#   env       10  python -m fastresnet.info, nvidia-smi, nvcc and compute-sanitizer versions, the host CPU
+#                 import check add about 5 s: 60 s. Without the extension no later stage measures anything, so the
+#                 install may run on to 150 s (MIN_LIMIT); what it overruns comes out of the last stages' shares.
+#   env        8  python -m fastresnet.info, nvidia-smi, nvcc and compute-sanitizer versions, the host CPU
 #   sanitize  40  benchmarks.sanitize_kernels: the calls plainly (Triton compiles), then under memcheck, racecheck
-#   tests     60  the kernel and op test files on CUDA tensors (xdist, 8 workers), then every gpu-marked test
-#   numerics  35  the whole-net judge table (python -m fastresnet.numerics --device cuda)
-#   conv      20  per-shape conv timings, tier B vs tier A vs cuDNN (preact_resnet164/1001, bf16)
-#   overhead  70  host path: preact_resnet110 and 1001, batch 8 at 32x32, bf16, interleaved rounds: eager, cuda (C++
-#                 nodes), cuda/python-node, triton, triton_conv, each also as one CUDA graph; ms/step and kernels
-#                 per BN-ReLU-conv layer from the profiler's CUDA kernel events
-#   models    75  training step at batch 128, bf16: the same providers and compile (preact_resnet110), with peak
-#                 memory; cells past the stage's time are recorded as skipped
-#   memory    10  peak memory per checkpoint mode, preact_resnet164
+#   tests     45  half: the kernel and op test files on CUDA tensors; half: every gpu-marked test (xdist, 8 workers)
+#   numerics  30  the whole-net judge table (python -m fastresnet.numerics --device cuda)
+#   conv      15  per-shape conv timings, tier B vs tier A vs cuDNN (preact_resnet164/1001, bf16)
+#   overhead  92  the host paths: preact_resnet110, then 1001, batch 8 at 32x32, bf16, in interleaved rounds:
+#                 eager, cuda (C++ nodes), cuda/python-node, triton, triton_conv, each also as one CUDA graph;
+#                 ms/step, then kernels per BN-ReLU-conv layer from one profiled step per provider while 25 s of
+#                 the stage remain (a profiled 1000-layer step takes seconds to read back: 1001 may go unprofiled)
+#   models    80  training step at batch 128, bf16: the same providers and compile (preact_resnet110), with peak
+#                 memory; cells that would start in the stage's last 15 s are recorded as skipped
+#   memory    10  peak memory per checkpoint mode, preact_resnet164, with what time is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
@@ -56,12 +58,14 @@ ORDER=()
 for s in install env sanitize tests numerics conv overhead models memory; do
   [[ ",${GPU_STAGES:-$s}," == *",$s,"* ]] && ORDER+=("$s")
 done
-declare -A BUDGET=([install]=60 [env]=10 [sanitize]=40 [tests]=60 [numerics]=35 [conv]=20 [overhead]=70
-                   [models]=75 [memory]=10)
+declare -A BUDGET=([install]=60 [env]=8 [sanitize]=40 [tests]=45 [numerics]=30 [conv]=15 [overhead]=92
+                   [models]=80 [memory]=10)
+declare -A MIN_LIMIT=([install]=150)
 # the dry run's CPU smoke stages cost about what the GPU stages do, but on a shared CPU machine that runs them
 # several times slower when loaded: its limits (and deadline) are the GPU ones times GPU_BUDGET_SCALE, 3 by default
 SCALE=${GPU_BUDGET_SCALE:-$((DRY == 1 ? 3 : 1))}
 for s in "${!BUDGET[@]}"; do BUDGET[$s]=$((BUDGET[$s] * SCALE)); done
+for s in "${!MIN_LIMIT[@]}"; do MIN_LIMIT[$s]=$((MIN_LIMIT[$s] * SCALE)); done
 DEADLINE=$((START + ${GPU_RUN_SECONDS:-$((390 * SCALE))}))
 PACK_RESERVE=10
 FAILED=0
@@ -87,7 +91,8 @@ stage() {
     [ $seen -eq 1 ] && later=$((later + BUDGET[$s]))
     [ "$s" = "$name" ] && seen=1
   done
-  local limit=$((DEADLINE - PACK_RESERVE - $(date +%s) - later)) t0 rc status
+  local limit=$((DEADLINE - PACK_RESERVE - $(date +%s) - later)) floor=${MIN_LIMIT[$name]:-0} t0 rc status
+  [ $limit -lt $floor ] && limit=$floor
   t0=$(date +%s)
   if [ $limit -lt 1 ]; then
     status="no time"
@@ -146,10 +151,11 @@ stage tests bash -c 'half=$((STAGE_SECONDS / 2))
   exit $((a | b))'
 stage numerics python3 -m fastresnet.numerics --device cuda --out "$WORK/numerics.jsonl"
 stage conv python3 -m benchmarks.bench_conv_shapes --out "$WORK/conv.jsonl"
-PROVIDERS="eager*,fastresnet:cuda*,fastresnet:triton*"
-stage overhead python3 -m benchmarks.bench_overhead --models preact_resnet110,preact_resnet1001 --batch 8 \
-  --image-size 32 --dtype bf16 --warmup 2 --reps 5 --providers "$PROVIDERS" --out "$WORK/overhead.jsonl"
-export PROVIDERS
+export PROVIDERS="eager*,fastresnet:cuda*,fastresnet:triton*"
+stage overhead bash -c 'python3 -m benchmarks.bench_overhead --models preact_resnet110,preact_resnet1001 --batch 8 \
+  --image-size 32 --dtype bf16 --warmup 2 --reps 5 --providers "$PROVIDERS" --time-budget $((STAGE_SECONDS - 25)) \
+  --out "$WORK/overhead.jsonl"'
+
 stage models bash -c 'python3 -m benchmarks.bench_models --models preact_resnet110,preact_resnet1001 --dtypes bf16 \
   --batch 128 --compile-models preact_resnet110 --providers "$PROVIDERS,compile" \
   --time-budget $((STAGE_SECONDS - 15)) --out "$WORK/models.jsonl"'
