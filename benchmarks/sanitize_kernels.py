@@ -1,6 +1,6 @@
 """Memory errors and shared-memory races in fastresnet's own GPU kernels, under NVIDIA's compute-sanitizer.
 
-    python -m benchmarks.sanitize_kernels --out rows.jsonl --log-dir logs/   # plain pass, memcheck, racecheck
+    python -m benchmarks.sanitize_kernels --out rows.jsonl --log-dir logs/   # memcheck, racecheck, plain pass
     python -m benchmarks.sanitize_kernels --calls                            # only the calls the tools run
 
 The calls (`run_calls`), on small tensors: every `__global__` kernel of csrc/cuda/bn_kernels.cu through the
@@ -11,14 +11,16 @@ for half-precision x, bn_affine, scale_shift) for fp32, fp64, fp16 and bf16, NHW
 one BN-ReLU-conv forward + backward of the `triton_conv` backend with its own conv kernels
 (FASTRESNET_TRITON_CONV=always), bf16 under autocast, with a residual and its output statistics.
 
-On a machine with CUDA, within --budget seconds:
-1. the calls plainly under torch.profiler: the kernels they launch, by name (so the table below says which of
-   fastresnet's kernels ran; a `__global__` of bn_kernels.cu that no call launched is reported);
-2. the calls under `compute-sanitizer --tool memcheck`, then `--tool racecheck` (`SANITIZER_FLAGS`), each a child
-   process with PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor its own cudaMalloc, so memcheck checks an access
-   against that tensor's bounds rather than those of a cached block. Triton kernels are cubins loaded at run time
-   and appear under their Python function names (`_conv_fwd_kernel`, ...);
-3. each tool's report parsed (`parse_report`): errors per kernel name, CUDA API errors apart.
+On a machine with CUDA, within --budget seconds, each step a child process with a time limit:
+1. the calls under `compute-sanitizer --tool memcheck`, then `--tool racecheck` (`SANITIZER_FLAGS`), with
+   PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor its own cudaMalloc, so memcheck checks an access against that
+   tensor's bounds rather than those of a cached block. Triton kernels are cubins loaded at run time and appear
+   under their Python function names (`_conv_fwd_kernel`, ...); the first child's Triton compiles fill the cache
+   the later ones read;
+2. each tool's report parsed (`parse_report`): errors per kernel name, racecheck warnings and CUDA API errors apart;
+3. the calls plainly under torch.profiler (`--calls --profile`, PLAIN_RESERVE seconds kept for it): the kernels they
+   launch, by name, so the table says which of fastresnet's kernels ran, and names any `__global__` of
+   bn_kernels.cu that no call launched.
 One row per tool (bench "sanitize"): status "ok" (the calls all ran, no error in any kernel), "errors", "incomplete"
 (the child did not finish its calls: timeout or crash) or "unavailable" (no compute-sanitizer); a table prints last.
 
@@ -28,6 +30,7 @@ driver, and the rows say "skipped: no CUDA".
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -50,6 +53,8 @@ ERROR_EXIT = 86  # the sanitizer's exit status when it reported an error (--erro
 SANITIZER_FLAGS = ("--error-exitcode", str(ERROR_EXIT), "--print-limit", "200")
 TOOL_FLAGS = {"memcheck": ("--leak-check", "no"), "racecheck": ("--racecheck-report", "analysis")}
 DONE = "sanitize_kernels: all calls done"  # the last line of a child that ran every call
+LAUNCHED = "launched: "  # with --profile, the line after it: JSON {kernel name: launches}
+PLAIN_RESERVE = 10.0  # seconds of the budget kept for the plain pass, which runs last
 # (N, C, H, W): C 5 and H·W 35 take the scalar path, C 40 and H·W 576 the 16-byte vectors (in NHWC two channel
 # blocks of 32); N·H·W 105 is one tile, 4608 several, 360000 more base tiles than the limit of 1024 (longer tiles)
 SHAPES = ((3, 5, 5, 7), (8, 40, 24, 24), (1, 1, 600, 600))
@@ -229,48 +234,40 @@ def _run_child(cmd: List[str], log: Path, timeout: float) -> Tuple[Optional[int]
     return rc, time.perf_counter() - t0, log.read_text(errors="replace")
 
 
-def launched_kernels(device: torch.device) -> Dict[str, int]:
-    """Kernel name -> launches of one plain pass of the calls (torch.profiler's CUDA kernel events)."""
+def profiled_calls(device: torch.device) -> Tuple[int, Dict[str, int]]:
+    """`run_calls` under torch.profiler: (its result, kernel name -> launches from the CUDA kernel events)."""
     from torch.autograd import DeviceType
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_calls(device)
-    return dict(Counter(kernel_label(e.name) for e in prof.events()
-                        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))))
+        calls = run_calls(device)
+    return calls, dict(Counter(kernel_label(e.name) for e in prof.events()
+                               if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))))
 
 
 def sanitize(args: argparse.Namespace) -> List[Dict[str, object]]:
-    """The module docstring's steps 1-3; returns the rows (also appended to args.out)."""
+    """The module docstring's steps (on CPU: the calls alone); returns the rows (also appended to args.out)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = common.environment(device)
     base = dict(env, bench="sanitize", smoke=device.type != "cuda")
     cu_names, triton_names = cuda_kernel_names(), triton_kernel_names()
     rows: List[Dict[str, object]] = []
     start = time.perf_counter()
-    if device.type != "cuda":
+    if device.type != "cuda" and args.sanitizer is None:
         calls = run_calls(device)
         rows = [dict(base, tool=tool, status="skipped", reason=f"no CUDA: the {calls} extension calls and the "
                      "triton_conv call ran on CPU tensors to check this driver; no sanitizer ran", errors={},
                      api_errors={}, launched={}, seconds=round(time.perf_counter() - start, 2)) for tool in TOOLS]
     else:
-        try:  # in this process: its Triton compiles fill the cache the tools reuse
-            launched, plain_error = launched_kernels(device), None
-        except Exception as e:  # a crash here is what the tools below may explain
-            launched, plain_error = {}, f"{type(e).__name__}: {e}"[:500]
-        ours = {k: v for k, v in launched.items() if k in cu_names or k in triton_names}
-        missing = [n for n in cu_names if n not in launched] if plain_error is None else None
-        exe = sanitizer_path()
+        exe = args.sanitizer or sanitizer_path()
         for i, tool in enumerate(TOOLS):
-            row = dict(base, tool=tool, launched=ours, not_launched=missing, plain_error=plain_error, errors={},
-                       api_errors={})
+            row = dict(base, tool=tool, errors={}, api_errors={})
             if exe is None:
                 rows.append(dict(row, status="unavailable", reason="compute-sanitizer not found (PATH, CUDA_HOME)"))
                 continue
-            left = args.budget - (time.perf_counter() - start)
-            timeout = left / (len(TOOLS) - i) if i < len(TOOLS) - 1 else left - 1.0
+            left = args.budget - PLAIN_RESERVE - (time.perf_counter() - start)
             cmd = [exe, "--tool", tool, *SANITIZER_FLAGS, *TOOL_FLAGS[tool], sys.executable, "-m",
                    "benchmarks.sanitize_kernels", "--calls"]
-            rc, seconds, text = _run_child(cmd, Path(args.log_dir) / f"sanitize_{tool}.log", timeout)
+            rc, seconds, text = _run_child(cmd, Path(args.log_dir) / f"sanitize_{tool}.log", left / (len(TOOLS) - i))
             parsed = parse_report(text)
             errors = parsed["errors"]
             status = ("incomplete" if DONE not in text or rc not in (0, ERROR_EXIT)
@@ -281,6 +278,16 @@ def sanitize(args: argparse.Namespace) -> List[Dict[str, object]]:
                              warnings=parsed["warnings"], api_errors=parsed["api_errors"],
                              first_error=parsed["first"], summary=parsed["summary"],
                              command=" ".join(cmd[:cmd.index(sys.executable)])))
+        rc, _, text = _run_child([sys.executable, "-m", "benchmarks.sanitize_kernels", "--calls", "--profile"],
+                                 Path(args.log_dir) / "sanitize_plain.log",
+                                 args.budget - (time.perf_counter() - start) - 0.5)
+        found = [line[len(LAUNCHED):] for line in text.splitlines() if line.startswith(LAUNCHED)]
+        launched = json.loads(found[-1]) if found else {}
+        plain_error = None if found else ("timed out" if rc is None else f"exit {rc}")
+        for row in rows:
+            row.update(launched={k: v for k, v in launched.items() if k in cu_names or k in triton_names},
+                       not_launched=None if plain_error else [n for n in cu_names if n not in launched],
+                       plain_error=plain_error)
     common.write_rows(Path(args.out), rows)
     return rows
 
@@ -312,16 +319,23 @@ def table(rows: List[Dict[str, object]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sanitize_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--calls", action="store_true", help="only run the calls (what each sanitizer tool runs)")
+    p.add_argument("--profile", action="store_true", help="with --calls: run them under torch.profiler and print "
+                   "the kernels they launched")
     p.add_argument("--out", default="sanitize.jsonl", help="JSON Lines file to append the rows to")
     p.add_argument("--log-dir", default=".", help="folder for the sanitizer logs (sanitize_<tool>.log)")
-    p.add_argument("--budget", type=float, default=38.0, help="seconds for the plain pass and both tools")
+    p.add_argument("--budget", type=float, default=38.0, help="seconds for both tools and the plain pass")
+    p.add_argument("--sanitizer", default=None, help="the compute-sanitizer to run (default: on PATH or under "
+                   "CUDA_HOME); given, the tools run even without CUDA")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget: expected seconds > 0, got {args.budget}")
     if args.calls:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"{run_calls(device)} extension calls and one triton_conv call on {device}")
+        calls, launched = profiled_calls(device) if args.profile else (run_calls(device), None)
+        print(f"{calls} extension calls and one triton_conv call on {device}")
         print(DONE, flush=True)
+        if launched is not None:
+            print(LAUNCHED + json.dumps(launched), flush=True)
         return 0
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     rows = sanitize(args)

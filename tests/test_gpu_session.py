@@ -188,3 +188,28 @@ def test_python_node_provider_runs_no_native_node_and_computes_the_same(monkeypa
     assert "units_train" in calls
     assert len(fast) == len(slow) and all(torch.equal(a, b) for a, b in zip(fast, slow))
     assert bench_models.native_backends() == ["cuda"]
+
+
+def test_sanitizer_stage_runs_each_tool_and_reads_its_report(tmp_path):
+    """The tools' orchestration with a stand-in for compute-sanitizer that reports one memcheck error and then says
+    the calls ran (without running them); the plain pass runs the calls on CPU. One row per tool, errors by kernel."""
+    fake = tmp_path / "fake-sanitizer"
+    fake.write_text("#!/bin/sh\necho '========= COMPUTE-SANITIZER'\n"
+                    "case \"$*\" in *memcheck*) printf '%s\\n' '========= Invalid __global__ write of size 4 bytes' "
+                    "'=========     at bn_relu_kernel<float, float, 4>(const float *)+0x10 in bn_kernels.cu:348' "
+                    f"'{sanitize_kernels.DONE}' '========= ERROR SUMMARY: 1 error'; exit 86;; esac\n"
+                    f"echo '{sanitize_kernels.DONE}'\necho '========= RACECHECK SUMMARY: 0 hazards displayed'\n")
+    fake.chmod(0o755)
+    out = tmp_path / "rows.jsonl"
+    assert sanitize_kernels.main(["--out", str(out), "--log-dir", str(tmp_path), "--sanitizer", str(fake),
+                                  "--budget", "240"]) == 1
+    rows = {r["tool"]: r for r in common.read_rows([out])}
+    assert rows["memcheck"]["status"] == "errors" and rows["memcheck"]["errors"] == {"bn_relu_kernel": 1}
+    assert rows["memcheck"]["exit"] == sanitize_kernels.ERROR_EXIT
+    assert rows["racecheck"]["status"] == "ok" and rows["racecheck"]["errors"] == {}
+    assert "--leak-check no" in rows["memcheck"]["command"] and "--racecheck-report" in rows["racecheck"]["command"]
+    # the plain pass ran the calls on CPU: it finished, and no CUDA kernel was launched
+    assert rows["memcheck"]["plain_error"] is None and rows["memcheck"]["launched"] == {}
+    assert rows["memcheck"]["not_launched"] == sanitize_kernels.cuda_kernel_names()
+    assert (tmp_path / "sanitize_memcheck.log").exists() and (tmp_path / "sanitize_plain.log").exists()
+    assert "bn_relu_kernel" in sanitize_kernels.table(list(rows.values()))
