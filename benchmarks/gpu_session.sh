@@ -116,7 +116,7 @@ if [ $DRY -eq 1 ]; then
   stage env python3 -m fastresnet.info
   stage sanitize python3 -m benchmarks.sanitize_kernels --out "$WORK/sanitize.jsonl" --log-dir "$WORK"
   stage tests bash -c 'python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$WORK/tests_ops.xml" \
-      tests/test_gpu_session.py -k "sanitizer or split or check"; a=$?
+      tests/test_gpu_session.py -k "reports or cover or split or check"; a=$?
     python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$WORK/tests_gpu.xml" -m gpu tests/test_cuda_ext.py
     b=$?; [ $b -eq 5 ] && b=0; exit $((a | b))'
   stage numerics python3 -m fastresnet.numerics --device cpu --backends cuda --dtypes float32 \
