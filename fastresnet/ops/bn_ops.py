@@ -23,10 +23,12 @@ from fastresnet.backends.base import layout
 
 def traced() -> bool:
     """Whether the registered ops must run rather than their bodies: under torch.compile, while a
-    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher, or while compiled
-    autograd is on (it traces a backward through nodes it knows: the registered ops', not the C++ nodes of
-    `Backend.units_train` / `layer_train`)."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
+    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode, torch.export) watches the dispatcher, while
+    compiled autograd is on (it traces a backward through nodes it knows: the registered ops', not the C++ nodes of
+    `Backend.units_train` / `layer_train`), or while torch.jit.trace records (a graph of the registered ops, not of
+    a backend's kernels)."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
+            or torch._C._is_tracing())
 
 
 def _compiled_autograd() -> bool:
@@ -58,13 +60,26 @@ class FusedOp:
 
     def __call__(self, *args):
         if traced():
-            return self.op(*args)
+            return self.traced_call(*args)
         with _profiler_range(self.qualname):
             if self.backward is None:
                 return self.body(*args)
             if torch._C._are_functorch_transforms_active():  # torch.func.grad, vmap, ...: functorch's own path
                 return _EagerOp.apply(self, *args)
             return _apply_autograd(self, *unwrap_dead_wrappers(args))
+
+    def traced_call(self, *args):
+        """The call under a tracer (torch.export, torch.compile, a dispatch mode, torch.jit.trace): the registered op,
+        so the graph records "fastresnet::<name>" and never a backend's own kernels; during `torch.onnx.export`
+        (either exporter) the op's `decomposition`, which the exporter writes as standard ONNX operators."""
+        if torch.onnx.is_in_onnx_export():
+            return self.decomposition(*args)
+        return self.op(*args)
+
+    def decomposition(self, *args):
+        """The op in standard ATen operators: its body on the "torch" backend (the `fastresnet.reference`
+        composition), the function every backend computes, up to rounding."""
+        return self.body(*args[:-1], "torch")
 
 
 class _EagerOp(torch.autograd.Function):
