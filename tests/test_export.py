@@ -118,6 +118,21 @@ def test_torch_export_graph_has_public_ops_only(backend, training):
     assert not _foreign_targets(ep)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_export_decomposes_to_aten(training):
+    model = _randomize_bn(_small_net()).train(training)
+    x = torch.randn(2, 3, 8, 8)
+    table = torch.export.default_decompositions()
+    table.update(fastresnet.ops.decompositions())
+    ep = torch.export.export(model, (x,)).run_decompositions(table)
+    namespaces = {n.target.namespace for n in ep.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
+    assert namespaces == {"aten"}
+    if not training:
+        with torch.no_grad():
+            # the reference composition of the ops against the backend's kernels: fp32 rounding of a few layers
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_jit_trace_records_public_ops():
     model = _randomize_bn(_small_net())
     x = torch.randn(2, 3, 8, 8)

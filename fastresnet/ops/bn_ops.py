@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ class FusedOp:
         if backward is not None:
             self.op.register_autograd(backward, setup_context=setup)
         self.qualname, self.body, self.setup, self.backward = f"fastresnet::{name}", body, setup, backward
+        _FUSED_OPS[getattr(torch.ops.fastresnet, name).default] = self
 
     def __call__(self, *args):
         if traced():
@@ -80,6 +81,15 @@ class FusedOp:
         """The op in standard ATen operators: its body on the "torch" backend (the `fastresnet.reference`
         composition), the function every backend computes, up to rounding."""
         return self.body(*args[:-1], "torch")
+
+
+_FUSED_OPS: Dict[torch._ops.OpOverload, FusedOp] = {}  # every FusedOp, by its registered op
+
+
+def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
+    """{fastresnet:: op: its `FusedOp.decomposition`}: added to `torch.export.default_decompositions()`, the table
+    for `ExportedProgram.run_decompositions` that leaves a program of ATen operators only."""
+    return {op: fused.decomposition for op, fused in _FUSED_OPS.items()}
 
 
 class _EagerOp(torch.autograd.Function):
