@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastresnet
-from fastresnet.backends import available_backends
+from fastresnet.backends import BACKEND_NAMES, get_backend_impl
 from fastresnet.models import create_model
 from fastresnet.nn import BNReLU2d, PreActConv2d
 from vision_libs import import_timm, import_torchvision
@@ -64,7 +64,9 @@ def test_onnx_converted_torchvision_resnet18():
     tv = import_torchvision()
     model = fastresnet.convert(tv.models.resnet18(num_classes=10)).model
     assert any(isinstance(m, PreActConv2d) for m in model.modules())
-    _onnx_check(_randomize_bn(model), torch.randn(1, 3, 32, 32), dynamo=True)
+    # the TorchScript exporter: each dynamo export rebuilds the exporter's operator registry (about 10 s on a CPU),
+    # and preact_resnet20 covers the dynamo path of the same ops
+    _onnx_check(_randomize_bn(model), torch.randn(1, 3, 32, 32), dynamo=False)
 
 
 def test_onnx_converted_timm_resnetv2_50():
@@ -83,7 +85,9 @@ def _small_net() -> nn.Module:
 
 
 def _backends_here():
-    return [name for name, status in available_backends().items() if status == "ok"]
+    """The backends that run CPU tensors here (the Triton ones under TRITON_INTERPRET=1, as the suite runs)."""
+    probe = torch.empty(1, 1, 1, 1)
+    return [name for name in BACKEND_NAMES if name != "auto" and get_backend_impl(name).why_not(probe) is None]
 
 
 def _foreign_targets(ep) -> set:
@@ -105,8 +109,7 @@ def _foreign_targets(ep) -> set:
 @pytest.mark.parametrize("backend", _backends_here())
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_export_graph_has_public_ops_only(backend, training):
-    # every backend available here (the Triton ones under TRITON_INTERPRET=1, as the suite runs); export traces with
-    # fake tensors, so no kernel runs
+    # export traces with fake tensors, so no kernel runs
     model = _small_net().train(training)
     fastresnet.set_backend(backend)
     try:
