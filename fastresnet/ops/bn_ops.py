@@ -28,7 +28,10 @@ def traced() -> bool:
     `Backend.units_train` / `layer_train`), or while torch.jit.trace records (a graph of the registered ops, not of
     a backend's kernels)."""
     return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
-            or torch._C._is_tracing())
+            or _jit_tracing())
+
+
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing reads, without its Python wrapper
 
 
 def _compiled_autograd() -> bool:
