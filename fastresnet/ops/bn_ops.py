@@ -39,6 +39,15 @@ def _compiled_autograd() -> bool:
     return module is not None and bool(module.compiled_autograd_enabled)
 
 
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing the call (Dynamo's tracing, torch.compile or a strict torch.export, reads
+    this as False)."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    module = sys.modules.get("torch.onnx")  # not imported: no export runs (and a call here does not import it)
+    return module is not None and module.is_in_onnx_export()
+
+
 def _profiler_range(qualname: str):
     """A profiler range named like an op while a profiler runs (an eager call that skips the op's own dispatch would
     not show in a trace otherwise), else nothing."""
@@ -76,7 +85,7 @@ class FusedOp:
         """The call under a tracer (torch.export, torch.compile, a dispatch mode, torch.jit.trace): the registered op,
         so the graph records "fastresnet::<name>" and never a backend's own kernels; during `torch.onnx.export`
         (either exporter) the op's `decomposition`, which the exporter writes as standard ONNX operators."""
-        if torch.onnx.is_in_onnx_export():
+        if _onnx_exporting():
             return self.decomposition(*args)
         return self.op(*args)
 
