@@ -120,8 +120,14 @@ setup(
         # hypothesis: property-based tests of every fused op (random shapes, layouts, dtypes, with shrinking of a
         # failing case to a minimal one), which hand-written parameter grids cover far less well
         "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "scikit-learn", "matplotlib", "hypothesis",
-                 "timm", _torchvision_for_installed_torch()],
+                 "timm", _torchvision_for_installed_torch(),
+                 # tests/test_export.py exports models with torch.onnx.export (both exporters; the dynamo one needs
+                 # onnxscript) and runs them in onnxruntime against PyTorch
+                 "onnx", "onnxscript", "onnxruntime"],
         "train": ["scikit-learn", "matplotlib"],
+        # ONNX export (docs/deploy.md): torch.onnx.export's dynamo exporter needs onnx and onnxscript; onnxruntime
+        # runs the exported model
+        "export": ["onnx", "onnxscript", "onnxruntime"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastresnet import recompute
 from fastresnet.models.registry import register_model
-from fastresnet.nn.layers import BNReLU2d
+from fastresnet.nn.layers import BNReLU2d, refuse_scripting
 from fastresnet.nn.units import VARIANTS, ResidualUnit, UnitChain
 
 # variant -> (stem ends with, head begins with), from the modification procedure of Fig. 5: the pre-activation
@@ -57,6 +57,8 @@ class ResNet(nn.Module):
         segment_size: units per recomputed segment in "segment" mode; None: ⌈√(number of units)⌉.
         unit_kw: passed to every unit (shortcut, shortcut_bn, stride_on, merge and its parameters, backend).
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, form: str, units: Sequence[int], widths: Sequence[int], num_classes: int, *,
                  stem: str = "cifar", stem_width: int = 16, variant: str = "full_preact",

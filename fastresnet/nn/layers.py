@@ -79,12 +79,25 @@ def _layer_plan(layer: nn.Module, x: Tensor, bn: nn.BatchNorm2d, conv: Optional[
     return modules, (impl.layer_train, plan)
 
 
+def refuse_scripting(module: nn.Module):
+    """`__prepare_scriptable__` of fastresnet's modules: `torch.jit.script` cannot compile them (their forwards pick
+    kernels, plans and backends in Python), so it stops here, naming the ways that work instead."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: fastresnet's modules choose their kernels in Python "
+        "(backends, custom ops, cached plans). Instead use torch.export.export(model.eval(), (x,)) or "
+        "torch.jit.trace(model.eval(), x) (both keep the fused ops), torch.onnx.export(model.eval(), (x,)) for ONNX, "
+        "or, for a model made by fastresnet.convert, torch.jit.script(fastresnet.unconvert(model)) (its plain-PyTorch "
+        "twin); see docs/deploy.md")
+
+
 class BNReLU2d(PlanCache, nn.BatchNorm2d):
     """relu(BatchNorm2d(x)) in one fused op that saves x, not its output, for backward.
 
     A subclass of `nn.BatchNorm2d` (same arguments, parameters and buffers), so BatchNorm2d checkpoints load as they
     are. `backend`: None follows `fastresnet.set_backend` / `FASTRESNET_BACKEND`.
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, backend: Optional[str] = None, device=None, dtype=None):
@@ -116,6 +129,8 @@ class PreActConv2d(PlanCache):
     normalises as `bn.training` says (batch statistics, or its running statistics in eval mode), so freezing every
     `nn.BatchNorm2d` of a model (`m.eval()`) freezes the BN inside this layer too.
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,

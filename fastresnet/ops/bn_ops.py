@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,15 +23,29 @@ from fastresnet.backends.base import layout
 
 def traced() -> bool:
     """Whether the registered ops must run rather than their bodies: under torch.compile, while a
-    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode) watches the dispatcher, or while compiled
-    autograd is on (it traces a backward through nodes it knows: the registered ops', not the C++ nodes of
-    `Backend.units_train` / `layer_train`)."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
+    TorchDispatchMode (FlopCounterMode, a fake-tensor mode, a debug mode, torch.export) watches the dispatcher, while
+    compiled autograd is on (it traces a backward through nodes it knows: the registered ops', not the C++ nodes of
+    `Backend.units_train` / `layer_train`), or while torch.jit.trace records (a graph of the registered ops, not of
+    a backend's kernels)."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _compiled_autograd()
+            or _jit_tracing())
+
+
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing reads, without its Python wrapper
 
 
 def _compiled_autograd() -> bool:
     module = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: compiled autograd was never enabled
     return module is not None and bool(module.compiled_autograd_enabled)
+
+
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing the call (Dynamo's tracing, torch.compile or a strict torch.export, reads
+    this as False)."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    module = sys.modules.get("torch.onnx")  # not imported: no export runs (and a call here does not import it)
+    return module is not None and module.is_in_onnx_export()
 
 
 def _profiler_range(qualname: str):
@@ -55,16 +69,39 @@ class FusedOp:
         if backward is not None:
             self.op.register_autograd(backward, setup_context=setup)
         self.qualname, self.body, self.setup, self.backward = f"fastresnet::{name}", body, setup, backward
+        _FUSED_OPS[getattr(torch.ops.fastresnet, name).default] = self
 
     def __call__(self, *args):
         if traced():
-            return self.op(*args)
+            return self.traced_call(*args)
         with _profiler_range(self.qualname):
             if self.backward is None:
                 return self.body(*args)
             if torch._C._are_functorch_transforms_active():  # torch.func.grad, vmap, ...: functorch's own path
                 return _EagerOp.apply(self, *args)
             return _apply_autograd(self, *unwrap_dead_wrappers(args))
+
+    def traced_call(self, *args):
+        """The call under a tracer (torch.export, torch.compile, a dispatch mode, torch.jit.trace): the registered op,
+        so the graph records "fastresnet::<name>" and never a backend's own kernels; during `torch.onnx.export`
+        (either exporter) the op's `decomposition`, which the exporter writes as standard ONNX operators."""
+        if _onnx_exporting():
+            return self.decomposition(*args)
+        return self.op(*args)
+
+    def decomposition(self, *args):
+        """The op in standard ATen operators: its body on the "torch" backend (the `fastresnet.reference`
+        composition), the function every backend computes, up to rounding."""
+        return self.body(*args[:-1], "torch")
+
+
+_FUSED_OPS: Dict[torch._ops.OpOverload, FusedOp] = {}  # every FusedOp, by its registered op
+
+
+def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
+    """{fastresnet:: op: its `FusedOp.decomposition`}: added to `torch.export.default_decompositions()`, the table
+    for `ExportedProgram.run_decompositions` that leaves a program of ATen operators only."""
+    return {op: fused.decomposition for op, fused in _FUSED_OPS.items()}
 
 
 class _EagerOp(torch.autograd.Function):
