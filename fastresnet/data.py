@@ -78,8 +78,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(data: bytes, source: str):
-    """Unpickle bytes with `RestrictedUnpickler` (python-2 pickles: str read as bytes, like the CIFAR batches)."""
-    return RestrictedUnpickler(io.BytesIO(data), source, encoding="bytes").load()
+    """Unpickle bytes with `RestrictedUnpickler` (python-2 pickles: str read as bytes, like the CIFAR batches); a file
+    that is not a pickle raises ValueError naming `source`."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source, encoding="bytes").load()
+    except UnsafePickleError:
+        raise
+    # what unpickling junk raises, by the junk: a bad opcode, a cut-off file, a bad argument to an allowed global
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source}: not a pickle of a CIFAR batch ({type(e).__name__}: {e})") from None
 
 
 # ---- in-memory datasets -------------------------------------------------------------------------------------------
@@ -194,7 +202,12 @@ def _cifar_batch(data: bytes, source: str, label_key: bytes) -> Tuple[np.ndarray
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         raise ValueError(f"{source}: b'data' must be a uint8 array [N, 3072], got "
                          f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-    return images, list(batch[label_key])
+    raw = batch[label_key]
+    labels = np.asarray(raw) if isinstance(raw, (list, np.ndarray)) else None
+    if labels is None or labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],):
+        shown = type(raw).__name__ if labels is None else f"{type(raw).__name__} of {labels.dtype} {labels.shape}"
+        raise ValueError(f"{source}: {label_key!r} must be a list of {images.shape[0]} integer labels, got {shown}")
+    return images, labels.tolist()
 
 
 def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tuple[ImageData, ImageData]:

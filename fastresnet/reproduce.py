@@ -386,7 +386,7 @@ def train_run(run: Run, stop: _Stop) -> Optional[Dict[str, Any]]:
             return None
         if is_finished(run):                     # finished by another process while we waited
             return _read_json(os.path.join(folder, RESULT_FILE))
-        resume = "auto" if any(os.path.isfile(os.path.join(folder, f)) for f in ("last.pt", "prev.pt")) else ""
+        resume = "auto" if train.has_checkpoint(folder) else ""
         trainer = train.Trainer(dataclasses.replace(run.cfg, resume=resume))
         stop.check()
         spent = (_read_json(os.path.join(folder, TIME_FILE)) or {}).get("time_s", 0.0)

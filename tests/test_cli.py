@@ -137,7 +137,20 @@ def test_each_run_gets_its_own_folder_and_the_last_line_names_it(tmp_path, monke
 def test_resume_auto_without_an_earlier_run_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--resume", "auto"]) == 2
-    assert "--resume auto: no earlier run in runs/digits-preact_resnet20" in capsys.readouterr().err
+    assert "--resume auto: no earlier run with a checkpoint in runs/digits-preact_resnet20" in capsys.readouterr().err
+
+
+def test_resume_auto_skips_newer_folders_without_a_checkpoint(tmp_path, monkeypatch, capsys, one_thread):
+    """A newer folder left without a checkpoint (a run killed before its first one) is not where `auto` resumes."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*TINY, "--stop-at", "1", "--iterations", "3"]) == 0
+    (tmp_path / "runs/digits-preact_resnet20-2").mkdir()
+    (tmp_path / "runs/digits-preact_resnet20-2/config.json").write_text("{}")
+    capsys.readouterr()
+    assert train.main([*TINY, "--iterations", "3", "--resume", "auto"]) == 0
+    out = capsys.readouterr()
+    assert "resumed from runs/digits-preact_resnet20/last.pt at iteration 1" in out.err
+    assert out.out.strip().splitlines()[-1] == "outputs in runs/digits-preact_resnet20"
 
 
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
