@@ -104,6 +104,12 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def save_png(fig, path: str, dpi: int) -> None:
+    """Atomically write a matplotlib figure to `path` as PNG."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+
+
 def save(obj: Dict[str, Any], path: str, previous: Optional[str] = None) -> None:
     """Atomically write `obj` (plain containers, scalars and tensors) to the existing folder of `path`; with
     `previous`, the file that was at `path` is kept there once the new one is complete (module docstring)."""

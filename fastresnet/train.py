@@ -351,13 +351,13 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._graph = None
         self.cfg = with_out_dir(cfg)                        # a no-op when run() has chosen it
-        self._outputs_open = False                          # out_dir and config.json are written at the first save
+        self.outputs_open = False    # whether this run has written into out_dir: config.json, at the first save
 
     def _open_outputs(self) -> None:
         """Before the first file of this run (rank 0): create out_dir, remove what killed writers of the trainer's
         files left there, write config.json. Nothing is written earlier, so a run that cannot start or is refused
         leaves the file system as it was."""
-        if self._outputs_open:
+        if self.outputs_open:
             return
         out = self.cfg.out_dir
         try:
@@ -368,7 +368,7 @@ class Trainer:
             for tmp in checkpoint.stale_temporaries(os.path.join(out, name)):
                 os.unlink(tmp)
         checkpoint.write_text(os.path.join(out, "config.json"), json.dumps(asdict(self.cfg), indent=2) + "\n")
-        self._outputs_open = True
+        self.outputs_open = True
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -698,8 +698,7 @@ class Trainer:
         ax_loss.legend()
         fig.tight_layout()
         path = os.path.join(self.cfg.out_dir, "curves.png")
-        with checkpoint.atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
+        checkpoint.save_png(fig, path, dpi=120)
         plt.close(fig)
         return path
 
