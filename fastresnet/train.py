@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastresnet
-from fastresnet import checkpoint, cli, data, memory
+from fastresnet import _startup, checkpoint, cli, data, memory
 from fastresnet.backends.base import BackendUnsupportedError
 from fastresnet.distributed import convert_sync_batchnorm
 
@@ -890,13 +890,16 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     new_folder = not cfg.out_dir and not cfg.resume and int(os.environ.get("RANK", "0")) == 0
     new_root = new_folder and not os.path.isdir(RUNS_ROOT)
     cfg = with_out_dir(cfg)
+    made = [f for f, new in ((RUNS_ROOT, new_root), (cfg.out_dir, new_folder)) if new]
+    _startup.made_folders.extend(made)                     # an interrupt at start-up removes them too
     try:
         return {**_run_all(cfg), "out_dir": cfg.out_dir}
     except BaseException:
-        for folder, made in ((cfg.out_dir, new_folder), (RUNS_ROOT, new_root)):
-            if made and os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        _startup.remove_empty(made)
         raise
+    finally:
+        for folder in made:
+            _startup.made_folders.remove(folder)
 
 
 def _run_all(cfg: TrainConfig) -> Dict[str, Any]:

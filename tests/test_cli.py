@@ -4,8 +4,10 @@ order and the benchmark report's smoke rows."""
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -164,7 +166,23 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "fastresnet train: interrupted"
-    assert not os.listdir(tmp_path / "runs")   # the folder claimed for the run is gone again
+    assert not (tmp_path / "runs").exists()    # the folder claimed for the run, and runs/, are gone again
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+@pytest.mark.parametrize("entry", ["console script", "python -m"])
+def test_ctrl_c_while_importing_is_one_line_exit_130(tmp_path, entry, delay):
+    """A real SIGINT in the first second, while the package imports torch (before any command code runs)."""
+    script = tmp_path / "fastresnet"          # what pip writes for the console script
+    script.write_text("import sys\nfrom fastresnet.cli import main\nsys.exit(main())\n")
+    args = [str(script), "train"] if entry == "console script" else ["-m", "fastresnet.train"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "fastresnet train: interrupted\n", (proc.returncode, err)
+    assert out == "" and not (tmp_path / "runs").exists()
 
 
 def test_profile_into_head_ends_quietly(tmp_path):
@@ -216,3 +234,14 @@ def test_benchmark_runs_write_outside_the_checkout(tmp_path, monkeypatch):
     assert common.output_dir().name == "benchmark-results" and not common.output_dir().is_absolute()
     monkeypatch.setenv(common.OUTPUT_DIR_ENV, str(tmp_path))
     assert common.default_out("kernels", env).parent == tmp_path
+
+
+def test_start_up_handler_only_in_command_processes():
+    from fastresnet import _startup
+    py = "/usr/bin/python3"
+    assert _startup.command_name(["/usr/local/bin/fastresnet", "train"], [py, "/usr/local/bin/fastresnet"]) == "train"
+    assert _startup.command_name(["-m"], [py, "-m", "fastresnet.train", "--lr", "1"]) == "train"
+    assert _startup.command_name(["-m"], [py, "-m", "fastresnet.cli", "profile"]) == "profile"
+    assert _startup.command_name(["-m"], [py, "-m", "fastresnet.cli"]) == ""
+    assert _startup.command_name(["-m"], [py, "-m", "pytest", "fastresnet"]) is None
+    assert _startup.command_name(["script.py"], [py, "script.py"]) is None     # a program importing the package
