@@ -163,8 +163,9 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
-    """name -> bytes of every batch file, from a folder (the extracted archive, or its parent) or the .tar.gz."""
+def _read_cifar_files(root: str, num_classes: int) -> Dict[str, Tuple[str, bytes]]:
+    """name -> (where it was read: a path, or archive:member, for messages; its bytes) of every batch file, from a
+    folder (the extracted archive, or its parent) or the .tar.gz."""
     folder, train, test, _, archive, _ = _CIFAR_LAYOUT[num_classes]
     names = train + test
     if os.path.isfile(root) or os.path.isfile(os.path.join(root, archive)):
@@ -175,7 +176,7 @@ def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
                 for member in tar.getmembers():
                     base = os.path.basename(member.name)
                     if member.isfile() and base in names:
-                        out[base] = tar.extractfile(member).read()
+                        out[base] = (f"{path}:{member.name}", tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"data_dir: cannot read the CIFAR-{num_classes} archive {path}: {e}") from e
         missing = [n for n in names if n not in out]
@@ -187,7 +188,7 @@ def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
             out = {}
             for n in names:
                 with open(os.path.join(d, n), "rb") as f:
-                    out[n] = f.read()
+                    out[n] = (os.path.join(d, n), f.read())
             return out
     raise FileNotFoundError(
         f"data_dir: no CIFAR-{num_classes} data under {root!r}: expected the folder {folder}/ with {names}, or "
@@ -231,7 +232,7 @@ def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tupl
     files = _read_cifar_files(root, num_classes)
 
     def split(names: Sequence[str]) -> Tuple[Tensor, Tensor]:
-        parts = [_cifar_batch(files[n], os.path.join(root, n), label_key) for n in names]
+        parts = [_cifar_batch(files[n][1], files[n][0], label_key) for n in names]
         x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
         y = np.asarray([label for p in parts for label in p[1]], dtype=np.int64)
         if y.min() < 0 or y.max() >= num_classes:

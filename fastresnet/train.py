@@ -319,7 +319,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = with_out_dir(cfg)                  # a no-op when run() has chosen it
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -336,6 +336,9 @@ class Trainer:
                 fastresnet.backends.resolve(torch.zeros(1, 1, 1, 1, device=self.device), cfg.backend)
             except BackendUnsupportedError as e:
                 raise ConfigError(f"--backend {cfg.backend}: {e}") from e
+        # a checkpoint of another job is refused before anything is set up (or written: nothing is, before the
+        # first save)
+        self._resume = self.read_checkpoint(cfg.resume) if cfg.resume else None
         if want_cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -350,7 +353,6 @@ class Trainer:
         self.iteration = 0
         self._stop_signal: Optional[int] = None
         self._graph = None
-        self.cfg = with_out_dir(cfg)                        # a no-op when run() has chosen it
         self.outputs_open = False    # whether this run has written into out_dir: config.json, at the first save
 
     def _open_outputs(self) -> None:
@@ -607,10 +609,9 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore everything `state()` saved; the job then continues exactly where the checkpoint was taken. A
-        checkpoint of another job, or one whose contents do not fit this model, raises `CheckpointError` before
-        anything is restored or written."""
+    def read_checkpoint(self, path: str) -> Tuple[str, Dict[str, Any]]:
+        """(path, checkpoint) of `path` ("auto": `resume_path(out_dir)`), checked: `CheckpointError` if it is not a
+        training state or was trained with other `RESUME_KEYS` values than this run's."""
         if path == "auto":
             path = resume_path(self.cfg.out_dir)
         ckpt = checkpoint.load(path, map_location=self.device)
@@ -623,6 +624,15 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path}: was trained with {key}={saved[key]!r}, this run has "
                     f"{key}={getattr(self.cfg, key)!r}; an exact resume needs the same value")
+        return path, ckpt
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything `state()` saved; the job then continues exactly where the checkpoint was taken. A
+        checkpoint of another job, or one whose contents do not fit this model, raises `CheckpointError` before
+        anything is restored."""
+        self._restore(*self.read_checkpoint(path))
+
+    def _restore(self, path: str, ckpt: Dict[str, Any]) -> None:
         model_keys = self.model.state_dict()
         wrong = [k for k, v in ckpt["model"].items() if k not in model_keys or v.shape != model_keys[k].shape]
         missing = [k for k in model_keys if k not in ckpt["model"]]
@@ -721,8 +731,9 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to `total` iterations (from the checkpoint if `resume`); returns the final metrics."""
         cfg = self.cfg
-        if cfg.resume:
-            self.load_checkpoint(cfg.resume)
+        if self._resume is not None:
+            self._restore(*self._resume)
+            self._resume = None
         handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -855,9 +866,10 @@ def resume_path(folder: str) -> str:
 
 def with_out_dir(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with `out_dir` chosen when it is empty: `--resume PATH` continues in PATH's folder, `--resume auto` in
-    the newest runs/<dataset>-<model>[-N] that holds a checkpoint, and a new run gets a new folder, runs/<dataset>-<model> or the first free
-    -2, -3, ... suffix, created here by rank 0 (os.makedirs fails on an existing folder, so two runs started at once
-    never share one). Other ranks of a new run never write files: the name they get is not used."""
+    the newest runs/<dataset>-<model>[-N] that holds a checkpoint, and a new run gets a new folder,
+    runs/<dataset>-<model> or the first free -2, -3, ... suffix, created here by rank 0 (os.mkdir fails on an
+    existing folder, so two runs started at once never share one). Other ranks of a new run never write files: the
+    name they get is not used."""
     if cfg.out_dir:
         return cfg
     if cfg.resume and cfg.resume != "auto":

@@ -10,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -245,3 +246,105 @@ def test_start_up_handler_only_in_command_processes():
     assert _startup.command_name(["-m"], [py, "-m", "fastresnet.cli"]) == ""
     assert _startup.command_name(["-m"], [py, "-m", "pytest", "fastresnet"]) is None
     assert _startup.command_name(["script.py"], [py, "script.py"]) is None     # a program importing the package
+
+
+# ---- every bad value: one line naming the argument, exit 2, nothing written ----------------------------------------
+def _junk_checkpoint(path):
+    """The keys of a training checkpoint with contents that are not one."""
+    torch.save({"version": 1, "iteration": "seven", "model": {"fc.weight": 3}, "optimizer": [], "scaler": {},
+                "rng": {}, "config": {}, "history": {}, "world_size": 1}, path)
+
+
+def _cifar_batches(root, batch):
+    """A CIFAR-10 folder whose every batch file holds `batch` (bytes, written as they are)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(batch)
+    return root
+
+
+BAD_VALUES = {   # id -> (arguments after `train`, or a function of the folder giving them; text the line must hold)
+    "epochs-inf": (["--epochs", "inf"], "--epochs: expected a finite number >= 0, got inf"),
+    "num-classes-negative": (["--num-classes", "-1"], "--num-classes: expected an integer >= 0, got -1"),
+    "image-size-negative": (["--image-size", "-3"], "--image-size: expected an integer >= 0, got -3"),
+    "lr-inf": (["--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
+    "momentum-nan": (["--momentum", "nan"], "--momentum: expected a finite number >= 0, got nan"),
+    "weight-decay-nan": (["--weight-decay", "nan"], "--weight-decay: expected a finite number >= 0, got nan"),
+    "seed-negative": (["--seed", "-1"], "--seed: expected an integer in [0, "),
+    "nesterov-without-momentum": (["--nesterov", "--momentum", "0"], "--nesterov: needs --momentum > 0"),
+    "model-kwargs-not-object": (["--model-kwargs", "[1]"], "--model-kwargs: expected a JSON object, got [1]"),
+    "config-batch-size-str": ({"batch_size": "64"}, "--batch-size: expected an integer >= 1, got '64' (in --config"),
+    "config-lr-str": ({"lr": "0.1"}, "--lr: expected a finite number > 0, got '0.1' (in --config"),
+    "config-iterations-float": ({"iterations": 2.5}, "--iterations: expected an integer >= 0, got 2.5 (in --config"),
+    "config-milestones-number": ({"milestones": 5}, "--milestones: expected a list of finite numbers >= 0, got 5"),
+    "config-flip-str": ({"flip": "yes"}, "--flip: expected true or false, got 'yes'"),
+    "config-preset-unknown": ({"preset": "mnist"}, "--preset: expected one of"),
+    "config-not-object": ([1, 2], "must hold a JSON object"),
+    "resume-other-model-kwargs": (lambda d: ["--resume", str(d / "good/last.pt"), "--model-kwargs",
+                                             '{"shortcut": "conv"}'], "was trained with model_kwargs={}"),
+    "resume-other-num-classes": (lambda d: ["--resume", str(d / "good/last.pt"), "--num-classes", "12"],
+                                 "was trained with num_classes=0"),
+    "checkpoint-junk-contents": (lambda d: ["--resume", str(d / "junk/last.pt")],
+                                 "not a fastresnet training state (iteration: expected an integer >= 0"),
+    "cifar-labels-none": (lambda d: ["--dataset", "cifar10", "--data-dir", str(d / "cifar-none")],
+                          "data_batch_1: b'labels' must be a list of 2 integer labels, got NoneType"),
+    "cifar-junk-pickle": (lambda d: ["--dataset", "cifar10", "--data-dir", str(d / "cifar-junk")],
+                          "data_batch_1: not a pickle of a CIFAR batch"),
+    "out-dir-under-a-file": (lambda d: ["--out-dir", str(d / "a-file/run")], "--out-dir: cannot use"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_value_folder(tmp_path_factory):
+    """A finished run to resume (good/), a junk checkpoint (junk/), two broken CIFAR folders and a plain file."""
+    d = tmp_path_factory.mktemp("values")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main([*TINY, "--out-dir", str(d / "good")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (d / "junk").mkdir()
+    _junk_checkpoint(d / "junk" / "last.pt")
+    _cifar_batches(d / "cifar-none", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": None},
+                                                   protocol=2))
+    _cifar_batches(d / "cifar-junk", b"\x1c\x00 not a pickle")
+    (d / "a-file").write_text("")
+    return d
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case_id", sorted(BAD_VALUES))
+def test_bad_value_is_one_line_exit_2_and_writes_nothing(bad_value_folder, case_id, tmp_path, monkeypatch, capsys):
+    args, needle = BAD_VALUES[case_id]
+    if callable(args):
+        args = args(bad_value_folder)
+    elif not isinstance(args, list) or case_id == "config-not-object":
+        (tmp_path / "c.json").write_text(json.dumps(args))
+        args = ["--config", str(tmp_path / "c.json")]
+    monkeypatch.chdir(tmp_path)
+    before = _tree(bad_value_folder)
+    capsys.readouterr()
+    assert cli.main(["train", *TINY, *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastresnet train: error: ") and needle in lines[0], lines
+    assert _tree(bad_value_folder) == before and not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_fails_in_its_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys, one_thread):
+    """The first training step is where a backend meets the tensors; failing there leaves nothing either."""
+    from fastresnet.backends.base import BackendUnsupportedError
+
+    def refuse(self, x, y):
+        raise BackendUnsupportedError("backend 'cuda' cannot run this call: (simulated)")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.Trainer, "train_step", refuse)
+    assert cli.main(["train", *TINY]) == 2
+    assert cli.main(["train", *TINY, "--out-dir", "mine"]) == 2
+    assert "simulated" in capsys.readouterr().err and os.listdir(tmp_path) == []
