@@ -725,6 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = {k: getattr(args, k) for k in ("device", "backend", "amp", "channels_last", "cuda_graph")
                  if getattr(args, k) is not None}
     out = os.path.abspath(args.out)
+    train.check_out_dir(out, "--out")
     plan = build_plan(exp, runs, out, args.data_dir, args.smoke, overrides)
     mine = shard(plan, i, n)
     if args.dry_run:

@@ -259,16 +259,16 @@ def validate(cfg: TrainConfig) -> None:
         check_out_dir(cfg.out_dir)
 
 
-def check_out_dir(path: str) -> None:
-    """ValueError naming --out-dir unless `path` is a folder, or can be made one, that this process may write into;
+def check_out_dir(path: str, flag: str = "--out-dir") -> None:
+    """ValueError naming `flag` unless `path` is a folder, or can be made one, that this process may write into;
     creates nothing."""
     probe = os.path.abspath(path)
     while not os.path.lexists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"--out-dir: cannot use {path}: {probe} exists and is not a folder")
+        raise ValueError(f"{flag}: cannot use {path}: {probe} exists and is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out-dir: cannot use {path}: no permission to write into {probe}")
+        raise ValueError(f"{flag}: cannot use {path}: no permission to write into {probe}")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

@@ -243,3 +243,11 @@ def test_report_summarises_runs_beside_the_paper():
     assert "| constant scaling: shortcut 0.5, F 1 | fail | 9.00 | 9.00 ± 0.00 | 1/1 | paper fails, here not |" in t1
     t1 = reproduce.report_table(EXPERIMENTS["table1"], [{"row": "original", "test_err": 30.0}], 1)
     assert "| original | 6.61 | 30.00 (fail) | 30.00 ± 0.00 | 1/1 | fails here, not in the paper |" in t1
+
+
+def test_out_on_an_impossible_path_is_one_line_naming_out(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert cli.run_command("reproduce", reproduce.main, ["fig1", "--smoke", "--out", str(tmp_path / "a-file/x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastresnet reproduce: error: --out: cannot use "), err
+    assert os.listdir(tmp_path) == ["a-file"]
