@@ -17,6 +17,7 @@ import torch
 import fastresnet
 from benchmarks import common, report
 from fastresnet import cli, profile, train
+from threads import one_torch_thread
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch-size", "16", "--iterations", "1", "--eval-every", "0", "--no-plot"]
@@ -102,14 +103,6 @@ def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("FASTRESNET_DEBUG", "1")
     with pytest.raises(ValueError, match="--amp"):
         cli.main(["train", "--amp", "fp8"])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny runs on a small shared machine: one thread is the fastest and steadiest
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_each_run_gets_its_own_folder_and_the_last_line_names_it(tmp_path, monkeypatch, capsys, one_thread):
@@ -299,12 +292,8 @@ BAD_VALUES = {   # id -> (arguments after `train`, or a function of the folder g
 def bad_value_folder(tmp_path_factory):
     """A finished run to resume (good/), a junk checkpoint (junk/), two broken CIFAR folders and a plain file."""
     d = tmp_path_factory.mktemp("values")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert train.main([*TINY, "--out-dir", str(d / "good")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     (d / "junk").mkdir()
     _junk_checkpoint(d / "junk" / "last.pt")
     _cifar_batches(d / "cifar-none", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": None},

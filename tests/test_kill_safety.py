@@ -49,14 +49,6 @@ def _wait_for(lines, prefix):
     raise AssertionError(f"the run ended before a line starting with {prefix!r}")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny runs on a small shared machine: one thread is the fastest and steadiest
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigkill_during_checkpoint_writes_keeps_a_loadable_last_pt(tmp_path, one_thread):
     rng = random.Random(KILL_SEED)
     out = tmp_path / "run"

@@ -17,6 +17,7 @@ import torch
 
 from fastresnet import cli, reproduce, train
 from fastresnet.reproduce import EXPERIMENTS, Row, build_plan, main, shard
+from threads import one_torch_thread
 
 # what a rerun must reproduce exactly: everything except when, how long and where
 STABLE = ("experiment", "group", "row", "seed", "model", "model_kwargs", "dataset", "paper_dataset", "recipe",
@@ -25,23 +26,17 @@ STABLE = ("experiment", "group", "row", "seed", "model", "model_kwargs", "datase
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the CI machine is small and shared; one thread also keeps results bitwise stable
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():   # also keeps results bitwise stable
+        yield
 
 
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
     """Every experiment's smoke reproduction, in one output folder (runs shared between experiments)."""
     out = tmp_path_factory.mktemp("smoke")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for name in EXPERIMENTS:
             assert main([name, "--smoke", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -11,16 +11,15 @@ import torch
 
 from fastresnet import checkpoint
 from fastresnet.train import Trainer, TrainConfig, lr_at, main, resolve_config
+from threads import one_torch_thread
 
 TINY = ["--batch-size", "16", "--log-every", "2", "--no-plot"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the CI machine is small and shared: one thread is the fastest and steadiest
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _fit(tmp_path, *args, name="run"):
@@ -179,13 +178,9 @@ REFUSED_RESUMES = {   # id -> (change to the finished run's folder or None, argu
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert main([*TINY, "--iterations", "2", "--ckpt-every", "1", "--eval-every", "0", "--out-dir",
                      str(folder)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
