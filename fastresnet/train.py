@@ -319,7 +319,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
-        self.cfg = cfg = with_out_dir(cfg)                  # a no-op when run() has chosen it
+        self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -353,6 +353,7 @@ class Trainer:
         self.iteration = 0
         self._stop_signal: Optional[int] = None
         self._graph = None
+        self.cfg = with_out_dir(cfg)                        # a no-op when run() has chosen it
         self.outputs_open = False    # whether this run has written into out_dir: config.json, at the first save
 
     def _open_outputs(self) -> None:
@@ -613,7 +614,7 @@ class Trainer:
         """(path, checkpoint) of `path` ("auto": `resume_path(out_dir)`), checked: `CheckpointError` if it is not a
         training state or was trained with other `RESUME_KEYS` values than this run's."""
         if path == "auto":
-            path = resume_path(self.cfg.out_dir)
+            path = resume_path(with_out_dir(self.cfg).out_dir)   # (a resume's folder: chosen, never made)
         ckpt = checkpoint.load(path, map_location=self.device)
         problem = _state_problem(ckpt)
         if problem:
