@@ -220,15 +220,14 @@ def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tupl
     folder, train, test, label_key, archive, url = _CIFAR_LAYOUT[num_classes]
     if download and not os.path.exists(os.path.join(root, folder)) and not os.path.isfile(
             os.path.join(root, archive)) and not os.path.isfile(root):
+        import shutil
         import urllib.request
+
+        from fastresnet.checkpoint import atomic_write
         os.makedirs(root, exist_ok=True)
-        part = os.path.join(root, archive + ".part")   # renamed when complete: Ctrl-C leaves no truncated archive
-        try:
-            urllib.request.urlretrieve(url, part)
-            os.replace(part, os.path.join(root, archive))
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
+        # whole or not at all: an interrupted download leaves no truncated archive, two at once do not collide
+        with atomic_write(os.path.join(root, archive), "wb") as f, urllib.request.urlopen(url) as response:
+            shutil.copyfileobj(response, f)
     files = _read_cifar_files(root, num_classes)
 
     def split(names: Sequence[str]) -> Tuple[Tensor, Tensor]:
