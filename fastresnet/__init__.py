@@ -1,4 +1,7 @@
 """fastresnet: fused BN → ReLU → conv kernels for the pre-activation ResNets of He et al. (ECCV 2016)."""
+from fastresnet import _startup
+
+_startup.install()   # before the imports below (torch: seconds): a command's Ctrl-C there is one line too
 from fastresnet import functional
 from fastresnet.backends import available_backends, get_backend, set_backend
 from fastresnet.convert import convert, unconvert

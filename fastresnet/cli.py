@@ -7,7 +7,9 @@ follow one convention for errors:
 - bad input found later (a value, a missing or unreadable file, a refused pickle or checkpoint, an unknown model, a
   backend this machine lacks, a missing optional package): one line `fastresnet <command>: error: <message>` on
   stderr, exit 2; `--debug` anywhere in the arguments (or FASTRESNET_DEBUG=1) shows the traceback instead;
-- Ctrl-C before a command has installed its own handler (the trainer's saves a checkpoint): one line, exit 130;
+- Ctrl-C before a command has installed its own handler (the trainer's saves a checkpoint): one line, exit 130
+  (from the first import of the package on: `fastresnet._startup`; a KeyboardInterrupt that reaches this module,
+  as in-process calls of `main` see it, gives the same line and code);
 - output piped into a reader that stops early (`| head`): no message, exit 141 (128 + SIGPIPE, what a process
   killed by the signal reports).
 Other exceptions are bugs and keep their traceback.
@@ -20,6 +22,7 @@ import pickle
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from fastresnet._startup import DEBUG_ENV, DEBUG_FLAG, EXIT_INTERRUPTED, debug_wanted, interrupted_line
 from fastresnet.backends.base import BackendUnsupportedError
 from fastresnet.checkpoint import CheckpointError
 
@@ -31,10 +34,8 @@ COMMANDS = {
     "reproduce": ("fastresnet.reproduce", "the paper's CIFAR tables and figures, resumable and shardable"),
     "numerics": ("fastresnet.numerics", "judge every backend's training step of deep nets against float64"),
 }
-DEBUG_FLAG = "--debug"
-DEBUG_ENV = "FASTRESNET_DEBUG"
 EPILOG = f"On an error, {DEBUG_FLAG} (or {DEBUG_ENV}=1) prints the full traceback."
-EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+EXIT_USAGE, EXIT_BROKEN_PIPE = 2, 141
 # exceptions that mean bad input rather than a bug (module docstring); OSError includes FileNotFoundError
 USER_ERRORS = (ValueError, OSError, ImportError, pickle.UnpicklingError, CheckpointError, BackendUnsupportedError)
 
@@ -43,8 +44,7 @@ def _split_debug(argv: Sequence[str]) -> Tuple[List[str], bool]:
     """(argv without --debug, whether tracebacks are wanted); arguments after a bare `--` are left alone."""
     args = list(argv)
     end = args.index("--") if "--" in args else len(args)
-    debug = DEBUG_FLAG in args[:end] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    return [a for a in args[:end] if a != DEBUG_FLAG] + args[end:], debug
+    return [a for a in args[:end] if a != DEBUG_FLAG] + args[end:], debug_wanted(args)
 
 
 def _silence_stdout() -> None:
@@ -70,7 +70,7 @@ def _run(name: str, main: Callable[[Sequence[str]], Optional[int]], args: Sequen
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"fastresnet {name}: interrupted", file=sys.stderr)
+        print(interrupted_line(name), file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as e:
         if debug:

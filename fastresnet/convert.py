@@ -31,6 +31,16 @@ differs, a call runs the original forward with the original modules put back for
 FLOP counters: FlopCounterMode counts the fused ops like the eager layers (fastresnet/ops/flops.py); for fvcore or
 ptflops, which cannot see inside the fused ops, count `unconvert(model)` (same arithmetic).
 
+Inputs that are not eager Python modules:
+- an `fx.GraphModule` (`torch.fx.symbolic_trace` output) is converted from its graph: the chains are found under its
+  bare `nn.Module` containers as in any module, and its graph is replaced by the fused one and recompiled (no guards:
+  a graph has no Python branches). `copy.deepcopy` keeps the conversion (fx rebuilds the copy from the new graph);
+  `unconvert` puts the original graph back.
+- a TorchScript module (`torch.jit.script` / `torch.jit.trace` output, or such a submodule) is left unchanged: its
+  forward is compiled TorchScript, not Python code torch.fx can rewrite. It is listed in `report.untraced` and a
+  `UserWarning` names it. Convert the eager module instead; the converted model can then be traced
+  (`torch.jit.trace`) but not scripted (the fused layers' Python code is not TorchScript).
+
 Chains that cannot be proved equivalent are left alone and listed in the report with the reason. Limitations: only
 `forward` is rewritten (other methods that call a fused BN see None); whole-module pickling (`torch.save(model)`) of a
 converted non-Sequential owner is unsupported (save the state dict); a forward that branches on `self.training` or
@@ -43,6 +53,7 @@ import contextlib
 import copy
 import functools
 import sys
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -61,6 +72,10 @@ _RELU_METHODS = ("relu", "relu_")
 # nn.Module's own bookkeeping in an instance __dict__ (training, _parameters, hook dicts, ...): not configuration
 _MODULE_STATE = frozenset(nn.Module().__dict__)
 _NO_DEFAULT = object()
+SCRIPTED_REASON = ("a TorchScript module (torch.jit.script / torch.jit.trace): its forward is compiled TorchScript, "
+                   "not Python code torch.fx can rewrite; convert the eager module, then trace the result")
+_RECORD = "_fastresnet_conversion"          # the attribute of a converted owner holding its `_Conversion`
+_FX_PRESERVED = "_user_preserved_attributes"   # fx.GraphModule.meta key: attributes its deepcopy sets again
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -164,6 +179,7 @@ class _Conversion:
     can put the original modules back."""
     original_class: type
     slots: List[Tuple[str, Optional[nn.Module], Optional[nn.Module]]] = field(default_factory=list)
+    original_graph: Optional[fx.Graph] = None     # an fx.GraphModule owner's graph before the rewrite
     keymap: _KeyMap = field(default_factory=_KeyMap)
     handles: list = field(default_factory=list)
 
@@ -308,12 +324,18 @@ class _ChildTracer(fx.Tracer):
         return not isinstance(m, nn.Sequential)
 
 
+def _is_container(m: nn.Module) -> bool:
+    """Whether m only holds modules for its owner's code: an nn.Sequential (inlined by the tracer) or a bare
+    nn.Module, which has no forward to call (the submodule tree of an fx.GraphModule is made of those)."""
+    return isinstance(m, nn.Sequential) or type(m) is nn.Module
+
+
 def _leaves(owner: nn.Module, prefix: str = ""):
-    """(path, module) of the tracer's leaves under owner: children, looking inside nn.Sequential children."""
+    """(path, module) of the tracer's leaves under owner: children, looking inside containers (`_is_container`)."""
     for name, child in owner._modules.items():
         if child is None:
             continue
-        if isinstance(child, nn.Sequential):
+        if _is_container(child):
             yield from _leaves(child, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", child
@@ -583,7 +605,14 @@ def _rewrite(owner: nn.Module, graph: fx.Graph, guards: _Guards, path: str, back
     if not record.slots:
         return
     graph.lint()
-    if graph_changed and not isinstance(owner, nn.Sequential):
+    if graph_changed and isinstance(owner, fx.GraphModule):
+        # its forward is generated from its graph: the new graph, recompiled; kept by deepcopy (fx copies the graph,
+        # the state-dict hooks and the attributes listed in meta)
+        record.original_graph = owner.graph
+        owner.graph = graph
+        owner.recompile()
+        owner.meta.setdefault(_FX_PRESERVED, {})[_RECORD] = record
+    elif graph_changed and not isinstance(owner, nn.Sequential):
         # a Sequential's own forward already runs the new slots; any other owner gets the new code, guarded
         code = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
         cls = type(owner)
@@ -593,15 +622,15 @@ def _rewrite(owner: nn.Module, graph: fx.Graph, guards: _Guards, path: str, back
         # partials, not bound methods: torch tags public-API hooks with an attribute
         record.handles = [owner.register_state_dict_post_hook(functools.partial(_KeyMap.save, record.keymap)),
                           owner.register_load_state_dict_pre_hook(functools.partial(_KeyMap.load, record.keymap))]
-    owner._fastresnet_conversion = record
+    setattr(owner, _RECORD, record)
 
 
 def _eligible(m: nn.Module) -> bool:
-    """Worth tracing: has its own forward, is user code or a Sequential, and holds a BatchNorm2d (or timm
-    BatchNormAct2d) leaf."""
-    if type(m).forward is nn.Module.forward or hasattr(m, "_fastresnet_conversion"):
+    """Worth tracing: has its own forward, is user code, a Sequential or an fx.GraphModule (its generated forward
+    retraces to its own graph), and holds a BatchNorm2d (or timm BatchNormAct2d) leaf."""
+    if type(m).forward is nn.Module.forward or hasattr(m, _RECORD):
         return False
-    if not isinstance(m, nn.Sequential) and type(m).__module__.startswith("torch."):
+    if not isinstance(m, (nn.Sequential, fx.GraphModule)) and type(m).__module__.startswith("torch."):
         return False
     bn_act = _timm_bn_act()
     return any(type(leaf) is nn.BatchNorm2d or (bn_act is not None and isinstance(leaf, bn_act))
@@ -609,6 +638,9 @@ def _eligible(m: nn.Module) -> bool:
 
 
 def _walk(m: nn.Module, path: str, backend, report: ConversionReport, registrations, covered: bool) -> None:
+    if isinstance(m, torch.jit.ScriptModule):      # torch.jit.script / torch.jit.trace output, submodules included
+        report.untraced[path] = SCRIPTED_REASON
+        return
     traced = covered
     if not covered and _eligible(m):
         try:
@@ -642,6 +674,9 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
     Returns:
         `ConversionResult(model, report)`: unpack it or use `.model` / `.report`; `print(report)` lists every fused
         chain, every BatchNorm2d left alone with the reason, and modules torch.fx could not trace.
+
+    An `fx.GraphModule` is converted from its graph; a TorchScript module (or submodule) is left unchanged with a
+    `UserWarning` and its reason in the report (module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -654,6 +689,9 @@ def convert(model: nn.Module, backend: Optional[str] = None, inplace: bool = Fal
         registrations[id(m)] = registrations.get(id(m), 0) + 1
     report = ConversionReport()
     _walk(model, "", backend, report, registrations, False)
+    scripted = [p or "<model>" for p, why in report.untraced.items() if why == SCRIPTED_REASON]
+    if scripted:
+        warnings.warn(f"convert: left {', '.join(scripted)} unchanged: {SCRIPTED_REASON}", stacklevel=2)
     return ConversionResult(model, report)
 
 
@@ -664,12 +702,17 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    for owner in [m for m in model.modules() if hasattr(m, "_fastresnet_conversion")]:
-        record: _Conversion = owner.__dict__.pop("_fastresnet_conversion")
+    for owner in [m for m in model.modules() if hasattr(m, _RECORD)]:
+        record: _Conversion = owner.__dict__.pop(_RECORD)
         for handle in record.handles:
             handle.remove()
         record.restore(owner)
-        owner.__class__ = record.original_class
+        if record.original_graph is not None:
+            owner.meta[_FX_PRESERVED].pop(_RECORD)
+            owner.graph = record.original_graph
+            owner.recompile()
+        else:
+            owner.__class__ = record.original_class
     _unfuse_native(model)
     return model
 

@@ -78,8 +78,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(data: bytes, source: str):
-    """Unpickle bytes with `RestrictedUnpickler` (python-2 pickles: str read as bytes, like the CIFAR batches)."""
-    return RestrictedUnpickler(io.BytesIO(data), source, encoding="bytes").load()
+    """Unpickle bytes with `RestrictedUnpickler` (python-2 pickles: str read as bytes, like the CIFAR batches); a file
+    that is not a pickle raises ValueError naming `source`."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source, encoding="bytes").load()
+    except UnsafePickleError:
+        raise
+    # what unpickling junk raises, by the junk: a bad opcode, a cut-off file, a bad argument to an allowed global
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source}: not a pickle of a CIFAR batch ({type(e).__name__}: {e})") from None
 
 
 # ---- in-memory datasets -------------------------------------------------------------------------------------------
@@ -155,8 +163,9 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
-    """name -> bytes of every batch file, from a folder (the extracted archive, or its parent) or the .tar.gz."""
+def _read_cifar_files(root: str, num_classes: int) -> Dict[str, Tuple[str, bytes]]:
+    """name -> (where it was read: a path, or archive:member, for messages; its bytes) of every batch file, from a
+    folder (the extracted archive, or its parent) or the .tar.gz."""
     folder, train, test, _, archive, _ = _CIFAR_LAYOUT[num_classes]
     names = train + test
     if os.path.isfile(root) or os.path.isfile(os.path.join(root, archive)):
@@ -167,7 +176,7 @@ def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
                 for member in tar.getmembers():
                     base = os.path.basename(member.name)
                     if member.isfile() and base in names:
-                        out[base] = tar.extractfile(member).read()
+                        out[base] = (f"{path}:{member.name}", tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"data_dir: cannot read the CIFAR-{num_classes} archive {path}: {e}") from e
         missing = [n for n in names if n not in out]
@@ -179,7 +188,7 @@ def _read_cifar_files(root: str, num_classes: int) -> Dict[str, bytes]:
             out = {}
             for n in names:
                 with open(os.path.join(d, n), "rb") as f:
-                    out[n] = f.read()
+                    out[n] = (os.path.join(d, n), f.read())
             return out
     raise FileNotFoundError(
         f"data_dir: no CIFAR-{num_classes} data under {root!r}: expected the folder {folder}/ with {names}, or "
@@ -194,7 +203,12 @@ def _cifar_batch(data: bytes, source: str, label_key: bytes) -> Tuple[np.ndarray
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         raise ValueError(f"{source}: b'data' must be a uint8 array [N, 3072], got "
                          f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-    return images, list(batch[label_key])
+    raw = batch[label_key]
+    labels = np.asarray(raw) if isinstance(raw, (list, np.ndarray)) else None
+    if labels is None or labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],):
+        shown = type(raw).__name__ if labels is None else f"{type(raw).__name__} of {labels.dtype} {labels.shape}"
+        raise ValueError(f"{source}: {label_key!r} must be a list of {images.shape[0]} integer labels, got {shown}")
+    return images, labels.tolist()
 
 
 def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tuple[ImageData, ImageData]:
@@ -206,19 +220,18 @@ def load_cifar(root: str, num_classes: int = 10, download: bool = False) -> Tupl
     folder, train, test, label_key, archive, url = _CIFAR_LAYOUT[num_classes]
     if download and not os.path.exists(os.path.join(root, folder)) and not os.path.isfile(
             os.path.join(root, archive)) and not os.path.isfile(root):
+        import shutil
         import urllib.request
+
+        from fastresnet.checkpoint import atomic_write
         os.makedirs(root, exist_ok=True)
-        part = os.path.join(root, archive + ".part")   # renamed when complete: Ctrl-C leaves no truncated archive
-        try:
-            urllib.request.urlretrieve(url, part)
-            os.replace(part, os.path.join(root, archive))
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
+        # whole or not at all: an interrupted download leaves no truncated archive, two at once do not collide
+        with atomic_write(os.path.join(root, archive), "wb") as f, urllib.request.urlopen(url) as response:
+            shutil.copyfileobj(response, f)
     files = _read_cifar_files(root, num_classes)
 
     def split(names: Sequence[str]) -> Tuple[Tensor, Tensor]:
-        parts = [_cifar_batch(files[n], os.path.join(root, n), label_key) for n in names]
+        parts = [_cifar_batch(files[n][1], files[n][0], label_key) for n in names]
         x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
         y = np.asarray([label for p in parts for label in p[1]], dtype=np.int64)
         if y.min() < 0 or y.max() >= num_classes:

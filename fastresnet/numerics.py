@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -320,19 +321,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--nets", default=None, help="comma-separated (default: preact_resnet32,preact_bottleneck47)")
     p.add_argument("--out", default=None, help="append the rows as JSON lines to this file")
     a = p.parse_args(argv)
+    # every value is checked before the judge runs (minutes): one line naming the argument (fastresnet.cli)
     if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
-        p.error(f"--device: expected cpu or cuda (with a GPU present), got {a.device!r}")
+        raise ValueError(f"--device: expected cpu or cuda (with a GPU present), got {a.device!r}")
     dtypes = []
     for d in a.dtypes.split(","):
         if d not in DTYPES:
-            p.error(f"--dtypes: expected names from {tuple(DTYPES)}, got {d!r}")
+            raise ValueError(f"--dtypes: expected names from {tuple(DTYPES)}, got {d!r}")
         dtypes.append(DTYPES[d])
-    backends = runnable_backends(a.device) if a.backends is None else ["torch"] + [
-        b for b in a.backends.split(",") if b != "torch"]
+    runnable = runnable_backends(a.device)
+    backends = runnable if a.backends is None else ["torch"] + [b for b in a.backends.split(",") if b != "torch"]
+    known = available_backends()
+    for b in backends:
+        if b not in known:
+            raise ValueError(f"--backends: expected names from {tuple(known)}, got {b!r}")
+        if b not in runnable:
+            why = "" if known[b] == "ok" else f" ({known[b]})"
+            raise ValueError(f"--backends: {b!r} does not run on {a.device} tensors here{why}")
     names = list(JUDGE_NETS) if a.nets is None else a.nets.split(",")
     for n in names:
         if n not in JUDGE_NETS:
-            p.error(f"--nets: expected names from {tuple(JUDGE_NETS)}, got {n!r}")
+            raise ValueError(f"--nets: expected names from {tuple(JUDGE_NETS)}, got {n!r}")
+    folder = os.path.dirname(os.path.abspath(a.out)) if a.out else None
+    if folder is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out: cannot append to {a.out}: {folder} is not a folder this process may write into")
     x, target = judge_input(a.device)
     rows: List[Row] = []
     for n in names:
@@ -345,9 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
         env = dict(bench="numerics", device=dev, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    **{k: v for k, v in versions().items() if k in ("torch", "triton", "cuda", "numpy")})
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(dict(env, **asdict(r), ok=r.ok)) + "\n")
+        with open(a.out, "a") as f:   # one write: appended rows of processes writing at once never interleave
+            f.write("".join(json.dumps(dict(env, **asdict(r), ok=r.ok)) + "\n" for r in rows))
     return 0 if all(r.ok for r in rows) else 1
 
 

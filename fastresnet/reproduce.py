@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 import fastresnet
-from fastresnet import cli, train
+from fastresnet import checkpoint, cli, train
 from fastresnet.info import versions
 
 # ---- the paper's experiments as data --------------------------------------------------------------------------------
@@ -309,11 +309,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    checkpoint.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def check_folder(run: Run) -> None:
@@ -386,15 +382,16 @@ def train_run(run: Run, stop: _Stop) -> Optional[Dict[str, Any]]:
             return None
         if is_finished(run):                     # finished by another process while we waited
             return _read_json(os.path.join(folder, RESULT_FILE))
-        resume = "auto" if any(os.path.isfile(os.path.join(folder, f)) for f in ("last.pt", "prev.pt")) else ""
+        resume = "auto" if train.has_checkpoint(folder) else ""
         trainer = train.Trainer(dataclasses.replace(run.cfg, resume=resume))
         stop.check()
         spent = (_read_json(os.path.join(folder, TIME_FILE)) or {}).get("time_s", 0.0)
         t0 = time.perf_counter()
         try:
             result = trainer.fit()
-        finally:                                  # the time of every part of a resumed run adds up
-            _write_json(os.path.join(folder, TIME_FILE), {"time_s": spent + time.perf_counter() - t0})
+        finally:   # the time of every part of a resumed run adds up; a part refused or failed at start-up is none
+            if trainer.outputs_open:
+                _write_json(os.path.join(folder, TIME_FILE), {"time_s": spent + time.perf_counter() - t0})
         losses = [r["train_loss"] for r in trainer.history["log"]]
         record = {"test_err": result["test_err"], "final_train_loss": losses[-1] if losses else None,
                   "iterations": result["iteration"], "time_s": round(spent + time.perf_counter() - t0, 3),
@@ -421,9 +418,7 @@ def write_rows(exp: Experiment, plan: List[Run], out: str) -> List[Dict[str, Any
     folder = os.path.join(out, exp.name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "rows.jsonl")
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(f"{path}.tmp", path)
+    checkpoint.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -514,9 +509,7 @@ def write_report(exp: Experiment, plan: List[Run], rows: List[Dict[str, Any]], o
             f"Difference: reproduced median − paper, in points. Rows: rows.jsonl.", ""]
     body += [f"![{name}]({name})" for name in figures]
     path = os.path.join(folder, "report.md")
-    with open(f"{path}.tmp", "w") as f:
-        f.write("\n".join(head + body) + "\n")
-    os.replace(f"{path}.tmp", path)
+    checkpoint.write_text(path, "\n".join(head + body) + "\n")
     return path
 
 
@@ -566,7 +559,7 @@ def _plot_curves(plt, exp: Experiment, plan: List[Run], folder: str) -> str:
         ax_err.legend(fontsize=7, loc="best")
     fig.suptitle(exp.title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "curves.png"), dpi=110)
+    checkpoint.save_png(fig, os.path.join(folder, "curves.png"), dpi=110)
     plt.close(fig)
     return "curves.png"
 
@@ -592,7 +585,7 @@ def _plot_vs_paper(plt, exp: Experiment, rows: List[Dict[str, Any]], folder: str
            title=exp.title)
     ax.title.set_fontsize(8)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "vs_paper.png"), dpi=110)
+    checkpoint.save_png(fig, os.path.join(folder, "vs_paper.png"), dpi=110)
     plt.close(fig)
     return "vs_paper.png"
 
@@ -732,6 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = {k: getattr(args, k) for k in ("device", "backend", "amp", "channels_last", "cuda_graph")
                  if getattr(args, k) is not None}
     out = os.path.abspath(args.out)
+    train.check_out_dir(out, "--out")
     plan = build_plan(exp, runs, out, args.data_dir, args.smoke, overrides)
     mine = shard(plan, i, n)
     if args.dry_run:

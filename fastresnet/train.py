@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastresnet
-from fastresnet import checkpoint, cli, data, memory
+from fastresnet import _startup, checkpoint, cli, data, memory
+from fastresnet.backends.base import BackendUnsupportedError
 from fastresnet.distributed import convert_sync_batchnorm
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,59 +158,117 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Defaults < preset < JSON config file < explicit flags (module docstring)."""
+    """Defaults < preset < JSON config file < explicit flags (module docstring). Every value, from a flag or the file,
+    passes `check_field` (the file's with its name in the message) and the whole config `validate`."""
     given = vars(build_parser().parse_args(argv))
     from_file: Dict[str, Any] = {}
     if given.get("config"):
+        path = given["config"]
         try:
-            with open(given["config"]) as f:
+            with open(path) as f:
                 from_file = json.load(f)
         except OSError as e:
-            raise ValueError(f"--config: cannot read {given['config']}: {e.strerror or e}") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config: {given['config']} is not valid JSON ({e})") from e
+            raise ValueError(f"--config: cannot read {path}: {e.strerror or e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--config: {path} is not valid JSON ({e})") from e
         if not isinstance(from_file, dict):
-            raise ValueError(f"config: {given['config']} must hold a JSON object of TrainConfig fields")
+            raise ValueError(f"--config: {path} must hold a JSON object of TrainConfig fields")
+        unknown = sorted(set(from_file) - set(FIELD_TYPES))
+        if unknown:
+            raise ValueError(f"--config: {path} has unknown fields {unknown}; see `fastresnet train --help`")
+        for name, value in from_file.items():
+            check_field(name, value, where=f" (in --config {path})")
     preset = given.get("preset", from_file.get("preset", "digits"))
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **from_file, **given, "preset": preset}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"config: unknown fields {unknown}; see `fastresnet train --help`")
-    cfg = TrainConfig(**values)
+    check_field("preset", preset)
+    cfg = TrainConfig(**{**PRESETS[preset], **from_file, **given, "preset": preset})
     validate(cfg)
     return cfg
 
 
+# The type of every field ("int", "float", "str", "bool", "List[float]", "Dict[str, Any]": the annotations as text).
+FIELD_TYPES: Dict[str, str] = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# str fields with a fixed set of values
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "preset": tuple(PRESETS), "dataset": DATASETS, "amp": tuple(AMP_DTYPES),
+    "schedule": ("step", "cosine", "constant"), "milestone_unit": ("iter", "epoch"), "device": ("auto", "cpu", "cuda"),
+    "checkpoint": ("none", "unit", "segment"), "backend": fastresnet.backends.BACKEND_NAMES,
+}
+# numeric fields: (lower bound, whether the bound itself is excluded); every float must also be finite
+BOUNDS: Dict[str, Tuple[float, bool]] = {
+    "image_size": (0, False), "synthetic_size": (1, False), "num_classes": (0, False), "batch_size": (1, False),
+    "iterations": (0, False), "epochs": (0, False), "lr": (0, True), "momentum": (0, False),
+    "weight_decay": (0, False), "lr_decay": (0, True), "warmup_iters": (0, False), "warmup_lr": (0, True),
+    "pad": (0, False), "runs": (1, False), "log_every": (1, False), "eval_every": (0, False),
+    "ckpt_every": (0, False), "stop_at": (0, False), "workers": (0, False),
+}
+MAX_SEED = 2 ** 63 - 1    # the largest seed torch.manual_seed takes
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_field(name: str, value: Any, where: str = "") -> None:
+    """ValueError `--<name>: expected ..., got <value><where>` unless `value` has the field's type (integers for int
+    fields, finite numbers for float fields) and lies in its range (`CHOICES`, `BOUNDS`)."""
+    kind = FIELD_TYPES[name]
+    if kind == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind == "str":
+        ok, expected = isinstance(value, str), "a string"
+    elif kind.startswith("Dict"):
+        ok, expected = isinstance(value, dict), "a JSON object"
+    elif kind.startswith("List"):
+        ok = isinstance(value, list) and all(_is_number(v) and v >= 0 for v in value)
+        expected = "a list of finite numbers >= 0"
+    else:
+        ok = _is_number(value) and (kind == "float" or isinstance(value, int))
+        expected = "an integer" if kind == "int" else "a finite number"
+    if name in CHOICES:
+        ok, expected = ok and value in CHOICES[name], f"one of {CHOICES[name]}"
+    if name in BOUNDS:
+        low, strict = BOUNDS[name]
+        ok = ok and (value > low if strict else value >= low)
+        expected += f" {'>' if strict else '>='} {low}"
+    if name == "seed":
+        ok, expected = ok and 0 <= value <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"
+    if not ok:
+        raise ValueError(f"{_flag(name)}: expected {expected}, got {value!r}{where}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Clear errors for bad values, naming the flag."""
+    """Clear errors for bad values, naming the flag: every field by `check_field`, then the combinations."""
+    for name in FIELD_TYPES:
+        check_field(name, getattr(cfg, name))
     checks = [
-        (cfg.dataset in DATASETS, "dataset", f"one of {DATASETS}"),
-        (cfg.amp in AMP_DTYPES, "amp", f"one of {tuple(AMP_DTYPES)}"),
-        (cfg.schedule in ("step", "cosine", "constant"), "schedule", "step, cosine or constant"),
-        (cfg.milestone_unit in ("iter", "epoch"), "milestone_unit", "iter or epoch"),
-        (cfg.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
-        (cfg.batch_size > 0, "batch_size", "a positive integer"),
         (cfg.iterations > 0 or cfg.epochs > 0, "iterations", "a positive integer (or epochs > 0)"),
-        (cfg.lr > 0, "lr", "a positive number"),
-        (cfg.log_every > 0, "log_every", "a positive integer"),
-        (cfg.runs > 0, "runs", "a positive integer"),
-        (cfg.pad >= 0, "pad", "a non-negative integer"),
-        (cfg.checkpoint in ("none", "unit", "segment"), "checkpoint", "none, unit or segment"),
-        (cfg.backend in fastresnet.backends.BACKEND_NAMES, "backend", f"one of {fastresnet.backends.BACKEND_NAMES}"),
         (cfg.model in fastresnet.list_models(), "model", "a name from `fastresnet profile` (fastresnet.list_models())"),
         (cfg.resume in ("", "auto") or os.path.isfile(cfg.resume), "resume", "\"auto\" or an existing checkpoint file"),
     ]
     for ok, name, expected in checks:
         if not ok:
             raise ValueError(f"{_flag(name)}: expected {expected}, got {getattr(cfg, name)!r}")
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ValueError(f"--nesterov: needs --momentum > 0, got {cfg.momentum!r}")
     if cfg.cuda_graph and cfg.amp == "fp16":
         raise ValueError("--cuda-graph: not with --amp fp16 (the GradScaler's inf check syncs the host); use bf16")
     if cfg.cuda_graph and cfg.compile:
         raise ValueError("--cuda-graph: not with --compile (torch.compile(mode='reduce-overhead') makes its own "
                          "graphs)")
+    if cfg.out_dir:
+        check_out_dir(cfg.out_dir)
+
+
+def check_out_dir(path: str, flag: str = "--out-dir") -> None:
+    """ValueError naming `flag` unless `path` is a folder, or can be made one, that this process may write into;
+    creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag}: cannot use {path}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot use {path}: no permission to write into {probe}")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -248,11 +307,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# the files a run writes into out_dir
+OUTPUT_FILES = ("config.json", "last.pt", "prev.pt", "metrics.csv", "metrics.json", "curves.png")
+# config fields a checkpoint must agree with: what is trained and in which order
+RESUME_KEYS = ("dataset", "model", "model_kwargs", "num_classes", "image_size", "batch_size", "seed")
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------------
@@ -273,6 +331,14 @@ class Trainer:
             raise ConfigError("--cuda-graph: needs a CUDA device (this run is on the CPU)")
         if cfg.cuda_graph and self.world > 1:
             raise ConfigError("--cuda-graph: single-process runs only (DDP capture is not supported here)")
+        if cfg.backend != "auto":
+            try:
+                fastresnet.backends.resolve(torch.zeros(1, 1, 1, 1, device=self.device), cfg.backend)
+            except BackendUnsupportedError as e:
+                raise ConfigError(f"--backend {cfg.backend}: {e}") from e
+        # a checkpoint of another job is refused before anything is set up (or written: nothing is, before the
+        # first save)
+        self._resume = self.read_checkpoint(cfg.resume) if cfg.resume else None
         if want_cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -287,10 +353,25 @@ class Trainer:
         self.iteration = 0
         self._stop_signal: Optional[int] = None
         self._graph = None
-        self.cfg = cfg = with_out_dir(cfg)                  # a no-op when run() has chosen it
-        if self.rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            _write_text_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2) + "\n")
+        self.cfg = with_out_dir(cfg)                        # a no-op when run() has chosen it
+        self.outputs_open = False    # whether this run has written into out_dir: config.json, at the first save
+
+    def _open_outputs(self) -> None:
+        """Before the first file of this run (rank 0): create out_dir, remove what killed writers of the trainer's
+        files left there, write config.json. Nothing is written earlier, so a run that cannot start or is refused
+        leaves the file system as it was."""
+        if self.outputs_open:
+            return
+        out = self.cfg.out_dir
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out-dir: cannot create {out}: {e.strerror or e}") from e
+        for name in OUTPUT_FILES:
+            for tmp in checkpoint.stale_temporaries(os.path.join(out, name)):
+                os.unlink(tmp)
+        checkpoint.write_text(os.path.join(out, "config.json"), json.dumps(asdict(self.cfg), indent=2) + "\n")
+        self.outputs_open = True
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -522,38 +603,59 @@ class Trainer:
         """Rank 0 writes out_dir/last.pt atomically, keeping the previous one as prev.pt; all ranks wait for it."""
         path = None
         if self.rank == 0:
+            self._open_outputs()
             path = os.path.join(self.cfg.out_dir, "last.pt")
-            if os.path.exists(path):
-                os.replace(path, os.path.join(self.cfg.out_dir, "prev.pt"))
-            checkpoint.save(self.state(), path)
+            checkpoint.save(self.state(), path, previous=os.path.join(self.cfg.out_dir, "prev.pt"))
         if self.world > 1:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore everything `state()` saved; the job then continues exactly where the checkpoint was taken."""
+    def read_checkpoint(self, path: str) -> Tuple[str, Dict[str, Any]]:
+        """(path, checkpoint) of `path` ("auto": `resume_path(out_dir)`), checked: `CheckpointError` if it is not a
+        training state or was trained with other `RESUME_KEYS` values than this run's."""
         if path == "auto":
-            last = os.path.join(self.cfg.out_dir, "last.pt")
-            prev = os.path.join(self.cfg.out_dir, "prev.pt")
-            path = last if os.path.exists(last) or not os.path.exists(prev) else prev
+            path = resume_path(with_out_dir(self.cfg).out_dir)   # (a resume's folder: chosen, never made)
         ckpt = checkpoint.load(path, map_location=self.device)
-        saved = ckpt.get("config", {})
-        for key in ("batch_size", "seed", "model", "dataset"):
+        problem = _state_problem(ckpt)
+        if problem:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: not a fastresnet training state ({problem})")
+        saved = ckpt["config"]
+        for key in RESUME_KEYS:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path}: was trained with {key}={saved[key]!r}, this run has "
                     f"{key}={getattr(self.cfg, key)!r}; an exact resume needs the same value")
-        self.model.load_state_dict(ckpt["model"])
-        lr_tensors = [g["lr"] for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, lr in zip(self.optimizer.param_groups, lr_tensors):
-            group["lr"] = lr                                 # keep our own (possibly device-tensor) LR
-        if self.scaler is not None and ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state({k: (v.cpu() if isinstance(v, Tensor) else [t.cpu() for t in v])
-                       for k, v in ckpt["rng"].items()})
+        return path, ckpt
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything `state()` saved; the job then continues exactly where the checkpoint was taken. A
+        checkpoint of another job, or one whose contents do not fit this model, raises `CheckpointError` before
+        anything is restored."""
+        self._restore(*self.read_checkpoint(path))
+
+    def _restore(self, path: str, ckpt: Dict[str, Any]) -> None:
+        model_keys = self.model.state_dict()
+        wrong = [k for k, v in ckpt["model"].items() if k not in model_keys or v.shape != model_keys[k].shape]
+        missing = [k for k in model_keys if k not in ckpt["model"]]
+        if wrong or missing:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: its model does not fit {self.cfg.model} with these settings (unexpected or "
+                f"differently shaped: {wrong[:3]}, missing: {missing[:3]})")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            lr_tensors = [g["lr"] for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group, lr in zip(self.optimizer.param_groups, lr_tensors):
+                group["lr"] = lr                             # keep our own (possibly device-tensor) LR
+            if self.scaler is not None and ckpt["scaler"]:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state({k: (v.cpu() if isinstance(v, Tensor) else [t.cpu() for t in v])
+                           for k, v in ckpt["rng"].items()})
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:   # what torch's loaders raise on bad contents
+            raise checkpoint.CheckpointError(f"checkpoint {path}: cannot be restored ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
         self.history = ckpt["history"]
-        self.iteration = int(ckpt["iteration"])
+        self.iteration = ckpt["iteration"]
         if self.rank == 0:
             _log(f"resumed from {path} at iteration {self.iteration}")
 
@@ -576,8 +678,8 @@ class Trainer:
         w.writeheader()
         for it in sorted(rows):
             w.writerow({"iteration": it, **rows[it]})
-        _write_text_atomic(os.path.join(out, "metrics.csv"), buf.getvalue())
-        _write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(
+        checkpoint.write_text(os.path.join(out, "metrics.csv"), buf.getvalue())
+        checkpoint.write_text(os.path.join(out, "metrics.json"), json.dumps(
             {"config": asdict(self.cfg), "log": self.history["log"], "eval": self.history["eval"],
              "iteration_loss": self.history["loss"]}) + "\n")
 
@@ -607,7 +709,7 @@ class Trainer:
         ax_loss.legend()
         fig.tight_layout()
         path = os.path.join(self.cfg.out_dir, "curves.png")
-        fig.savefig(path, dpi=120)
+        checkpoint.save_png(fig, path, dpi=120)
         plt.close(fig)
         return path
 
@@ -630,8 +732,9 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to `total` iterations (from the checkpoint if `resume`); returns the final metrics."""
         cfg = self.cfg
-        if cfg.resume:
-            self.load_checkpoint(cfg.resume)
+        if self._resume is not None:
+            self._restore(*self._resume)
+            self._resume = None
         handlers = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -713,6 +816,29 @@ class Trainer:
                  f"{row['train_err']:.1f}% | lr {row['lr']:.4g} | {ips:.0f} img/s | ETA {_fmt_time(eta)}")
 
 
+def _state_problem(ckpt: Dict[str, Any]) -> str:
+    """What is wrong with the structure of a loaded checkpoint ("" if nothing): the types `Trainer.state` writes."""
+    def is_dict_of(v, kind):
+        return isinstance(v, dict) and all(isinstance(x, kind) for x in v.values())
+    history = ckpt.get("history")
+    rng = ckpt.get("rng")
+    expected = [
+        ("iteration", isinstance(ckpt.get("iteration"), int) and not isinstance(ckpt.get("iteration"), bool)
+         and ckpt["iteration"] >= 0, "an integer >= 0"),
+        ("model", is_dict_of(ckpt.get("model"), Tensor), "a dict of tensors"),
+        ("optimizer", isinstance(ckpt.get("optimizer"), dict) and {"state", "param_groups"} <= set(ckpt["optimizer"]),
+         "an optimizer state dict"),
+        ("scaler", isinstance(ckpt.get("scaler"), dict), "a dict"),
+        ("rng", isinstance(rng, dict) and isinstance(rng.get("torch"), Tensor) and rng["torch"].dtype == torch.uint8,
+         "a dict with a uint8 'torch' state"),
+        ("config", isinstance(ckpt.get("config"), dict), "a dict"),
+        ("history", isinstance(history, dict) and all(isinstance(history.get(k), list)
+                                                      for k in ("loss", "wrong", "log", "eval")),
+         "a dict of the lists loss, wrong, log, eval"),
+    ]
+    return "; ".join(f"{key}: expected {what}" for key, ok, what in expected if not ok)
+
+
 # ---- entry point --------------------------------------------------------------------------------------------------
 RUNS_ROOT = "runs"
 
@@ -728,21 +854,33 @@ def _run_folders(base: str) -> List[str]:
     return [found[k] for k in sorted(found)]
 
 
+def has_checkpoint(folder: str) -> bool:
+    """Whether `folder` holds a checkpoint of the trainer (last.pt or prev.pt)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("last.pt", "prev.pt"))
+
+
+def resume_path(folder: str) -> str:
+    """The checkpoint `--resume auto` continues from in `folder`: last.pt, or prev.pt where only that exists."""
+    last, prev = os.path.join(folder, "last.pt"), os.path.join(folder, "prev.pt")
+    return last if os.path.exists(last) or not os.path.exists(prev) else prev
+
+
 def with_out_dir(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with `out_dir` chosen when it is empty: `--resume PATH` continues in PATH's folder, `--resume auto` in
-    the newest runs/<dataset>-<model>[-N], and a new run gets a new folder, runs/<dataset>-<model> or the first free
-    -2, -3, ... suffix, created here by rank 0 (os.makedirs fails on an existing folder, so two runs started at once
-    never share one). Other ranks of a new run never write files: the name they get is not used."""
+    the newest runs/<dataset>-<model>[-N] that holds a checkpoint, and a new run gets a new folder,
+    runs/<dataset>-<model> or the first free -2, -3, ... suffix, created here by rank 0 (os.mkdir fails on an
+    existing folder, so two runs started at once never share one). Other ranks of a new run never write files: the
+    name they get is not used."""
     if cfg.out_dir:
         return cfg
     if cfg.resume and cfg.resume != "auto":
         return dataclasses.replace(cfg, out_dir=os.path.dirname(cfg.resume) or ".")
     base = os.path.join(RUNS_ROOT, f"{cfg.dataset}-{cfg.model}")
     if cfg.resume == "auto":
-        folders = _run_folders(base)
+        folders = [f for f in _run_folders(base) if has_checkpoint(f)]
         if not folders:
-            raise ValueError(f"--resume auto: no earlier run in {base} (or {base}-N); pass the run's folder with "
-                             "--out-dir, or a checkpoint path with --resume")
+            raise ValueError(f"--resume auto: no earlier run with a checkpoint in {base} (or {base}-N); pass the "
+                             "run's folder with --out-dir, or a checkpoint path with --resume")
         return dataclasses.replace(cfg, out_dir=folders[-1])
     if int(os.environ.get("RANK", "0")) != 0:
         return dataclasses.replace(cfg, out_dir=base)
@@ -760,15 +898,21 @@ def with_out_dir(cfg: TrainConfig) -> TrainConfig:
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train `cfg.runs` times (seeds seed, seed+1, ...; out_dir/run<k> when runs > 1); returns the final metrics
     with the output folder ("out_dir"), and for several runs the median and mean ± std of the test error, as the
-    paper reports. A folder made here for a new run is removed again if the run fails before writing into it."""
+    paper reports. A folder made here for a new run (and runs/, if made for it) is removed again if the run fails
+    before writing into it: the trainer writes nothing before its first checkpoint."""
     new_folder = not cfg.out_dir and not cfg.resume and int(os.environ.get("RANK", "0")) == 0
+    new_root = new_folder and not os.path.isdir(RUNS_ROOT)
     cfg = with_out_dir(cfg)
+    made = [f for f, new in ((RUNS_ROOT, new_root), (cfg.out_dir, new_folder)) if new]
+    _startup.made_folders.extend(made)                     # an interrupt at start-up removes them too
     try:
         return {**_run_all(cfg), "out_dir": cfg.out_dir}
     except BaseException:
-        if new_folder and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):
-            os.rmdir(cfg.out_dir)
+        _startup.remove_empty(made)
         raise
+    finally:
+        for folder in made:
+            _startup.made_folders.remove(folder)
 
 
 def _run_all(cfg: TrainConfig) -> Dict[str, Any]:
@@ -782,7 +926,7 @@ def _run_all(cfg: TrainConfig) -> Dict[str, Any]:
     summary = {"runs": results, "test_err": errs, "median": statistics.median(errs),
                "mean": statistics.fmean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else 0.0}
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_text_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        checkpoint.write_text(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

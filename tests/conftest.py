@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from threads import one_torch_thread
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines)")
@@ -19,3 +21,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    with one_torch_thread():
+        yield

@@ -7,6 +7,7 @@ ReLU → Conv2d in a different association order (BN folded to scale/shift, runn
 differences are rounding, ~1e-15 relative; 1e-10 leaves room for accumulation over a few layers and still fails on
 any real semantic difference (a missed ReLU, wrong statistics, a dropped running-stat update).
 """
+import copy
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 import fastresnet
 from fastresnet import BNReLU2d, PreActConv2d, convert, unconvert
+from fastresnet.convert import SCRIPTED_REASON
 
 TOL = dict(atol=1e-10, rtol=1e-10)  # float64, see the module docstring
 
@@ -248,7 +250,7 @@ def test_torchvision_style_preact_resnet():
     # and the head's torch.relu(bn) are BNReLU2d.
     assert report.num_preact == 5 and report.num_bn_relu == 2, str(report)
     assert {c.relu.split(" ")[0] for c in report.fused} == {"F.relu", "x.relu()", "torch.relu"}
-    assert isinstance(fused.layer1[0].conv1, PreActConv2d) and fused.layer1[0].bn1 is None
+    assert isinstance(fused.get_submodule("layer1.0.conv1"), PreActConv2d) and fused.layer1[0].bn1 is None
     assert isinstance(fused.layer2[0].bn1, BNReLU2d)
     for training in (True, False):
         assert_same(orig, fused, x_input(), training)
@@ -447,3 +449,43 @@ def test_optional_argument_branch_kept():
     orig.eval(); fused.eval()
     torch.testing.assert_close(fused(x, mask), orig(x, mask), **TOL)   # traced path (mask given)
     torch.testing.assert_close(fused(x), orig(x), **TOL)               # mask None: the trace assumed a tensor
+
+
+# ---- TorchScript and torch.fx inputs --------------------------------------------------------------------------------
+def test_torch_fx_graph_module_is_converted_from_its_graph():
+    """symbolic_trace output: the chains sit in the GraphModule's graph, under bare nn.Module containers (its state
+    dict is in graph order, so it, not the eager model, is the reference for key order)."""
+    gm = torch.fx.symbolic_trace(randomize(TorchvisionStylePreActResNet()).double())
+    fused, report = convert(gm, backend="torch")
+    assert report.num_preact == 5 and report.num_bn_relu == 2 and not report.untraced, str(report)
+    assert isinstance(fused, torch.fx.GraphModule) and isinstance(fused.get_submodule("layer1.0.conv1"), PreActConv2d)
+    assert "layer1_0_bn1" not in fused.code and "layer1_0_bn1" in gm.code
+    for training in (True, False):
+        assert_same(gm, fused, x_input(), training)
+    copied = copy.deepcopy(fused)                           # fx rebuilds a copy from its graph: the fused one
+    for m in (gm, fused, copied):
+        m.zero_grad(set_to_none=True)                       # a deep copy does not copy .grad
+    assert_same(gm, copied, x_input(), training=False)
+    for back in (unconvert(fused), unconvert(copied)):
+        assert fused_types(back) == [] and "layer1_0_bn1" in back.code
+        gm.zero_grad(set_to_none=True)
+        back.zero_grad(set_to_none=True)
+        assert_same(gm, back, x_input(), training=False)
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "scripted child"])
+def test_torchscript_is_left_alone_with_a_warning(how):
+    """A ScriptModule's forward is compiled TorchScript: left unchanged, reported, and a warning says why."""
+    model = randomize(sequential_cnn()).double().eval()
+    x = x_input()
+    if how == "script":
+        target, where = torch.jit.script(model), "<model>"
+    elif how == "trace":
+        target, where = torch.jit.trace(model, x), "<model>"
+    else:
+        target, where = nn.Sequential(torch.jit.script(randomize(sequential_cnn()).double()), nn.Identity()), "0"
+    with pytest.warns(UserWarning, match=f"convert: left {where} unchanged: a TorchScript module"):
+        fused, report = convert(target.eval(), backend="torch")
+    assert report.untraced == {"" if where == "<model>" else where: SCRIPTED_REASON}
+    assert fused_types(fused) == [] and "convert the eager module, then trace the result" in str(report)
+    torch.testing.assert_close(fused(x), target(x), atol=0, rtol=0)

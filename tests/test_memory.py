@@ -165,5 +165,5 @@ def test_trainer_checkpoint_flag_plans_and_reports(tmp_path, capsys):
     assert runs["unit"].memory_plan.saved_bytes < runs["none"].memory_plan.saved_bytes
     err = capsys.readouterr().err
     assert err.count("memory plan (checkpoint") == 2 and err.count("memory used:") == 2
-    with pytest.raises(ValueError, match="--checkpoint: expected none, unit or segment"):
+    with pytest.raises(ValueError, match=r"--checkpoint: expected one of \('none', 'unit', 'segment'\)"):
         resolve_config(["--checkpoint", "layer"])

@@ -124,10 +124,17 @@ def test_verdict_floor_and_ratio():
     assert numerics.verdict(bad, base, floor=1e-6) == ["grad 2.1e-05 > 2e-05 (plain PyTorch 1e-05)"]
 
 
-def test_cli_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit) as e:
-        numerics.main(["--dtypes", "float8"])
-    assert e.value.code == 2 and "--dtypes" in capsys.readouterr().err
+@pytest.mark.parametrize("args, needle", [
+    (["--dtypes", "float8"], "--dtypes: expected names from"),
+    (["--nets", "vgg16"], "--nets: expected names from"),
+    (["--backends", "fastest"], "--backends: expected names from"),
+    (["--out", "/dev/null/rows.jsonl"], "--out: cannot append to /dev/null/rows.jsonl"),
+])
+def test_cli_rejects_bad_arguments_before_judging(args, needle, capsys):
+    from fastresnet import cli
+    assert cli.run_command("numerics", numerics.main, ["--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fastresnet numerics: error: {needle}"), err
 
 
 def test_cli_rows_and_report_table(tmp_path, capsys):

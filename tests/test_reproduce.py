@@ -17,6 +17,7 @@ import torch
 
 from fastresnet import cli, reproduce, train
 from fastresnet.reproduce import EXPERIMENTS, Row, build_plan, main, shard
+from threads import one_torch_thread
 
 # what a rerun must reproduce exactly: everything except when, how long and where
 STABLE = ("experiment", "group", "row", "seed", "model", "model_kwargs", "dataset", "paper_dataset", "recipe",
@@ -25,23 +26,17 @@ STABLE = ("experiment", "group", "row", "seed", "model", "model_kwargs", "datase
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the CI machine is small and shared; one thread also keeps results bitwise stable
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():   # also keeps results bitwise stable
+        yield
 
 
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
     """Every experiment's smoke reproduction, in one output folder (runs shared between experiments)."""
     out = tmp_path_factory.mktemp("smoke")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for name in EXPERIMENTS:
             assert main([name, "--smoke", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -243,3 +238,11 @@ def test_report_summarises_runs_beside_the_paper():
     assert "| constant scaling: shortcut 0.5, F 1 | fail | 9.00 | 9.00 ± 0.00 | 1/1 | paper fails, here not |" in t1
     t1 = reproduce.report_table(EXPERIMENTS["table1"], [{"row": "original", "test_err": 30.0}], 1)
     assert "| original | 6.61 | 30.00 (fail) | 30.00 ± 0.00 | 1/1 | fails here, not in the paper |" in t1
+
+
+def test_out_on_an_impossible_path_is_one_line_naming_out(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert cli.run_command("reproduce", reproduce.main, ["fig1", "--smoke", "--out", str(tmp_path / "a-file/x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastresnet reproduce: error: --out: cannot use "), err
+    assert os.listdir(tmp_path) == ["a-file"]

@@ -11,16 +11,15 @@ import torch
 
 from fastresnet import checkpoint
 from fastresnet.train import Trainer, TrainConfig, lr_at, main, resolve_config
+from threads import one_torch_thread
 
 TINY = ["--batch-size", "16", "--log-every", "2", "--no-plot"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the CI machine is small and shared: one thread is the fastest and steadiest
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _fit(tmp_path, *args, name="run"):
@@ -163,3 +162,46 @@ def test_cli_dispatches(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--help"])
     assert e.value.code == 0 and "--sync-bn" in capsys.readouterr().out
+
+
+REFUSED_RESUMES = {   # id -> (change to the finished run's folder or None, arguments of the refused resume)
+    "other-batch-size": (None, ["--batch-size", "8"]),
+    "other-model": (None, ["--model", "preact_resnet32"]),
+    "other-model-kwargs": (None, ["--model-kwargs", '{"shortcut": "conv"}']),
+    "other-num-classes": (None, ["--num-classes", "12"]),
+    "other-seed": (None, ["--seed", "3"]),
+    "truncated-last": ("truncate", []),
+    "junk-contents": ("junk", []),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    with one_torch_thread():
+        assert main([*TINY, "--iterations", "2", "--ckpt-every", "1", "--eval-every", "0", "--out-dir",
+                     str(folder)]) == 0
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("case_id", sorted(REFUSED_RESUMES))
+def test_refused_resume_leaves_the_run_folder_byte_identical(finished_run, case_id, tmp_path, capsys):
+    """Checkpoint and config are checked before anything is written: config.json keeps the run's own settings."""
+    from fastresnet import cli
+    change, args = REFUSED_RESUMES[case_id]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name, content in finished_run.items():
+        (folder / name).write_bytes(content)
+    if change == "truncate":
+        (folder / "last.pt").write_bytes(finished_run["last.pt"][:1000])
+    elif change == "junk":
+        torch.save({"iteration": 2, "model": {"fc.weight": "junk"}, "optimizer": {}, "config": {}}, folder / "last.pt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(before) >= {"config.json", "last.pt", "prev.pt", "metrics.csv", "metrics.json"}
+    for resume in (str(folder / "last.pt"), "auto"):
+        assert cli.main(["train", *TINY, "--iterations", "4", "--resume", resume, "--out-dir", str(folder),
+                         *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fastresnet train: error: checkpoint "), err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
