@@ -67,12 +67,13 @@ def bn_relu_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of a = relu(BN(x)) given dy = dL/da. Returns (dx, Σdz, Σdz·x̂); dγ = Σdz·x̂, dβ = Σdz.
 
-    dz = dy·[x·scale + shift > 0]. Training (batch statistics): dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M).
+    dz = 0 where x·scale + shift ≤ 0, else dy: PyTorch's ReLU backward (threshold_backward), under which a NaN
+    pre-activation passes dy. Training (batch statistics): dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M).
     Eval (running statistics, constants): dx = scale·dz. dres, if given, is added to dx (the shortcut gradient).
     """
     xf, dyf = _acc(x), _acc(dy)
     s, t = _per_channel(scale), _per_channel(shift)
-    dz = torch.where(xf * s + t > 0, dyf, torch.zeros_like(dyf))
+    dz = torch.where(xf * s + t <= 0, torch.zeros_like(dyf), dyf)
     xhat = (xf - _per_channel(mean)) * _per_channel(rstd)
     sum_dz = dz.sum(dim=(0, 2, 3))
     sum_dz_xhat = (dz * xhat).sum(dim=(0, 2, 3))
@@ -115,7 +116,8 @@ def update_running_stats(
     """PyTorch's BatchNorm running-statistics update, in place and without a host synchronisation.
 
     num_batches_tracked += 1; factor = momentum, or 1/num_batches_tracked when momentum is None (cumulative
-    average); running = (1 − factor)·running + factor·batch, with the unbiased variance var·M/(M − 1).
+    average); running = (1 − factor)·running + factor·batch, with the unbiased variance var·M/(M − 1). An empty
+    batch (M = 0) only counts: nn.BatchNorm2d leaves the running statistics as they are.
     """
     update_running_stats_many([(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)])
 
@@ -132,6 +134,8 @@ def update_running_stats_many(
             torch._foreach_add_(nbts, 1)
         groups = {}
         for rm, rv, nbt, mean, var, count, momentum in entries:
+            if isinstance(count, int) and count == 0:  # a 0-d tensor count (synchronised BN's) is not read here
+                continue
             if momentum is None:
                 if nbt is None:
                     raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
