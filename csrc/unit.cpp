@@ -317,13 +317,13 @@ using torch::autograd::variable_list;
 // The running-statistics updates of the units of one preact_units_train call, made together once every unit's
 // forward has run (no unit reads a running buffer in a training forward): fastresnet.reference.
 // update_running_stats_many for BNs that all have buffers (means of one dtype, variances of one dtype per unit) —
-// num_batches_tracked += 1; running_mean.lerp_(mean, m); running_var.lerp_(var·M/(M − 1), m), the lerps skipped for an
-// empty batch (M = 0) as nn.BatchNorm2d skips them — so the buffers are
+// num_batches_tracked += 1; running = (1 − m)·running + m·batch for the mean and the unbiased var·M/(M − 1), skipped
+// for an empty batch (M = 0) as nn.BatchNorm2d skips it — so the buffers are
 // bitwise those of the Python update, with one multi-tensor op per kind and momentum for the whole chain instead of
-// four per unit (on a GPU: four kernels per step, not per unit). On CPU, dense float32/float64 variances are
+// six per unit (on a GPU: six kernels per step, not per unit). On CPU, dense float32/float64 variances are
 // unbiased and int64 counters incremented by a loop (per element the multiply ATen's `mul` by a Python float does,
-// by the factor rounded to the variance's dtype) instead of dispatcher calls that each wrap a scalar. The lerps are
-// ATen's everywhere: its CPU kernel may use FMA, whose bits a portable loop cannot promise.
+// by the factor rounded to the variance's dtype) instead of dispatcher calls that each wrap a scalar. The updates are
+// ATen's multiply and add everywhere: the add's CPU kernel may use FMA, whose bits a portable loop cannot promise.
 class RunningUpdates {
  public:
   void add(const RunningStats& running, at::TensorList means, at::TensorList vars) {
@@ -362,8 +362,10 @@ class RunningUpdates {
       for (size_t j : group.pending) {
         group.vars[j] = cast(unbiased_vars[next++], group.running_vars[j].scalar_type());
       }
-      at::_foreach_lerp_(group.running_means, group.means, group.momentum);
-      at::_foreach_lerp_(group.running_vars, group.vars, group.momentum);
+      at::_foreach_mul_(group.running_means, 1 - group.momentum);
+      at::_foreach_add_(group.running_means, group.means, group.momentum);
+      at::_foreach_mul_(group.running_vars, 1 - group.momentum);
+      at::_foreach_add_(group.running_vars, group.vars, group.momentum);
     }
   }
 

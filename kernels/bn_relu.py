@@ -134,7 +134,7 @@ def _bn_relu_bwd_dx_kernel(
     t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dx = relu_grad(x * s + t, s * dy)
+    dx = s * relu_grad(x * s + t, dy)  # s·dz: an infinite s makes the 0 of a dropped gradient NaN, as in PyTorch
     if TRAINING:
         mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
