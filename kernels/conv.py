@@ -228,10 +228,14 @@ def _conv_wgrad_kernel(
                       mask=m_ok[:, None] & co_ok[None, :], other=0.0)                   # [BLOCK_M, BLOCK_CO]
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
-        a_mask = (m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & ci_ok[None, :]
+        in_x = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)   # rows whose tap reads x, not the padding
+        a_mask = in_x[:, None] & ci_ok[None, :]
         xv = tl.load(x_ptr + _offsets(nb, hi, wi, rci, sxn, sxc, sxh, sxw), mask=a_mask, other=0.0)
         # prologue: recompute the activation from x; zero padding in the activated space
         a = tl.where(a_mask, relu(xv.to(tl.float32) * s[None, :] + t[None, :]), 0.0)
+        # a padding row adds nothing: its dy is dropped, not multiplied by the padding's 0 (a NaN/Inf dy would give
+        # NaN), as PyTorch's conv backward skips the padding
+        dyv = tl.where(in_x[:, None], dyv, 0.0)
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     off = rco[:, None] * (KH * KW * C_in) + tap * C_in + rci[None, :]
