@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import fastresnet
 import fastresnet.functional as FF
-from fastresnet import ops, reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.kernels import interpreting
 from fastresnet.models import create_model
@@ -77,29 +76,19 @@ def _case(plant, conv):
     return {k: v.to(DEV) for k, v in t.items()}
 
 
-def _plain(case, training, conv):
-    """Plain PyTorch: F.batch_norm → relu (→ conv2d), autograd; running buffers updated in place on copies."""
-    x = case["x"].clone().requires_grad_()
-    w, b = case["weight"].clone().requires_grad_(), case["bias"].clone().requires_grad_()
-    k = case["conv"].clone().requires_grad_()
-    rm, rv = case["running_mean"].clone(), case["running_var"].clone()
-    y = torch.relu(F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS))
-    if conv:
-        y = F.conv2d(y, k, None, 1, 1)
-    y.backward(case["dy"])
-    out = {"y": y.detach(), "dx": x.grad, "dgamma": w.grad, "dbeta": b.grad, "running_mean": rm, "running_var": rv}
-    if conv:
-        out["dW"] = k.grad
-    return out
-
-
-def _fused(case, training, conv, backend):
+def _run(case, training, conv, backend=None):
+    """Forward and backward of BN → ReLU (→ conv 3×3, padding 1) on copies of case's tensors: plain PyTorch
+    (F.batch_norm, relu, conv2d, autograd) when backend is None, else the fused op on that backend. Returns the
+    output, the gradients and the running buffers (updated in place in training)."""
     x = case["x"].clone().requires_grad_()
     w, b = case["weight"].clone().requires_grad_(), case["bias"].clone().requires_grad_()
     k = case["conv"].clone().requires_grad_()
     rm, rv = case["running_mean"].clone(), case["running_var"].clone()
     nbt = torch.zeros((), dtype=torch.long, device=DEV)
-    if conv:
+    if backend is None:
+        y = torch.relu(F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS))
+        y = F.conv2d(y, k, None, 1, 1) if conv else y
+    elif conv:
         y = FF.bn_relu_conv2d(x, k, rm, rv, w, b, nbt, training, MOMENTUM, EPS, padding=1, backend=backend)
     else:
         y = FF.bn_relu(x, rm, rv, w, b, nbt, training, MOMENTUM, EPS, backend=backend)
@@ -132,12 +121,12 @@ def test_nonfinite_like_pytorch(backend, training, conv):
     statistics as PyTorch's."""
     for plant in CONV_PLANTS if conv else PLANTS:
         case = _case(plant, conv)
-        want = _plain(case, training, conv)
+        want = _run(case, training, conv)
         # the plant reaches something in PyTorch (the case is not vacuous) except where PyTorch drops it: β = −Inf
         # (relu gives 0) and a NaN gradient where the ReLU is off, which the conv's dgrad spreads to active pixels
         dropped = plant == "bias_neginf" or (plant == "dy_nan_dropped" and not conv)
         assert all(v.isfinite().all() for v in want.values()) == dropped, plant
-        _compare(_fused(case, training, conv, backend), want, plant, training)
+        _compare(_run(case, training, conv, backend), want, plant, training)
 
 
 @pytest.mark.parametrize("plant", [p for p in PLANTS if not p.startswith("dy")])
@@ -147,7 +136,7 @@ def test_cuda_backend_eval_bitwise_with_nonfinite(plant):
     if get_backend_impl("cuda").why_not(torch.empty(1, 1, 1, 1, device=DEV)) is not None:
         pytest.skip("the cuda backend is not available")
     case = _case(plant, conv=False)
-    got, want = (_fused(case, False, False, b) for b in ("cuda", "torch"))
+    got, want = (_run(case, False, False, b) for b in ("cuda", "torch"))
     for name in ("y", "dx"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
