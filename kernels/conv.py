@@ -234,7 +234,7 @@ def _conv_wgrad_kernel(
         # prologue: recompute the activation from x; zero padding in the activated space
         a = tl.where(a_mask, relu(xv.to(tl.float32) * s[None, :] + t[None, :]), 0.0)
         # a padding row adds nothing: its dy is dropped, not multiplied by the padding's 0 (a NaN/Inf dy would give
-        # NaN), as PyTorch's conv backward skips the padding
+        # NaN), as PyTorch's CPU conv backward does for most shapes (some of its algorithms multiply the zeros)
         dyv = tl.where(in_x[:, None], dyv, 0.0)
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 

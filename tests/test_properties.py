@@ -157,8 +157,8 @@ def _run(case, backend, dtype, op):
         outs = {"y": res[0], "y_mean": res[1], "y_var": res[2]} if case["return_stats"] else {"y": res}
     g = torch.Generator().manual_seed(case["dy_seed"])
     dy = torch.randn(outs["y"].shape, generator=g, dtype=torch.float64).to(outs["y"].dtype).to(DEV)
-    if case.get("dy_plant") is not None:  # (flat index, value): a non-finite output gradient
-        dy.view(-1)[case["dy_plant"][0] % dy.numel()] = case["dy_plant"][1]
+    if case.get("dy_plant") is not None:  # (index, value): a non-finite output gradient
+        _plant_dy(dy, case, *case["dy_plant"])
     grads = torch.autograd.grad(outs["y"], list(leaves.values()), dy)
     result = {k: v.detach().double() for k, v in outs.items()}
     result.update({f"d{k}": gr.double() for k, gr in zip(leaves, grads)})
@@ -290,6 +290,25 @@ def nonfinite_cases(draw, conv: bool):
         t[tuple(int(i) for i in torch.unravel_index(torch.tensor(index % t.numel()), t.shape))] = value
     case["plant"] = (target, value)
     return case
+
+
+def _plant_dy(dy, case, index, value):
+    """Set one element of dy [N, C, Ho, Wo] to value, for a conv at an output position whose taps all read x, not
+    the padding: PyTorch's conv weight gradient multiplies the padding's zeros by dy (NaN) for some shapes and
+    algorithms and skips them for others, so a non-finite dy there has no one PyTorch answer. Nothing is planted
+    where no such position exists."""
+    n, c, ho, wo = dy.shape
+    ok = torch.ones(ho, wo, dtype=torch.bool)
+    if "k" in case:
+        s, p, k = case["stride"], case["k"] // 2, case["k"]
+        for d, size, length in ((0, case["x"].shape[2], ho), (1, case["x"].shape[3], wo)):
+            first = torch.arange(length) * s - p
+            inside = (first >= 0) & (first + k - 1 < size)
+            ok &= inside.view(-1, 1) if d == 0 else inside.view(1, -1)
+    places = ok.nonzero()
+    if len(places):
+        h, w = places[index % len(places)].tolist()
+        dy[index % n, (index // n) % c, h, w] = value
 
 
 def _judge_nonfinite(case, backend, op):
