@@ -3,9 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 namespace fastresnet_ext {
@@ -42,7 +45,14 @@ inline void check_input(const at::Tensor& x, const char* name) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, name,
               ": expected dtype float16, bfloat16, float32 or float64, got ", t);
-  TORCH_CHECK(x.numel() > 0, name, ": expected a non-empty tensor, got shape ", x.sizes());
+}
+
+// (mean, biased var) [C] in the statistics dtype of a channel without values (N·H·W = 0): NaN, the 0/0 of
+// torch.mean of an empty tensor (fastresnet.reference.batch_stats).
+inline std::tuple<at::Tensor, at::Tensor> no_value_moments(const at::Tensor& x) {
+  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  return {at::full({x.size(1)}, nan, opts), at::full({x.size(1)}, nan, opts)};
 }
 
 // other must match ref's shape and device (dtype is checked by the caller, whose rule differs per op).

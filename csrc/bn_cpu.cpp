@@ -252,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor> moments(const Geometry& g, const scalar_t* y,
 // ---- ops ----------------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x_in) {
   const at::Tensor x = prepare_batch_stats(x_in);
+  if (x.numel() == 0) return no_value_moments(x);
   const Geometry g = geometry(x, is_nhwc(x_in));
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats_cpu", [&] {
@@ -269,6 +270,7 @@ at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at
   const bool nhwc = is_nhwc(x_in);
   const Geometry g = geometry(x, nhwc);
   auto a = at::empty(x.sizes(), x.options().dtype(out_dtype).memory_format(memory_format(nhwc)));
+  if (x.numel() == 0) return a;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = at::opmath_type<in_t>;
@@ -283,7 +285,7 @@ at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at
         const acc_t* t = tp + c;
         for (int64_t j = 0; j < len; ++j) {
           const acc_t v = static_cast<acc_t>(xp[start + j]) * s[kNHWC ? j : 0] + t[kNHWC ? j : 0];
-          ap[start + j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+          ap[start + j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);  // torch.relu: NaN stays NaN
         }
       });
     });
@@ -307,10 +309,11 @@ struct BackwardChannels {
   BackwardChannels from(int64_t c) const { return {s + c, t + c, mu + c, A + c, B + c, C + c}; }
 };
 
-// dz = dy where x·s + t > 0, else 0; V is acc_t or Vec<acc_t> (a lane-wise select).
+// dz = 0 where x·s + t ≤ 0, else dy: PyTorch's threshold_backward(dy, relu(v), 0), under which a NaN v passes dy;
+// V is acc_t or Vec<acc_t> (a lane-wise select).
 template <typename V, typename acc_t>
 inline V relu_grad(V x, V dy, acc_t s, acc_t t) {
-  return x * s + t > acc_t(0) ? dy : V{};
+  return x * s + t <= acc_t(0) ? V{} : dy;
 }
 
 // NHWC tile of `rows` rows × C channels: Σdz and Σdz·(x − μ) per channel, into sdz[C] and sdzx[C].
@@ -352,7 +355,8 @@ void tile_dx(const x_t* __restrict__ x, const g_t* __restrict__ dy, const g_t* _
       const int64_t k = kNHWC ? j : 0;
       const acc_t xv = static_cast<acc_t>(x[i + j]);
       const acc_t dz = relu_grad(xv, static_cast<acc_t>(dy[i + j]), s[k], t[k]);
-      acc_t v = A[k] * dz + B[k] * (xv - mu[k]) + C[k];
+      // B = 0 in eval (dx = s·dz): the term is dropped, so a NaN or ±Inf x does not make 0·(x − μ) a NaN
+      acc_t v = A[k] * dz + (B[k] == acc_t(0) ? acc_t(0) : B[k] * (xv - mu[k])) + C[k];
       if constexpr (kDres) v += static_cast<acc_t>(dres[i + j]);
       dx[i + j] = static_cast<x_t>(v);
     }
@@ -366,10 +370,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   const bool nhwc = is_nhwc(x_in);
   const auto acc_type = acc_dtype(x.scalar_type());
   const Geometry g = geometry(x, nhwc);
-  const Tiling t = tiling(g);
   const auto opts = x.options().dtype(acc_type);
   auto dx = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
   auto sum_dz_t = at::empty({g.C}, opts), sum_dzxhat_t = at::empty({g.C}, opts);  // outputs must not alias
+  if (x.numel() == 0) return {dx, sum_dz_t.zero_(), sum_dzxhat_t.zero_()};  // sums over no values
+  const Tiling t = tiling(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
@@ -451,6 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cpu(const at::Tensor& a
   const bool nhwc = is_nhwc(a_in);
   const Geometry g = geometry(a, nhwc);
   auto y = at::empty(a.sizes(), a.options().memory_format(memory_format(nhwc)));
+  if (a.numel() == 0) return std::tuple_cat(std::make_tuple(y), no_value_moments(a));
   std::tuple<at::Tensor, at::Tensor> st;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "add_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

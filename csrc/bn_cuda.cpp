@@ -3,6 +3,7 @@
 // Built only when torch has CUDA (setup.py defines FASTRESNET_WITH_CUDA and compiles this file).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -38,6 +39,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x_in) {
   const at::Tensor x = prepare_batch_stats(x_in);
+  if (x.numel() == 0) return no_value_moments(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const fc::Geom g = geom_of(x, is_nhwc(x_in));
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -67,6 +69,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& x_in, const at::Tensor& scale, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const bool nhwc = is_nhwc(x_in);
   auto a = at::empty(x.sizes(), x.options().dtype(out_dtype).memory_format(memory_format(nhwc)));
+  if (x.numel() == 0) return a;
   check_launch(fc::bn_relu(x.data_ptr(), dtype_of(x.scalar_type()), a.data_ptr(), dtype_of(out_dtype),
                            scale.data_ptr(), shift.data_ptr(), geom_of(x, nhwc), stream()),
                "bn_relu");
@@ -82,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
   const fc::Geom g = geom_of(args.x, nhwc);
   const auto opts = args.x.options().dtype(acc_dtype(args.x.scalar_type()));
   auto dx = at::empty(args.x.sizes(), args.x.options().memory_format(memory_format(nhwc)));
+  if (args.x.numel() == 0) return {dx, at::zeros({g.C}, opts), at::zeros({g.C}, opts)};  // sums over no values
   auto partial = at::empty({2 * fc::num_tiles(g) * g.C}, opts);
   auto coef = at::empty({3 * g.C}, opts);
   auto sum_dz = at::empty({g.C}, opts), sum_dz_xhat = at::empty({g.C}, opts);
@@ -103,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cuda(const at::Tensor& 
   const fc::Geom g = geom_of(a, nhwc);
   const auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
   auto y = at::empty(a.sizes(), a.options().memory_format(memory_format(nhwc)));
+  if (a.numel() == 0) return std::tuple_cat(std::make_tuple(y), no_value_moments(a));
   auto partial = at::empty({3 * fc::num_tiles(g) * g.C}, opts);
   auto mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
   check_launch(fc::add_stats(a.data_ptr(), b.data_ptr(), y.data_ptr(), dtype_of(a.scalar_type()), g,

@@ -16,7 +16,7 @@ TORCH_LIBRARY(fastresnet_ext, m) {
   m.def("batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
   // a = max(x·scale + shift, 0) rounded once to out_dtype; scale/shift [C] in x's statistics dtype.
   m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, ScalarType out_dtype) -> Tensor");
-  // (dx, Σdz, Σdz·x̂) of a = relu(BN(x)) given dy = dL/da; dz = dy·[x·scale + shift > 0]; dx in x's dtype,
+  // (dx, Σdz, Σdz·x̂) of a = relu(BN(x)) given dy = dL/da; dz = x·scale + shift ≤ 0 ? 0 : dy; dx in x's dtype,
   // training: dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M), eval: dx = scale·dz; plus dres if given.
   m.def("bn_relu_backward(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, bool training, "
         "Tensor? dres=None) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");

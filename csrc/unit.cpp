@@ -317,12 +317,13 @@ using torch::autograd::variable_list;
 // The running-statistics updates of the units of one preact_units_train call, made together once every unit's
 // forward has run (no unit reads a running buffer in a training forward): fastresnet.reference.
 // update_running_stats_many for BNs that all have buffers (means of one dtype, variances of one dtype per unit) —
-// num_batches_tracked += 1; running_mean.lerp_(mean, m); running_var.lerp_(var·M/(M − 1), m) — so the buffers are
+// num_batches_tracked += 1; running = (1 − m)·running + m·batch for the mean and the unbiased var·M/(M − 1), skipped
+// for an empty batch (M = 0) as nn.BatchNorm2d skips it — so the buffers are
 // bitwise those of the Python update, with one multi-tensor op per kind and momentum for the whole chain instead of
-// four per unit (on a GPU: four kernels per step, not per unit). On CPU, dense float32/float64 variances are
+// six per unit (on a GPU: six kernels per step, not per unit). On CPU, dense float32/float64 variances are
 // unbiased and int64 counters incremented by a loop (per element the multiply ATen's `mul` by a Python float does,
-// by the factor rounded to the variance's dtype) instead of dispatcher calls that each wrap a scalar. The lerps are
-// ATen's everywhere: its CPU kernel may use FMA, whose bits a portable loop cannot promise.
+// by the factor rounded to the variance's dtype) instead of dispatcher calls that each wrap a scalar. The updates are
+// ATen's multiply and add everywhere: the add's CPU kernel may use FMA, whose bits a portable loop cannot promise.
 class RunningUpdates {
  public:
   void add(const RunningStats& running, at::TensorList means, at::TensorList vars) {
@@ -331,6 +332,7 @@ class RunningUpdates {
     for (size_t i = 0; i < vars.size(); ++i) {
       const Tensor& nbt = running.num_batches_tracked[i];
       (nbt.is_cpu() && nbt.scalar_type() == at::kLong && nbt.numel() == 1 ? cpu_counters_ : counters_).push_back(nbt);
+      if (running.counts[i] == 0) continue;  // an empty batch counts, but leaves the running statistics as they are
       const double factor = static_cast<double>(running.counts[i]) / (running.counts[i] - 1);
       const Tensor& v = vars[i];
       group.running_means.push_back(running.means[i]);
@@ -356,11 +358,14 @@ class RunningUpdates {
     Tensors unbiased_vars = pending_vars_.empty() ? Tensors() : at::_foreach_mul(pending_vars_, pending_factors_);
     size_t next = 0;
     for (Group& group : groups_) {
+      if (group.running_means.empty()) continue;  // only empty batches: no statistics to fold in
       for (size_t j : group.pending) {
         group.vars[j] = cast(unbiased_vars[next++], group.running_vars[j].scalar_type());
       }
-      at::_foreach_lerp_(group.running_means, group.means, group.momentum);
-      at::_foreach_lerp_(group.running_vars, group.vars, group.momentum);
+      at::_foreach_mul_(group.running_means, 1 - group.momentum);
+      at::_foreach_add_(group.running_means, group.means, group.momentum);
+      at::_foreach_mul_(group.running_vars, 1 - group.momentum);
+      at::_foreach_add_(group.running_vars, group.vars, group.momentum);
     }
   }
 
@@ -587,7 +592,8 @@ UnitPlan make_unit_plan(std::vector<at::Tensor> weights, std::vector<at::Tensor>
   TORCH_CHECK_VALUE((r == 0 || r == k) && running_vars.size() == r && num_batches_tracked.size() == r &&
                         counts.size() == r,
                     "UnitPlan: expected one running buffer set and count per BN (", k, ") or none");
-  for (int64_t count : counts) TORCH_CHECK_VALUE(count > 1, "UnitPlan: counts: expected N·H·W > 1, got ", count);
+  for (int64_t count : counts)
+    TORCH_CHECK_VALUE(count == 0 || count > 1, "UnitPlan: counts: expected N·H·W = 0 or > 1, got ", count);
   return UnitPlan{std::move(weights),
                   std::move(bn_weights),
                   std::move(bn_biases),
@@ -603,7 +609,8 @@ void update_running_stats(const RunningStats& running, const std::vector<at::Ten
                         running.counts.size() == n && means.size() == n && vars.size() == n,
                     "update_running_stats: expected one running buffer set, count, mean and var per BN");
   for (int64_t count : running.counts)
-    TORCH_CHECK_VALUE(count > 1, "update_running_stats: counts: expected N·H·W > 1, got ", count);
+    TORCH_CHECK_VALUE(count == 0 || count > 1, "update_running_stats: counts: expected N·H·W = 0 or > 1, got ",
+                      count);
   RunningUpdates updates;
   updates.add(running, means, vars);
   updates.apply();
@@ -646,7 +653,7 @@ at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tenso
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == channels, "preact_layer_train: x: expected [N, ", channels,
                     ", H, W], got ", x.sizes());
   const int64_t count = x.numel() / channels;
-  TORCH_CHECK_VALUE(count > 1, "preact_layer_train: x: batch-norm training needs more than one value per channel");
+  TORCH_CHECK_VALUE(count != 1, "preact_layer_train: x: batch-norm training needs more than one value per channel");
   TORCH_CHECK_VALUE(mean_in.has_value() == var_in.has_value(),
                     "preact_layer_train: mean, var: expected both or neither");
   const Tensor no_stats;

@@ -51,7 +51,7 @@ def check_bn_input(
         raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[1] != num_features:
         raise ValueError(f"x: expected {num_features} channels (dim 1), got {x.shape[1]} (shape {tuple(x.shape)})")
-    if training and x.numel() // max(num_features, 1) <= 1:
+    if training and x.numel() // max(num_features, 1) == 1:
         raise ValueError(
             f"x: batch-norm training needs more than one value per channel, got shape {tuple(x.shape)} "
             "(N·H·W = 1); use a larger batch or eval mode")
@@ -288,7 +288,7 @@ def _check_unit(x: Tensor, layers: Sequence[BNConv], shortcut: str, shortcut_wei
             for name, t in params:
                 if t is not None:
                     _check_channel_vector(f"layers[{i}].{name}", t, x, shape[1])
-            if shape[0] * shape[2] * shape[3] <= 1:
+            if shape[0] * shape[2] * shape[3] == 1:
                 raise ValueError(
                     f"x: batch-norm training needs more than one value per channel, but layers[{i}]'s input has "
                     f"shape {tuple(shape)} (N·H·W = 1) for x of shape {tuple(x.shape)}; use a larger batch or eval "

@@ -67,12 +67,13 @@ def bn_relu_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of a = relu(BN(x)) given dy = dL/da. Returns (dx, Σdz, Σdz·x̂); dγ = Σdz·x̂, dβ = Σdz.
 
-    dz = dy·[x·scale + shift > 0]. Training (batch statistics): dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M).
+    dz = 0 where x·scale + shift ≤ 0, else dy: PyTorch's ReLU backward (threshold_backward), under which a NaN
+    pre-activation passes dy. Training (batch statistics): dx = scale·(dz − Σdz/M − x̂·Σdz·x̂/M).
     Eval (running statistics, constants): dx = scale·dz. dres, if given, is added to dx (the shortcut gradient).
     """
     xf, dyf = _acc(x), _acc(dy)
     s, t = _per_channel(scale), _per_channel(shift)
-    dz = torch.where(xf * s + t > 0, dyf, torch.zeros_like(dyf))
+    dz = torch.where(xf * s + t <= 0, torch.zeros_like(dyf), dyf)
     xhat = (xf - _per_channel(mean)) * _per_channel(rstd)
     sum_dz = dz.sum(dim=(0, 2, 3))
     sum_dz_xhat = (dz * xhat).sum(dim=(0, 2, 3))
@@ -115,7 +116,10 @@ def update_running_stats(
     """PyTorch's BatchNorm running-statistics update, in place and without a host synchronisation.
 
     num_batches_tracked += 1; factor = momentum, or 1/num_batches_tracked when momentum is None (cumulative
-    average); running = (1 − factor)·running + factor·batch, with the unbiased variance var·M/(M − 1).
+    average); running = (1 − factor)·running + factor·batch, with the unbiased variance var·M/(M − 1), in that
+    form rather than as a lerp, whose running + factor·(batch − running) turns an infinite running value into NaN
+    where BatchNorm2d keeps it. An empty batch (M = 0) only counts: nn.BatchNorm2d leaves the running statistics as
+    they are.
     """
     update_running_stats_many([(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)])
 
@@ -124,7 +128,7 @@ def update_running_stats_many(
     entries: Sequence[Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor, int, Optional[float]]],
 ) -> None:
     """`update_running_stats` for several BNs at once, each entry its arguments in order: BNs sharing a momentum
-    and a buffer dtype update with one multi-tensor op per step (four for a whole residual unit, whatever its depth),
+    and a buffer dtype update with one multi-tensor op per step (six for a whole residual unit, whatever its depth),
     the same arithmetic as one BN at a time."""
     with torch.no_grad():
         nbts = [e[2] for e in entries if e[2] is not None]
@@ -132,16 +136,20 @@ def update_running_stats_many(
             torch._foreach_add_(nbts, 1)
         groups = {}
         for rm, rv, nbt, mean, var, count, momentum in entries:
+            if isinstance(count, int) and count == 0:  # a 0-d tensor count (synchronised BN's) is not read here
+                continue
             if momentum is None:
                 if nbt is None:
                     raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
                 factor = 1.0 / nbt.to(rm.dtype)
-                rm.lerp_(cast(mean, rm.dtype), factor)
-                rv.lerp_(cast(var * (count / (count - 1)), rv.dtype), factor)
+                rm.mul_(1 - factor).add_(cast(mean, rm.dtype) * factor)
+                rv.mul_(1 - factor).add_(cast(var * (count / (count - 1)), rv.dtype) * factor)
             else:
                 groups.setdefault((momentum, rm.dtype, rv.dtype), []).append((rm, rv, mean, var, count))
         for (momentum, mean_dtype, var_dtype), group in groups.items():
             rms, rvs, means, variances, counts = zip(*group)
             unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
-            torch._foreach_lerp_(list(rms), [cast(m, mean_dtype) for m in means], momentum)
-            torch._foreach_lerp_(list(rvs), [cast(u, var_dtype) for u in unbiased], momentum)
+            for running, batch in ((list(rms), [cast(m, mean_dtype) for m in means]),
+                                   (list(rvs), [cast(u, var_dtype) for u in unbiased])):
+                torch._foreach_mul_(running, 1 - momentum)
+                torch._foreach_add_(running, batch, alpha=momentum)

@@ -36,6 +36,8 @@ def combine_batch_stats(mean: Tensor, var: Tensor, count: int, group) -> Tuple[T
     count comes back as a 0-d tensor on the statistics' device, so no host synchronisation happens.
     """
     world = dist.get_world_size(group)
+    if count == 0:  # an empty local batch is a neutral summary (its own mean and var are NaN, 0/0)
+        mean, var = torch.zeros_like(mean), torch.zeros_like(var)
     local = torch.stack([torch.full_like(mean, float(count)), mean, var * count])   # [3, C]: (M_r, mean_r, M2_r)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local.contiguous(), group=group)

@@ -2,12 +2,13 @@
 
 Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), batch mean μ and rstd.
 
-Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = max(x·s + t, 0) in fp32 (fp64 for
-fp64 x), one rounding to out_dtype at the store.
+Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = relu(x·s + t) in fp32 (fp64 for
+fp64 x; NaN propagates as in `torch.relu`), one rounding to out_dtype at the store.
 
 Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_partials`, shared with the tier-B conv):
-1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = dy·[x·s + t > 0] (mask recomputed from x, never
-   stored), per-tile partial sums Σdz and Σdz·x̂ (x̂ = (x − μ)·rstd) into a [2, T, C] buffer;
+1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = 0 where x·s + t ≤ 0, else dy (`relu_grad`: a NaN
+   x·s + t passes dy, as PyTorch's ReLU backward; the mask is recomputed from x, never stored), per-tile partial
+   sums Σdz and Σdz·x̂ (x̂ = (x − μ)·rstd) into a [2, T, C] buffer;
 2. `_bn_relu_bwd_merge_kernel`: sums the T partials in tile order (deterministic, no atomics; for large T in two
    levels, groups of ⌈√T⌉ tiles summed in parallel first: `kernels.stats.sum_groups`) and folds the
    training-mode BN backward into per-channel coefficients k1 = −s·rstd·Σdz·x̂/M, k0 = −s·Σdz/M;
@@ -30,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels.stats import (
-    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, merge_rows, sum_groups, tile_config,
-    tile_indices, tile_offsets, tl_dtype,
+    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, merge_rows, relu, relu_grad,
+    sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype,
 )
 
 
@@ -51,7 +52,7 @@ def _bn_relu_fwd_kernel(
     s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
     t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    a = tl.maximum(x * s[None, :] + t[None, :], 0.0)
+    a = relu(x * s[None, :] + t[None, :])
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -80,7 +81,7 @@ def _bn_relu_bwd_partial_kernel(
         offs = tile_offsets(rows, cols_i, C, HW, NHWC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.where(mask & (x * s[None, :] + t[None, :] > 0), dy, 0.0)
+        dz = relu_grad(x * s[None, :] + t[None, :], dy)  # dy is 0 where ~mask
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * ((x - mu[None, :]) * r[None, :]), axis=0)
     tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
@@ -133,7 +134,7 @@ def _bn_relu_bwd_dx_kernel(
     t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dx = tl.where(x * s + t > 0, s * dy, 0.0)
+    dx = s * relu_grad(x * s + t, dy)  # s·dz: an infinite s makes the 0 of a dropped gradient NaN, as in PyTorch
     if TRAINING:
         mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -181,7 +182,7 @@ def bn_relu_backward(
     for name, v in (("scale", scale), ("shift", shift), ("mean", mean), ("rstd", rstd)):
         check_channel_vector(v, name, x)
     if x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+        return empty_backward(x, nhwc)
     cfg = tile_config(x, block_m, tiles)
     c, t = cfg["C"], cfg["T"]
     part = torch.empty((2, t, c), dtype=acc_dtype(x.dtype), device=x.device)
@@ -189,6 +190,14 @@ def bn_relu_backward(
         dy, x, scale, shift, mean, rstd, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"], ACC=tl_dtype(part.dtype),
         NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
     return bn_backward_from_partials(part, dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg)
+
+
+def empty_backward(x: Tensor, nhwc: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """`bn_relu_backward`'s (dx, Σdz, Σdz·x̂) for an x without elements (N·H·W = 0): an empty dx and sums over no
+    values, 0."""
+    dx = torch.empty_like(x, memory_format=memory_format(nhwc))
+    zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+    return dx, zeros, zeros.clone()
 
 
 def bn_backward_from_partials(

@@ -46,9 +46,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels import conv_fp32_precision, interpreting
-from fastresnet.kernels.bn_relu import bn_backward_from_partials
+from fastresnet.kernels.bn_relu import bn_backward_from_partials, empty_backward
 from fastresnet.kernels.stats import (
-    _sm_count, chunk_summary, memory_format, merge_partials, store_partial, sum_rows,
+    _sm_count, chunk_summary, memory_format, merge_partials, no_value_stats, relu, relu_grad, store_partial, sum_rows,
 )
 
 
@@ -113,7 +113,7 @@ def _conv_fwd_kernel(
         s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
         t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
         # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
-        a = tl.where(a_mask, tl.maximum(xv.to(tl.float32) * s[None, :] + t[None, :], 0.0), 0.0)
+        a = tl.where(a_mask, relu(xv.to(tl.float32) * s[None, :] + t[None, :]), 0.0)
         # weight tile [BLOCK_K, BLOCK_N]: ci contiguous
         wv = tl.load(w_ptr + (tap * C_in + rk)[:, None] + w_col[None, :], mask=k_ok[:, None] & n_ok[None, :],
                      other=0.0)
@@ -141,7 +141,7 @@ def _conv_dgrad_kernel(
     w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
-    dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = da·[x·scale + shift > 0]
+    dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = x·scale + shift ≤ 0 ? 0 : da
     psum_ptr,                   # [2, tiles, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
     M, C_in, H, W, C_out, Ho, Wo, tile0, tiles,
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
@@ -184,7 +184,7 @@ def _conv_dgrad_kernel(
     r = tl.load(rstd_ptr + rn, mask=n_ok, other=0.0)
     # the sums are taken over the stored (rounded) dz, the values step (2) subtracts them from: the BN backward's
     # cancellation (exact to eps for a 2-value batch) then stays consistent in bf16/fp16, as eager's does
-    dz = tl.where(mask & (xv * s[None, :] + t[None, :] > 0), acc, 0.0).to(dz_ptr.dtype.element_ty)
+    dz = tl.where(mask, relu_grad(xv * s[None, :] + t[None, :], acc), 0.0).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + x_off, dz, mask=mask)
     dz = dz.to(tl.float32)
     xhat = (xv - mu[None, :]) * r[None, :]
@@ -228,10 +228,14 @@ def _conv_wgrad_kernel(
                       mask=m_ok[:, None] & co_ok[None, :], other=0.0)                   # [BLOCK_M, BLOCK_CO]
         hi = ho * STRIDE - PAD + kh
         wi = wo * STRIDE - PAD + kw
-        a_mask = (m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & ci_ok[None, :]
+        in_x = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)   # rows whose tap reads x, not the padding
+        a_mask = in_x[:, None] & ci_ok[None, :]
         xv = tl.load(x_ptr + _offsets(nb, hi, wi, rci, sxn, sxc, sxh, sxw), mask=a_mask, other=0.0)
         # prologue: recompute the activation from x; zero padding in the activated space
-        a = tl.where(a_mask, tl.maximum(xv.to(tl.float32) * s[None, :] + t[None, :], 0.0), 0.0)
+        a = tl.where(a_mask, relu(xv.to(tl.float32) * s[None, :] + t[None, :]), 0.0)
+        # a padding row adds nothing: its dy is dropped, not multiplied by the padding's 0 (a NaN/Inf dy would give
+        # NaN), as PyTorch's CPU conv backward does for most shapes (some of its algorithms multiply the zeros)
+        dyv = tl.where(in_x[:, None], dyv, 0.0)
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     off = rco[:, None] * (KH * KW * C_in) + tap * C_in + rci[None, :]
@@ -409,6 +413,8 @@ def conv_forward(
     out_dtype = weight.dtype if residual is None else torch.promote_types(weight.dtype, residual.dtype)
     y = torch.empty((n, c_out, ho, wo), dtype=out_dtype, device=x.device, memory_format=fmt)
     _check_numel(x=x, y=y)
+    if m == 0:  # no output rows (N = 0): nothing to compute; the statistics of no values
+        return (y,) + (no_value_stats(c_out, torch.float32, x.device) if stats else (None, None))
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)
     dot_dtype, precision = dot_config(weight.dtype, x.device)
@@ -455,6 +461,9 @@ def conv_backward(
     if wgrad_splits is not None and wgrad_splits < 1:
         raise ValueError(f"wgrad_splits: expected a positive integer or None, got {wgrad_splits}")
     _check_numel(x=x, dy=dy)
+    if x.numel() == 0:  # N = 0: an empty dx, and dW and the BN sums are sums over no rows, 0
+        dx, sum_dz, sum_dzx = empty_backward(x, _nhwc(x))
+        return dx, torch.zeros_like(weight) if need_weight_grad else None, sum_dz, sum_dzx
     dev = x.device
     dot_dtype, precision = dot_config(weight.dtype, dev)
     w_ohwi = _weight_ohwi(weight)

@@ -62,6 +62,19 @@ def tile_indices(pid_m, pid_c, it, ITERS, BLOCK_M: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) with PyTorch's `torch.relu` semantics: NaN stays NaN (`tl.maximum` would return 0), −0 stays −0."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def relu_grad(v, g):
+    """The gradient g passed back through relu(v), as PyTorch's threshold_backward(g, relu(v), 0): 0 where v ≤ 0, g
+    elsewhere — a NaN v passes g, where a mask v > 0 would drop it."""
+    return tl.where(v <= 0, 0.0, g)
+
+
+@triton.jit
 def chunk_summary(v, rmask, mask):
     """(count, mean, M2) per column [BLOCK_C] of a chunk v [BLOCK_M, BLOCK_C] (already shifted by its pivot and zero
     where ~mask; rmask [BLOCK_M]: the valid rows), two-pass: mean, then centred squares; in v's dtype."""
@@ -276,6 +289,8 @@ def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] =
 def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool, block_m: Optional[int] = None,
                  tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Run both passes over x (or over y = x + b when b and y are given); returns (mean, biased var) in ACC."""
+    if x.numel() == 0:
+        return no_value_stats(x.shape[1], acc_dtype(x.dtype if y is None else y.dtype), x.device)
     cfg = tile_config(x, block_m, tiles)
     c, t = cfg["C"], cfg["T"]
     part = torch.empty((4, t, c), dtype=acc_dtype(x.dtype if y is None else y.dtype), device=x.device)
@@ -285,6 +300,13 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
         ACC=tl_dtype(part.dtype), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
     return merge_partials(part)
+
+
+def no_value_stats(c: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) [C] of a channel without values (N·H·W = 0): NaN, the 0/0 of `torch.mean` of an empty
+    tensor (`fastresnet.reference.batch_stats`)."""
+    return (torch.full((c,), float("nan"), dtype=dtype, device=device),
+            torch.full((c,), float("nan"), dtype=dtype, device=device))
 
 
 def merge_rows(t: int) -> int:
@@ -342,6 +364,4 @@ def batch_stats(x: Tensor, *, block_m: Optional[int] = None, tiles: Optional[int
     """Per-channel (mean, biased variance) of x [N, C, H, W] (dense NCHW or channels_last; fp16/bf16/fp32/fp64),
     returned as [C] float32 (float64 for float64 x). Semantics of `fastresnet.reference.batch_stats`."""
     nhwc = check_tensor(x, "x")
-    if x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
     return launch_stats(x, None, None, nhwc, block_m, tiles)

@@ -385,7 +385,7 @@ def test_running_update_names_bad_arguments():
     _available("cuda")
     from fastresnet import _C
     v, n = torch.zeros(3), torch.tensor(0)
-    with pytest.raises(ValueError, match="counts: expected N·H·W > 1, got 1"):
+    with pytest.raises(ValueError, match="counts: expected N·H·W = 0 or > 1, got 1"):
         _C.update_running_stats([v], [v.clone()], [n], [1], 0.1, [v], [v])
     with pytest.raises(ValueError, match="expected one running buffer set, count, mean and var per BN"):
         _C.update_running_stats([v], [v.clone()], [n], [4], 0.1, [v, v], [v])

@@ -1,7 +1,9 @@
 """Property-based tests (hypothesis) of every fused op of the functional API against a float64 run of the
 reference, on every backend: random N, C, H, W (N·H·W = 2 and odd sizes included, channel counts off the block
 sizes), kernel 1/3, stride 1/2, NCHW / channels_last / strided views, residual on/off, precomputed statistics on/off,
-training/eval, inputs with large means, fp32/fp16/bf16.
+training/eval, inputs with large means, fp32/fp16/bf16; and with one NaN, +Inf or −Inf planted in x, γ, β, a running
+statistic or the output gradient, the non-finite values of every output, gradient and running statistic where plain
+PyTorch ops put them (`test_*_nonfinite`).
 
 Judge: every output, gradient and running statistic of a fused backend has a relative error against the float64 run
 at most 2× the error of plain PyTorch ops (the "torch" backend) in the same dtype, or 2× a floor of 16 units of
@@ -17,6 +19,7 @@ what rounding can do, not what it did once. ReLU ties are moved out of rounding 
 Examples: FASTRESNET_HYPOTHESIS_EXAMPLES per test (default 25, derandomised: the same examples on every machine);
 `FASTRESNET_HYPOTHESIS_EXAMPLES=500 FASTRESNET_HYPOTHESIS_RANDOM=1 pytest tests/test_properties.py` is the long run.
 """
+import math
 import os
 
 import pytest
@@ -154,6 +157,8 @@ def _run(case, backend, dtype, op):
         outs = {"y": res[0], "y_mean": res[1], "y_var": res[2]} if case["return_stats"] else {"y": res}
     g = torch.Generator().manual_seed(case["dy_seed"])
     dy = torch.randn(outs["y"].shape, generator=g, dtype=torch.float64).to(outs["y"].dtype).to(DEV)
+    if case.get("dy_plant") is not None:  # (index, value): a non-finite output gradient
+        _plant_dy(dy, case, *case["dy_plant"])
     grads = torch.autograd.grad(outs["y"], list(leaves.values()), dy)
     result = {k: v.detach().double() for k, v in outs.items()}
     result.update({f"d{k}": gr.double() for k, gr in zip(leaves, grads)})
@@ -268,3 +273,78 @@ def test_add_stats_and_batch_stats(backend, ab):
         u = UNIT_ROUNDOFF[out_dtype] if k in ("y", "mean", "var") else UNIT_ROUNDOFF[torch.float32]
         limit = 2 * max(e_b, FLOOR_UNITS * u * cond[k])
         assert e_f <= limit, (k, e_f, e_b, limit, tuple(a.shape), a.dtype, b.dtype)
+
+
+# ---- NaN and ±Inf -------------------------------------------------------------------------------------------------
+@st.composite
+def nonfinite_cases(draw, conv: bool):
+    """A `bn_cases` call with one NaN, +Inf or −Inf planted in x, γ, β, a running statistic or the output gradient."""
+    case = draw(bn_cases(conv))
+    target = draw(st.sampled_from(["x", "gamma", "beta", "running_mean", "running_var", "dy"]))
+    value = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    index = draw(st.integers(0, 2 ** 20))
+    if target == "dy":
+        case["dy_plant"] = (index, value)
+    else:
+        t = case[target]  # drawn for this example only: planted in place, x keeps its layout (a strided view too)
+        t[tuple(int(i) for i in torch.unravel_index(torch.tensor(index % t.numel()), t.shape))] = value
+    case["plant"] = (target, value)
+    return case
+
+
+def _plant_dy(dy, case, index, value):
+    """Set one element of dy [N, C, Ho, Wo] to value, for a conv at an output position whose taps all read x, not
+    the padding: PyTorch's conv weight gradient multiplies the padding's zeros by dy (NaN) for some shapes and
+    algorithms and skips them for others, so a non-finite dy there has no one PyTorch answer. Nothing is planted
+    where no such position exists."""
+    n, c, ho, wo = dy.shape
+    ok = torch.ones(ho, wo, dtype=torch.bool)
+    if "k" in case:
+        s, p, k = case["stride"], case["k"] // 2, case["k"]
+        for d, size, length in ((0, case["x"].shape[2], ho), (1, case["x"].shape[3], wo)):
+            first = torch.arange(length) * s - p
+            inside = (first >= 0) & (first + k - 1 < size)
+            ok &= inside.view(-1, 1) if d == 0 else inside.view(1, -1)
+    places = ok.nonzero()
+    if len(places):
+        h, w = places[index % len(places)].tolist()
+        dy[index % n, (index // n) % c, h, w] = value
+
+
+def _judge_nonfinite(case, backend, op):
+    """NaN, +Inf and −Inf land where plain PyTorch ops (the "torch" backend) put them, in the same dtype, for every
+    output, gradient and running statistic. The mean of values holding ±Inf is ±Inf or NaN by summation order
+    (PyTorch's two-pass CPU mean gives ±Inf, its CUDA Welford NaN; the kernels shift by a pivot, NaN when the pivot is
+    infinite): for an infinite plant only the finiteness of a mean (y's, the running one) is compared. So for dx in
+    training with γ = ±Inf: the kernels' s·dz + B·(x − μ) + C adds infinities of both signs (NaN) where PyTorch's
+    s·(dz − Σdz/M − x̂·Σdz·x̂/M) is ±Inf."""
+    why = get_backend_impl(backend).why_not(case["x"])
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    fused, plain = _run(case, backend, case["dtype"], op), _run(case, "torch", case["dtype"], op)
+    for k, want in plain.items():
+        got = fused[k]
+        target, value = case["plant"]
+        if math.isinf(value) and (k in ("running_mean", "y_mean")
+                                  or (k == "dx" and target == "gamma" and case["training"])):
+            assert torch.equal(got.isfinite(), want.isfinite()), k
+            continue
+        for cls in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(cls(got), cls(want)), (k, cls.__name__, case["plant"], tuple(case["x"].shape))
+
+
+NONFINITE_SETTINGS = settings(SETTINGS, max_examples=max(1, SETTINGS.max_examples // 2))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@NONFINITE_SETTINGS
+@given(case=nonfinite_cases(conv=False))
+def test_bn_relu_nonfinite(backend, case):
+    _judge_nonfinite(case, backend, "bn_relu")
+
+
+@pytest.mark.parametrize("backend", _backends())
+@NONFINITE_SETTINGS
+@given(case=nonfinite_cases(conv=True))
+def test_bn_relu_conv2d_nonfinite(backend, case):
+    _judge_nonfinite(case, backend, "bn_relu_conv2d")

@@ -207,7 +207,8 @@ moments_finalize_kernel(const A* __restrict__ partial, Geom g, A* __restrict__ m
   }
 }
 
-// Partial Σdz and Σdz·(x − mean) per (tile, channel); dz = dy·[x·scale + shift > 0].
+// Partial Σdz and Σdz·(x − mean) per (tile, channel); dz = 0 where x·scale + shift ≤ 0, else dy (PyTorch's ReLU
+// backward: a NaN pre-activation passes dy).
 template <typename T, typename G>
 __global__ void bwd_partial_kernel(const G* __restrict__ dy, const T* __restrict__ x,
                                    const typename Acc<T>::type* __restrict__ scale,
@@ -223,7 +224,7 @@ __global__ void bwd_partial_kernel(const G* __restrict__ dy, const T* __restrict
   // c is set by visit_tile before the first visit; read the per-channel constants lazily through it.
   const bool active = visit_tile(g, t, tile, c, [&](int64_t i) {
     const A xv = to_acc<A>(x[i]);
-    const A dz = xv * scale[c] + shift[c] > A(0) ? to_acc<A>(dy[i]) : A(0);
+    const A dz = xv * scale[c] + shift[c] <= A(0) ? A(0) : to_acc<A>(dy[i]);
     sdz += dz;
     sdzx += dz * (xv - mean[c]);
   });
@@ -343,7 +344,7 @@ __global__ void bn_relu_kernel(const T* __restrict__ x, O* __restrict__ out,
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const A v = to_acc<A>(xv.v[e]) * k.v[0][e] + k.v[1][e];
-      o.v[e] = Store<O>::of(v > A(0) ? v : A(0));
+      o.v[e] = Store<O>::of(v < A(0) ? A(0) : v);  // torch.relu: NaN stays NaN (fmaxf would give 0)
     }
     reinterpret_cast<Vec<O, V>*>(out)[i] = o;
   });
@@ -365,8 +366,9 @@ __global__ void bwd_dx_kernel(const G* __restrict__ dy, const G* __restrict__ dr
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const A xe = to_acc<A>(xv.v[e]);
-      const A dz = xe * k.v[0][e] + k.v[1][e] > A(0) ? to_acc<A>(dyv.v[e]) : A(0);
-      v[e] = k.v[3][e] * dz + k.v[4][e] * (xe - k.v[2][e]) + k.v[5][e];
+      const A dz = xe * k.v[0][e] + k.v[1][e] <= A(0) ? A(0) : to_acc<A>(dyv.v[e]);
+      // B = 0 in eval (dx = A·dz): the term is dropped, so a NaN or ±Inf x does not make 0·(x − mean) a NaN
+      v[e] = k.v[3][e] * dz + (k.v[4][e] == A(0) ? A(0) : k.v[4][e] * (xe - k.v[2][e])) + k.v[5][e];
     }
     if (dres != nullptr) {
       const Vec<G, V> rv = load_vec<V>(dres, i);

@@ -38,8 +38,9 @@ cudaError_t add_stats(const void* a, const void* b, void* y, DType dt, const Geo
 cudaError_t bn_relu(const void* x, DType x_dt, void* out, DType out_dt, const void* scale, const void* shift,
                     const Geom& g, cudaStream_t stream);
 
-// Backward of a = relu(x·scale + shift): dz = dy·[x·scale + shift > 0]; sum_dz = Σdz, sum_dz_xhat = rstd·Σdz·(x − mean)
-// [C]; dx = A·dz + B·(x − mean) + C' (+ dres) rounded to x_dt, with A = scale and, in training,
+// Backward of a = relu(x·scale + shift): dz = x·scale + shift ≤ 0 ? 0 : dy (a NaN x·scale + shift passes dy);
+// sum_dz = Σdz, sum_dz_xhat = rstd·Σdz·(x − mean) [C]; dx = A·dz + B·(x − mean) + C' (+ dres) rounded to x_dt, with
+// A = scale and, in training,
 // B = −scale·rstd²·Σdz(x−mean)/M, C' = −scale·Σdz/M (eval: B = C' = 0). dy and dres (may be null) have dtype g_dt: x_dt, or kFloat32 for
 // kFloat16 / kBFloat16 x. partial: 2·num_tiles(g)·C accumulators; coef: 3·C accumulators.
 cudaError_t bn_relu_backward(const void* dy, const void* dres, DType g_dt, const void* x, DType x_dt,
