@@ -81,18 +81,15 @@ def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
     graph = next(r for r in rows if r["provider"] == "eager+graph")
     assert graph["status"] == "unavailable" and "CUDA" in graph["reason"]
 
-    assert report.latest(rows) == []  # smoke rows stay out of README tables unless asked for
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# t\n{report.START}\nold\n{report.END}\ntail\n")
-    block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots"),
-                         "--write-readme", str(readme)])
+    assert report.latest(rows) == []  # smoke rows stay out of the docs' tables unless asked for
+    block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots")])
     assert "| preact_resnet20 | 4×16² | NHWC | fp32 | `eager` |" in block and "`eager+graph` unavailable" in block
     assert list((tmp_path / "plots").glob("models_cpu_fp32.png"))
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{report.END}\ntail\n") and "`fastresnet:torch`" in text
-    readme.write_text("no markers\n")
+    text = report.replace_block("# t\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\ntail\n", "perf-table",
+                                block)
+    assert "old" not in text and text.endswith("<!-- perf-table:end -->\ntail\n") and "`fastresnet:torch`" in text
     with pytest.raises(ValueError, match="perf-table"):
-        report.write_readme(readme, block)
+        report.replace_block("no markers\n", "perf-table", block)
 
 
 def test_memory_cpu_smoke_writes_rows(tmp_path):
@@ -216,11 +213,7 @@ def test_overhead_smoke_writes_rows_and_report_renders(tmp_path):
     if "fastresnet:cuda" in ok:  # the C++ extension built: its ops are counted
         assert any(k.startswith("fastresnet_ext::") for k in ok["fastresnet:cuda"]["kernels_by_op"])
 
-    assert report.latest(list(rows.values())) == []  # smoke rows stay out of README tables unless asked for
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{report.START}\n{report.END}\n{report.OVERHEAD_START}\nold\n{report.OVERHEAD_END}\ntail\n")
-    report.main([str(out), "--include-smoke", "--no-plots", "--write-readme", str(readme)])
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{report.OVERHEAD_END}\ntail\n")
+    assert report.latest(list(rows.values())) == []  # smoke rows stay out of the docs' tables unless asked for
+    text = report.overhead_table(report.latest(list(rows.values()), include_smoke=True))
     assert "| preact_resnet20 | 2×4² | 1 | `eager` |" in text and "preact_resnet20 18" in text
     assert "`compile` skipped" in text
