@@ -1,9 +1,9 @@
 """`fastresnet info`: what this machine gives the package — for a user checking an install and for bug reports.
 
 Versions (fastresnet, Python, torch, CUDA, cuDNN, Triton, numpy), devices, for each backend and device (cpu, cuda)
-what the backend runs there and whether "auto" picks it, or why it cannot run there, how the extension `fastresnet._C` was built (C++ CPU kernels; CUDA kernels and
-their architectures, or why they are missing), the Triton cache folder, the precision of fp32 convs on a GPU (TF32 or
-IEEE), and the environment variables that change
+what the backend runs there and whether "auto" picks it, or why it cannot run there, how the extension
+`fastresnet._C` was built (C++ CPU kernels; CUDA kernels and their architectures, or why they are missing), the
+Triton cache folder, the precision of fp32 convs on a GPU (TF32 or IEEE), and the environment variables that change
 what the package does. `--json` prints the same as one JSON object.
 """
 from __future__ import annotations
@@ -124,7 +124,8 @@ def report() -> Dict[str, object]:
     """Everything `fastresnet info` prints, as plain data."""
     from fastresnet.kernels import conv_fp32_precision
     return {"versions": versions(), "devices": devices(), "default_backend": fastresnet.get_backend(),
-            "backends": fastresnet.available_backends(), "backends_by_device": backends_by_device(), "extension": extension(), "triton_cache": triton_cache(),
+            "backends": fastresnet.available_backends(), "backends_by_device": backends_by_device(),
+            "extension": extension(), "triton_cache": triton_cache(),
             "fp32_conv_precision": conv_fp32_precision(),
             "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ}}
 

@@ -107,7 +107,8 @@ def test_write_docs_fills_every_block(rows, tmp_path):
     (tmp_path / "docs").mkdir()
     for name in {name for name, _ in report.BLOCKS}:
         markers = [m for n, m in report.BLOCKS if n == name]
-        (tmp_path / name).write_text("head\n" + "".join(f"<!-- {m}:start -->\nold\n<!-- {m}:end -->\n" for m in markers))
+        (tmp_path / name).write_text("head\n" + "".join(f"<!-- {m}:start -->\nold\n<!-- {m}:end -->\n"
+                                                          for m in markers))
     written = report.write_docs(rows, root=tmp_path)
     assert sorted(written) == sorted(tmp_path / name for name in {name for name, _ in report.BLOCKS})
     blocks = report.generated_blocks(rows)
