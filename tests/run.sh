@@ -48,5 +48,5 @@ workers=${FASTRESNET_TEST_WORKERS:-auto}
 if [[ $workers == 0 ]]; then
     python -m pytest -q tests "$@"
 else
-    python -m pytest -q -n "$workers" tests "$@"
+    python -m pytest -q -n "$workers" --dist loadgroup tests "$@"
 fi
