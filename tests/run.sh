@@ -26,7 +26,10 @@ EOF
 }
 current() {
     [[ -f $stamp && "$(cat "$stamp")" == "$(install_hash)" ]] &&
-        python -c "import fastresnet._C, xdist, pytest_timeout, hypothesis, timm" 2>/dev/null
+        python -c "import fastresnet._C" 2>/dev/null &&
+        python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in (
+            'pytest', 'xdist', 'pytest_timeout', 'pytest_benchmark', 'hypothesis', 'timm', 'torchvision', 'sklearn',
+            'matplotlib')))"
 }
 if current; then
     echo "fastresnet is installed and current (stamp $stamp); skipping the install"
