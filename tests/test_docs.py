@@ -119,3 +119,11 @@ def test_write_docs_fills_every_block(rows, tmp_path):
     (tmp_path / "README.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="headline-table"):
         report.write_docs(rows, root=tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_example_runs(capsys):
+    """The README's Python example, as written (a zoo model's training forward and backward, a converted model)."""
+    (example,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    exec(compile(example, "README.md example", "exec"), {})
+    assert "PreActConv2d" in capsys.readouterr().out
