@@ -108,7 +108,9 @@ def test_memory_cpu_smoke_writes_rows(tmp_path):
 
 def test_kernels_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "kernels.jsonl"
-    env = dict(os.environ, FASTRESNET_BENCH_DEVICE="cpu", FASTRESNET_BENCH_OUT=str(out))
+    # without the pytest-xdist worker's variables, which make pytest-benchmark in the child disable benchmarks
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+               FASTRESNET_BENCH_DEVICE="cpu", FASTRESNET_BENCH_OUT=str(out))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "benchmarks/bench_kernels.py", "--benchmark-only", "-k", "torch and (fp32 or add_stats)"],
                           cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
