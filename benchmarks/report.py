@@ -401,12 +401,13 @@ def main(argv=None) -> str:
             plots = plot(rows, args.plots_dir)
         except ImportError as e:  # e.g. the GPU machine, which has no package registry: tables still render
             print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
-    block = render(rows, plots)
-    print("\n".join(t for t in (block, kernels_table(rows), numerics_table(rows), overhead_table(rows)) if t))
+    text = "\n".join(t for t in (render(rows, plots), kernels_table(rows), numerics_table(rows), overhead_table(rows))
+                     if t)
+    print(text)
     if args.write_docs:
         for path in write_docs(all_rows):
             print(f"wrote the generated blocks of {path}")
-    return block
+    return text
 
 
 if __name__ == "__main__":
