@@ -21,6 +21,7 @@ SLOW_MODULES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     _group_shared_fixtures(items)
     for item in items:
