@@ -29,6 +29,7 @@ def _one_step(provider):
     return model, initial, {e.key for e in prof.key_averages()}
 
 
+@pytest.mark.slow
 def test_eager_provider_runs_plain_pytorch_and_fused_provider_does_not():
     eager, eager_init, eager_ops = _one_step(bench_models.Provider("eager"))
     fused, fused_init, fused_ops = _one_step(bench_models.Provider("fastresnet:torch", "torch"))
@@ -59,6 +60,7 @@ def test_largest_batch_rejects_bad_bounds():
         bench_memory.largest_batch(lambda b: True, start=4, limit=1024, granularity=8)
 
 
+@pytest.mark.slow
 def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
     out = tmp_path / "models.jsonl"
     bench_models.main(["--cpu-smoke", "--out", str(out)])
@@ -92,6 +94,7 @@ def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
         report.replace_block("no markers\n", "perf-table", block)
 
 
+@pytest.mark.slow
 def test_memory_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "memory.jsonl"
     bench_memory.main(["--cpu-smoke", "--out", str(out), "--backend", "torch"])
@@ -106,6 +109,7 @@ def test_memory_cpu_smoke_writes_rows(tmp_path):
     assert "| preact_bottleneck11 | 11 | fp32 | `eager` | 2 |" in report.memory_table(rows)
 
 
+@pytest.mark.slow
 def test_kernels_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "kernels.jsonl"
     # without the pytest-xdist worker's variables, which make pytest-benchmark in the child disable benchmarks
@@ -125,6 +129,7 @@ def test_kernels_cpu_smoke_writes_rows(tmp_path):
     assert "bn_relu_backward" in report.kernels_table(rows)
 
 
+@pytest.mark.slow
 def test_failing_cells_become_rows_and_the_time_budget_skips(tmp_path):
     out = tmp_path / "models.jsonl"
     base = ["--device", "cpu", "--models", "preact_resnet20", "--dtypes", "fp32", "--warmup", "1", "--min-iters", "1",
