@@ -21,7 +21,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow
 def test_no_graph_break_in_fresh_process():
     env = {k: v for k, v in os.environ.items() if k != "FASTRESNET_BACKEND"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
