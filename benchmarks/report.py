@@ -2,16 +2,17 @@
 
     python -m benchmarks.report                       # the committed rows and your runs: tables, plots
     python -m benchmarks.report FILE ... --include-smoke
-    python -m benchmarks.report FILE ... --write-readme [README.md]
+    python -m benchmarks.report --write-docs          # regenerate docs/benchmarks.md and the README's headline
 
 Default files: the committed rows in benchmarks/results/ and your runs in $FASTRESNET_BENCH_DIR or
 ./benchmark-results/ (`common.output_dir()`). For each (device, bench, cell) the newest row wins, so re-running a
 benchmark replaces its numbers. Rows from `--cpu-smoke` runs (tiny harness checks) are left out unless
---include-smoke, and the report says how many it left out. `--write-readme` replaces the text between the markers
-`<!-- perf-table:start -->` and `<!-- perf-table:end -->` (both must be present) with the tables and plot links, the
-text between `<!-- numerics-table:start -->` and `<!-- numerics-table:end -->` with the numerics judge's table
-(rows of `fastresnet numerics --out`), and the text between `<!-- overhead-table:start -->` and
-`<!-- overhead-table:end -->` with the host-cost table (rows of `benchmarks.bench_overhead`).
+--include-smoke, and the report says how many it left out.
+
+`--write-docs` (alias `--write-readme`) reads the committed rows only and replaces the text between each pair of
+markers `<!-- NAME:start -->` / `<!-- NAME:end -->` of `BLOCKS` with what `generated_blocks` makes: in README.md the
+headline table, in docs/benchmarks.md every table and the plot links. tests/test_docs.py checks that the committed
+files hold exactly that text.
 """
 from __future__ import annotations
 
@@ -24,9 +25,19 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from benchmarks import common
 
-START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-NUMERICS_START, NUMERICS_END = "<!-- numerics-table:start -->", "<!-- numerics-table:end -->"
-OVERHEAD_START, OVERHEAD_END = "<!-- overhead-table:start -->", "<!-- overhead-table:end -->"
+# the generated blocks: (file relative to the repository root, marker name) -> the function of the rows that makes
+# its text, from every row read (`latest` picks the newest per cell). The committed kernel rows are all from a
+# --cpu-smoke run, so that block shows smoke rows and says so.
+BLOCKS = {
+    ("README.md", "headline-table"): lambda rows: headline_table(latest(rows)),
+    ("docs/benchmarks.md", "perf-table"): lambda rows: render(latest(rows)),
+    ("docs/benchmarks.md", "overhead-table"): lambda rows: overhead_table(latest(rows)),
+    ("docs/benchmarks.md", "kernels-table"): lambda rows: smoke_kernels_table(rows),
+    ("docs/benchmarks.md", "numerics-table"): lambda rows: numerics_table(latest(rows)),
+    ("docs/benchmarks.md", "plots"): lambda rows: plot_links(),
+}
+# the headline: one net's training step, GPU rows when there are any, else CPU rows
+HEADLINE_MODEL = "preact_resnet110"
 # the fields that name one measurement cell of each bench (the newest row per cell and device wins)
 CELL_KEYS = {
     "models": ("model", "provider", "dtype", "batch", "image_size", "channels_last"),
@@ -276,20 +287,76 @@ def numerics_table(rows: List[Row]) -> str:
     return "\n".join(out)
 
 
-def render(rows: List[Row], plots: Sequence[Path] = (), relative_to: Optional[Path] = None) -> str:
-    """All tables (models, memory, kernels) and links to the plots, as one markdown block."""
-    text = "\n".join(t for t in (models_table(rows), memory_table(rows), kernels_table(rows)) if t)
-    links = [f"![{p.stem}]({os.path.relpath(p, relative_to) if relative_to else p})" for p in plots]
+def render(rows: List[Row], plots: Sequence[Path] = ()) -> str:
+    """The training-step and memory tables and links to the plots, as one markdown block."""
+    text = "\n".join(t for t in (models_table(rows), memory_table(rows)) if t)
+    links = [f"![{p.stem}]({p})" for p in plots]
     return text + ("\n" + "\n".join(links) + "\n" if links else "")
 
 
-def write_readme(readme: Path, block: str, start: str = START, end: str = END) -> None:
-    """Replace the text between the markers start and end of readme with block."""
-    text = readme.read_text()
+def headline_table(rows: List[Row]) -> str:
+    """The README's results table: HEADLINE_MODEL's training step per provider, with its conditions (device,
+    versions, revision, date). GPU rows replace the CPU rows as soon as there are any."""
+    models = [r for r in rows if r["bench"] == "models" and r["model"] == HEADLINE_MODEL and r["status"] == "ok"]
+    gpu = [r for r in models if r["device"] != "cpu"]
+    chosen = gpu or models
+    if not chosen:
+        return ""
+    body = [[r["device"], f"{r['batch']}×{r['image_size']}²", "NHWC" if r.get("channels_last") else "NCHW",
+             r["dtype"], f"`{r['provider']}`", _num(r["ms_per_step"], ".2f"),
+             _num(r.get("speedup_vs_eager"), ".2f")] for r in chosen]
+    return "\n".join([f"{HEADLINE_MODEL} training step (forward + backward + SGD), " + _header(chosen[0]), ""]
+                     + _table(["device", "batch×input", "layout", "dtype", "provider", "ms/step", "speed× eager"],
+                              body))
+
+
+def smoke_kernels_table(rows: List[Row]) -> str:
+    """The kernel table of every row, --cpu-smoke rows included and counted in a note."""
+    smoke = count_smoke(r for r in rows if r.get("bench") == "kernels")
+    table = kernels_table(latest(rows, include_smoke=True))
+    return table + (f"\n{smoke} of these rows come from a `--cpu-smoke` run (one small shape, few repetitions)."
+                    if smoke and table else "")
+
+
+def plot_links() -> str:
+    """Links, relative to docs/, to the committed plots in benchmarks/results/plots/."""
+    plots = sorted((common.RESULTS_DIR / "plots").glob("*.png"))
+    return "\n".join(f"![{p.stem}]({os.path.relpath(p, common.REPO_ROOT / 'docs')})" for p in plots)
+
+
+def committed_files() -> List[Path]:
+    """The committed rows of every bench of CELL_KEYS (benchmarks/results/), which the generated docs show."""
+    return sorted(f for bench in CELL_KEYS for f in common.RESULTS_DIR.glob(f"{bench}_*.jsonl"))
+
+
+def generated_blocks(rows: List[Row]) -> Dict[tuple, str]:
+    """(file, marker name) -> the text `write_docs` puts between that file's markers, for these rows (all rows
+    read, before `latest`)."""
+    return {key: make(rows).strip() for key, make in BLOCKS.items()}
+
+
+def replace_block(text: str, name: str, block: str) -> str:
+    """text with the part between `<!-- name:start -->` and `<!-- name:end -->` replaced by block."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"--write-readme: {readme} needs the markers {start} and {end}, in that order")
-    readme.write_text(text[: i + len(start)] + "\n" + block.strip() + "\n" + text[j:])
+        raise ValueError(f"needs the markers {start} and {end}, in that order")
+    return text[: i + len(start)] + "\n" + block + "\n" + text[j:]
+
+
+def write_docs(rows: List[Row], root: Path = common.REPO_ROOT) -> List[Path]:
+    """Rewrite every generated block of BLOCKS under root from rows; each file is replaced atomically. Returns the
+    files written."""
+    by_file: Dict[Path, str] = {}
+    for (name, marker), block in generated_blocks(rows).items():
+        path = root / name
+        try:
+            by_file[path] = replace_block(by_file.get(path) or path.read_text(), marker, block)
+        except ValueError as e:
+            raise ValueError(f"write_docs: {path}: {e}") from None
+    for path, text in by_file.items():
+        common.write_text_atomic(path, text)
+    return list(by_file)
 
 
 def default_files() -> List[Path]:
@@ -304,13 +371,16 @@ def main(argv=None) -> str:
                    "of CELL_KEYS, in benchmarks/results/ and in $FASTRESNET_BENCH_DIR or ./benchmark-results/)")
     p.add_argument("--include-smoke", action="store_true", help="keep rows of --cpu-smoke runs")
     p.add_argument("--plots-dir", type=Path, default=None, help="default: plots/ beside your runs "
-                   "($FASTRESNET_BENCH_DIR or ./benchmark-results/); with --write-readme benchmarks/results/plots/, "
-                   "which the README links")
+                   "($FASTRESNET_BENCH_DIR or ./benchmark-results/); with --write-docs benchmarks/results/plots/, "
+                   "which docs/benchmarks.md links")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--write-readme", type=Path, nargs="?", const=common.REPO_ROOT / "README.md", default=None,
-                   metavar="README", help="rewrite the perf-table block of this README (default: the repo's)")
+    p.add_argument("--write-docs", "--write-readme", action="store_true",
+                   help="regenerate docs/benchmarks.md and the README's headline table from the committed rows "
+                   "(benchmarks/results/; copy your runs' rows there first)")
     args = p.parse_args(argv)
-    files = args.files or default_files()
+    if args.write_docs and (args.files or args.include_smoke):
+        p.error("--write-docs: the docs show the committed rows only (no FILES, no --include-smoke)")
+    files = args.files or (committed_files() if args.write_docs else default_files())
     for f in files:
         if not f.is_file():
             p.error(f"files: {f} does not exist")
@@ -324,25 +394,20 @@ def main(argv=None) -> str:
         print(f"no rows to report in {[str(f) for f in files]}")
         return ""
     if args.plots_dir is None:
-        args.plots_dir = (common.RESULTS_DIR if args.write_readme else common.output_dir()) / "plots"
+        args.plots_dir = (common.RESULTS_DIR if args.write_docs else common.output_dir()) / "plots"
     plots = []
     if not args.no_plots:
         try:
             plots = plot(rows, args.plots_dir)
         except ImportError as e:  # e.g. the GPU machine, which has no package registry: tables still render
             print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
-    base = args.write_readme.resolve().parent if args.write_readme else None
-    block = render(rows, [q.resolve() for q in plots] if base else plots, base)
-    numerics, overhead = numerics_table(rows), overhead_table(rows)
-    print(block + "".join("\n" + t for t in (numerics, overhead) if t))
-    if args.write_readme:
-        write_readme(args.write_readme, block)
-        if numerics:
-            write_readme(args.write_readme, numerics, NUMERICS_START, NUMERICS_END)
-        if overhead:
-            write_readme(args.write_readme, overhead, OVERHEAD_START, OVERHEAD_END)
-        print(f"wrote the perf-table (and numerics-table, overhead-table) blocks of {args.write_readme}")
-    return block
+    text = "\n".join(t for t in (render(rows, plots), kernels_table(rows), numerics_table(rows), overhead_table(rows))
+                     if t)
+    print(text)
+    if args.write_docs:
+        for path in write_docs(all_rows):
+            print(f"wrote the generated blocks of {path}")
+    return text
 
 
 if __name__ == "__main__":

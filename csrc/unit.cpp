@@ -5,7 +5,7 @@
 // in the same order (rstd, scale and shift by bn_affine / scale_shift, bitwise their ATen composition): results are
 // bitwise those of the Python composition (tests/test_unit_op.py checks it). What it removes is host time: one call
 // per unit and direction instead of ~40 Python-level op calls, and with preact_units_train one call for a whole chain
-// of units (docs/architecture.md §3 has the numbers).
+// of units (docs/architecture.md §8: the execution paths and the benchmark rows that measure them).
 //
 // Conventions (as in unit_ops.py): a unit has k BN-ReLU-conv layers; weights[k] is the projection of a
 // "shared_projection" shortcut; strides/paddings are flattened (h, w) pairs per layer; rstd_i = 1/sqrt(var_i + eps_i)

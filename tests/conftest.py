@@ -9,13 +9,43 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
 
 
+# Modules whose every test is `slow` (left out of the quick tier, `-m "not slow"`), with what makes them so; single
+# slow tests elsewhere carry the marker themselves.
+SLOW_MODULES = {
+    "test_reproduce.py": "smoke reproductions of every experiment of the paper",
+    "test_static_sm90.py": "compiles every Triton launch of the zoo's nets for sm_90",
+    "test_numerics_judge.py": "whole-net training steps on every backend, dtype and layout",
+    "test_properties.py": "hypothesis examples of every fused op on every backend, Triton under the interpreter",
+    "test_cuda_source.py": "nvcc builds of the CUDA kernels",
+    "test_cpp_source.py": "C++17 compiles of the extension's sources against the torch headers",
+    "test_convert_timm.py": "converts real timm models",
+    "test_distributed.py": "spawns processes (torch.multiprocessing, torchrun)",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    _group_shared_fixtures(items)
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (run on the device machine)")
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not `"gpu" in item.keywords`: folder names are keywords too
             item.add_marker(skip)
+
+
+def _group_shared_fixtures(items):
+    """Under pytest-xdist with --dist loadgroup (tests/run.sh), the tests of a module that share a module- or
+    session-scoped fixture (an nvcc build, smoke reproductions, subprocess runs) go to one worker, which builds the
+    fixture once instead of once per worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d[-1].scope in ("module", "session") and d[-1].baseid for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,7 @@ def _one_step(provider):
     return model, initial, {e.key for e in prof.key_averages()}
 
 
+@pytest.mark.slow
 def test_eager_provider_runs_plain_pytorch_and_fused_provider_does_not():
     eager, eager_init, eager_ops = _one_step(bench_models.Provider("eager"))
     fused, fused_init, fused_ops = _one_step(bench_models.Provider("fastresnet:torch", "torch"))
@@ -59,6 +60,7 @@ def test_largest_batch_rejects_bad_bounds():
         bench_memory.largest_batch(lambda b: True, start=4, limit=1024, granularity=8)
 
 
+@pytest.mark.slow
 def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
     out = tmp_path / "models.jsonl"
     bench_models.main(["--cpu-smoke", "--out", str(out)])
@@ -81,20 +83,18 @@ def test_models_cpu_smoke_writes_rows_and_report_renders(tmp_path):
     graph = next(r for r in rows if r["provider"] == "eager+graph")
     assert graph["status"] == "unavailable" and "CUDA" in graph["reason"]
 
-    assert report.latest(rows) == []  # smoke rows stay out of README tables unless asked for
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# t\n{report.START}\nold\n{report.END}\ntail\n")
-    block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots"),
-                         "--write-readme", str(readme)])
+    assert report.latest(rows) == []  # smoke rows stay out of the docs' tables unless asked for
+    block = report.main([str(out), "--include-smoke", "--plots-dir", str(tmp_path / "plots")])
     assert "| preact_resnet20 | 4×16² | NHWC | fp32 | `eager` |" in block and "`eager+graph` unavailable" in block
     assert list((tmp_path / "plots").glob("models_cpu_fp32.png"))
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{report.END}\ntail\n") and "`fastresnet:torch`" in text
-    readme.write_text("no markers\n")
+    text = report.replace_block("# t\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\ntail\n", "perf-table",
+                                block)
+    assert "old" not in text and text.endswith("<!-- perf-table:end -->\ntail\n") and "`fastresnet:torch`" in text
     with pytest.raises(ValueError, match="perf-table"):
-        report.write_readme(readme, block)
+        report.replace_block("no markers\n", "perf-table", block)
 
 
+@pytest.mark.slow
 def test_memory_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "memory.jsonl"
     bench_memory.main(["--cpu-smoke", "--out", str(out), "--backend", "torch"])
@@ -109,9 +109,12 @@ def test_memory_cpu_smoke_writes_rows(tmp_path):
     assert "| preact_bottleneck11 | 11 | fp32 | `eager` | 2 |" in report.memory_table(rows)
 
 
+@pytest.mark.slow
 def test_kernels_cpu_smoke_writes_rows(tmp_path):
     out = tmp_path / "kernels.jsonl"
-    env = dict(os.environ, FASTRESNET_BENCH_DEVICE="cpu", FASTRESNET_BENCH_OUT=str(out))
+    # without the pytest-xdist worker's variables, which make pytest-benchmark in the child disable benchmarks
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+               FASTRESNET_BENCH_DEVICE="cpu", FASTRESNET_BENCH_OUT=str(out))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "benchmarks/bench_kernels.py", "--benchmark-only", "-k", "torch and (fp32 or add_stats)"],
                           cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -126,6 +129,7 @@ def test_kernels_cpu_smoke_writes_rows(tmp_path):
     assert "bn_relu_backward" in report.kernels_table(rows)
 
 
+@pytest.mark.slow
 def test_failing_cells_become_rows_and_the_time_budget_skips(tmp_path):
     out = tmp_path / "models.jsonl"
     base = ["--device", "cpu", "--models", "preact_resnet20", "--dtypes", "fp32", "--warmup", "1", "--min-iters", "1",
@@ -216,11 +220,7 @@ def test_overhead_smoke_writes_rows_and_report_renders(tmp_path):
     if "fastresnet:cuda" in ok:  # the C++ extension built: its ops are counted
         assert any(k.startswith("fastresnet_ext::") for k in ok["fastresnet:cuda"]["kernels_by_op"])
 
-    assert report.latest(list(rows.values())) == []  # smoke rows stay out of README tables unless asked for
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{report.START}\n{report.END}\n{report.OVERHEAD_START}\nold\n{report.OVERHEAD_END}\ntail\n")
-    report.main([str(out), "--include-smoke", "--no-plots", "--write-readme", str(readme)])
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{report.OVERHEAD_END}\ntail\n")
+    assert report.latest(list(rows.values())) == []  # smoke rows stay out of the docs' tables unless asked for
+    text = report.overhead_table(report.latest(list(rows.values()), include_smoke=True))
     assert "| preact_resnet20 | 2×4² | 1 | `eager` |" in text and "preact_resnet20 18" in text
     assert "`compile` skipped" in text

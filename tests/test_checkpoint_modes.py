@@ -84,6 +84,7 @@ def test_recomputation_is_bitwise_none(backend, dtype):
     assert all(not torch.equal(state[k], init[k]) for k in state if k.endswith("running_mean"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [_backend("triton"), _backend("triton_conv")])
 def test_recomputation_is_bitwise_none_triton(backend):
     torch.manual_seed(0)

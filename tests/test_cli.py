@@ -84,6 +84,7 @@ def bad_input_runs(tmp_path_factory):
     return {k: (cases[k], procs[k]) for k in cases}, tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2(bad_input_runs, case_id):
     runs, tmp = bad_input_runs

@@ -247,6 +247,7 @@ def test_backend_reports_unsupported_device():
 
 
 # ---- CUDA kernels: compile with nvcc (no GPU needed) and run on a GPU ------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: cannot compile the CUDA kernels")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.rglob("*.cu")))

@@ -259,6 +259,7 @@ def _digits_batches(steps, batch):
             for i in range(steps)]
 
 
+@pytest.mark.slow
 @needs_triton
 def test_convergence_triton_vs_torch():
     """A tiny pre-act ResNet (one stage of one basic unit, width 8) trained 20 SGD steps from the same init with

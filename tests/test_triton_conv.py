@@ -292,6 +292,7 @@ def test_support_checks():
             FF.bn_relu_conv2d(x, torch.randn(8, 8, 5, 5), None, None, stride=1, padding=2, backend="triton_conv")
 
 
+@pytest.mark.slow
 def test_preact_resnet20_training_step_matches_torch():
     """One training step of preact_resnet20 (batch 2, 8×8): loss, every gradient and every buffer."""
     torch.manual_seed(0)

@@ -30,12 +30,9 @@ else:
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether "auto" picks the C++ CPU kernels for CPU tensors: yes, by measurement per op, which is what "auto" chooses
-# (benchmarks/bench_kernels.py on CPU, rows in benchmarks/results/kernels_cpu.jsonl; 2 cores, torch 2.13 CPU, one
-# run, fp32 at [4, 16, 8, 8], C++ vs reference): bn_relu 8.9 vs 16.5 µs, bn_relu_backward 21 vs 151 µs,
-# add_stats 14 vs 34 µs, batch_stats 27 vs 25 µs, bn_relu_conv 68 vs 97 µs, its backward 184 vs 298 µs. A whole
-# preact_resnet110 CPU step (benchmarks/results/models_cpu.jsonl) is dominated by the convs and its C++-vs-reference
-# ratio swings between 0.9× and 1.3× from run to run on this machine; both stay slower than eager PyTorch there.
+# Whether "auto" picks the C++ CPU kernels for CPU tensors: yes. The rows behind it: each op of the C++ kernels against
+# the reference in benchmarks/results/kernels_cpu.jsonl, and a whole training step in models_cpu.jsonl
+# (docs/benchmarks.md).
 CPU_AUTO = True
 
 
@@ -62,7 +59,7 @@ class CudaBackend(Backend):
 
     def auto_ok(self, x: Tensor) -> bool:
         """CUDA tensors whenever the CUDA kernels are built; CPU tensors too (CPU_AUTO), because the C++ CPU kernels
-        beat the reference ops op by op (measurements in the comment above CPU_AUTO)."""
+        beat the reference ops op by op (the rows cited above CPU_AUTO)."""
         return self.why_not(x) is None and (x.device.type == "cuda" or CPU_AUTO)
 
     def batch_stats(self, x):

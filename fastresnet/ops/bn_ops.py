@@ -124,7 +124,7 @@ class _EagerOp(torch.autograd.Function):
         return (None,) + tuple(ctx.formula(ctx, *grads))
 
 
-# autograd.Function.apply without its per-call `inspect.signature` binding of the forward's arguments (~12 µs a call;
+# autograd.Function.apply without its per-call `inspect.signature` binding of the forward's arguments (the
 # forward takes no defaults to bind): what Function.apply runs once the binding is done and no functorch transform
 # is active.
 _apply_autograd = super(torch.autograd.Function, _EagerOp).apply
