@@ -437,13 +437,19 @@ def write_atomic(path: Path, rows: List[dict], meta: dict) -> None:
         with path.open() as f:
             kept = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in kept if r.get("label") != meta["label"]]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in kept:
-            f.write(json.dumps(row) + "\n")
-        for row in rows:
-            f.write(json.dumps({**meta, **row}) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in kept:
+                f.write(json.dumps(row) + "\n")
+            for row in rows:
+                f.write(json.dumps({**meta, **row}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def summary(rows: List[dict]) -> str:

@@ -144,6 +144,28 @@ def _bn_relu_bwd_dx_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _scale_shift_kernel(
+    mean_ptr, rstd_ptr,  # [C] ACC: μ, rstd
+    w_ptr, b_ptr,        # [C] any float dtype: γ (HAS_W), β (HAS_B)
+    scale_ptr, shift_ptr,  # [C] ACC out: s = γ·rstd, t = β − μ·s
+    C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # `reference.scale_shift`'s operations in its order, each rounded to ACC (the launcher turns off FMA contraction)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    s = tl.load(rstd_ptr + cols, mask=ok, other=0.0)
+    if HAS_W:
+        s = tl.load(w_ptr + cols, mask=ok, other=0.0).to(s.dtype) * s
+    ms = tl.load(mean_ptr + cols, mask=ok, other=0.0) * s
+    if HAS_B:
+        t = tl.load(b_ptr + cols, mask=ok, other=0.0).to(s.dtype) - ms
+    else:
+        t = -ms
+    tl.store(scale_ptr + cols, s, mask=ok)
+    tl.store(shift_ptr + cols, t, mask=ok)
+
+
 def _elementwise_grid(cfg: dict) -> Tuple[int, int]:
     return triton.cdiv(cfg["M"], cfg["BLOCK_M"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"])
 
@@ -218,3 +240,25 @@ def bn_backward_from_partials(
         TRAINING=training, HAS_RES=dres is not None, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         num_warps=cfg["NUM_WARPS"], **common)
     return dx, sum_dz, sum_dz_xhat
+
+
+def scale_shift(mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """BN folded into one affine map in one launch: (scale, shift) [C] in rstd's dtype, scale = γ·rstd, shift =
+    β − mean·scale (γ = 1, β = 0 where None), bitwise `fastresnet.reference.scale_shift` (the same roundings, no
+    fused multiply-add). mean, rstd: [C] fp32 (fp64), same dtype and device; weight, bias: [C] floating or None."""
+    if mean.dim() != 1 or rstd.shape != mean.shape or rstd.dtype != mean.dtype or rstd.device != mean.device:
+        raise ValueError(f"mean, rstd: expected two [C] vectors of one dtype and device, got {tuple(mean.shape)} "
+                         f"{mean.dtype} on {mean.device} and {tuple(rstd.shape)} {rstd.dtype} on {rstd.device}")
+    if rstd.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"rstd: expected float32 or float64 statistics, got {rstd.dtype}")
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None:
+            check_channel_vector(v, name, rstd.new_empty(1, rstd.shape[0], 1, 1))
+    c = rstd.shape[0]
+    scale, shift = torch.empty_like(rstd), torch.empty_like(rstd)
+    if c:
+        block = min(1024, triton.next_power_of_2(c))
+        _scale_shift_kernel[(triton.cdiv(c, block),)](
+            mean, rstd, rstd if weight is None else weight, rstd if bias is None else bias, scale, shift, c,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block, enable_fp_fusion=False)
+    return scale, shift
