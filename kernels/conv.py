@@ -24,7 +24,8 @@ the rows are merged in tile order (in two levels for many rows, `kernels.stats.m
 use tier A's partial format and merge (`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile
 shifted by its first row's value, Chan merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are
 tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed in
-split order by `kernels.stats.sum_rows`.
+`kernels.stats.sum_rows`' order by the last program of each dW tile to finish (a per-launch counter, docs/kernels.md;
+`FASTRESNET_LAST_PROGRAM_MERGE=0`: by `sum_rows` itself, bitwise the same).
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
 Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
@@ -45,10 +46,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastresnet.kernels import conv_fp32_precision, interpreting
+from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
 from fastresnet.kernels.bn_relu import bn_backward_from_partials
 from fastresnet.kernels.stats import (
-    _sm_count, chunk_summary, memory_format, merge_partials, store_partial, sum_rows,
+    _sm_count, chunk_summary, launch_counters, memory_format, merge_partials, merge_rows, store_partial, sum_rows,
 )
 
 
@@ -199,14 +200,18 @@ def _conv_wgrad_kernel(
     scale_ptr, shift_ptr,       # [C_in] fp32
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     part_ptr,                   # [SPLITS, C_out, KH, KW, C_in] fp32 out: this split's share of dW
-    M, C_in, H, W, C_out, Ho, Wo, rows_per_split,
+    dw_ptr,                     # FINISH: [C_out, KH, KW, C_in] out, the weight's dtype: dW, the splits' sum
+    count_ptr,                  # FINISH: int32 [grid0·grid1] launch counters, zero before and after the launch
+    M, C_in, H, W, C_out, Ho, Wo, rows_per_split, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     # program (tap·ci-block, co-block, split): dW[co, kh, kw, ci] over rows [split·R, (split+1)·R) of M = N·Ho·Wo,
-    # the GEMM's K (split-K: the splits' partials are summed in split order by the launcher)
+    # the GEMM's K (split-K: the splits' partials are summed in split order by the tile's last program, FINISH, or
+    # by the launcher)
     n_cib = tl.cdiv(C_in, BLOCK_CI)
     tap = tl.program_id(0) // n_cib
     kh = tap // KW
@@ -235,7 +240,29 @@ def _conv_wgrad_kernel(
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     off = rco[:, None] * (KH * KW * C_in) + tap * C_in + rci[None, :]
-    tl.store(part_ptr + split * (C_out * KH * KW * C_in) + off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    ok = co_ok[:, None] & ci_ok[None, :]
+    numel = C_out * KH * KW * C_in
+    tl.store(part_ptr + split * numel + off, acc, mask=ok)
+    if FINISH:
+        # the last of this dW tile's splits to finish sums its partials (docs/kernels.md): the barrier puts every
+        # thread's partial stores before the counter's release; the acquire puts the other splits' stores before
+        # the loads, which bypass L1 (.cg); the counter is left at zero for the next launch or graph replay
+        counter = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.debug_barrier()
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+            tl.debug_barrier()
+            # `kernels.stats.sum_rows`' order: groups of ROWS splits, each summed in order, then the groups in order
+            total = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+            left = tl.full([BLOCK_CO, BLOCK_CI], tl.num_programs(2), tl.int32)
+            for g in range(GROUPS):
+                group = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+                for i in range(ROWS):
+                    row = g * ROWS + i
+                    group += tl.load(part_ptr + row * numel + off, mask=ok & (left > row), other=0.0,
+                                     cache_modifier=".cg")
+                total += group
+            tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -251,6 +278,7 @@ def _conv_wgrad_kernel(
 _SMEM_BUDGET = 160 * 1024
 _REGS_PER_THREAD = 64
 _MAX_ROW_BLOCKS = 64       # wgrad: most row blocks one program walks (its serial loop)
+_MAX_SPLITS = 64           # wgrad: most splits of K, the partials its finishing program sums (a serial loop)
 
 
 class Tiles(NamedTuple):
@@ -332,9 +360,11 @@ def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes
 
 def wgrad_split(m: int, block_m: int, splits: int) -> Tuple[int, int]:
     """(rows per split, splits) of wgrad's K = m rows: at least `splits` splits where m has that many blocks of
-    block_m rows, and at most _MAX_ROW_BLOCKS blocks per split."""
+    block_m rows and at most _MAX_SPLITS (the partials the finishing program sums, and the fp32 partial traffic:
+    a 1×1 32→128 wgrad at batch 128 would otherwise write 256 partials of its 16 KB gradient), and at most
+    _MAX_ROW_BLOCKS blocks per split (which wins over _MAX_SPLITS beyond _MAX_ROW_BLOCKS·_MAX_SPLITS blocks)."""
     blocks = triton.cdiv(m, block_m)
-    per = max(1, min(_MAX_ROW_BLOCKS, blocks // splits))
+    per = min(_MAX_ROW_BLOCKS, max(1, blocks // splits, triton.cdiv(blocks, _MAX_SPLITS)))
     return per * block_m, triton.cdiv(blocks, per)
 
 
@@ -499,16 +529,22 @@ def conv_backward(
         cfg, rows, splits = wgrad_tiles(n * ho * wo, c_out, c_in, k * k, dy.element_size(), x.element_size(), dev,
                                         wgrad_splits)
         part = torch.empty((splits, weight.numel()), dtype=torch.float32, device=dev)
-        _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)](
-            x, scale, shift, dy, part, n * ho * wo, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
-            STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k, ROW_BLOCKS=rows // cfg.block_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
         # summed into [C_out, KH, KW, C_in] storage: dW as a channels_last view, made contiguous for a weight
         # that is not channels_last (the layout `torch.empty_like(weight)` gives)
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev, memory_format=torch.channels_last)
-        sum_rows(part[None], dweight.permute(0, 2, 3, 1).view(1, -1))
+        dw_flat = dweight.permute(0, 2, 3, 1).view(1, -1)
+        grid = (k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)
+        finish = last_program_merge()
+        group_rows = merge_rows(splits)
+        _conv_wgrad_kernel[grid](
+            x, scale, shift, dy, part, dw_flat, launch_counters(grid[0] * grid[1], dev) if finish else part,
+            n * ho * wo, c_in, h, w, c_out, ho, wo, rows, triton.cdiv(splits, group_rows), group_rows,
+            *x.stride(), *dy.stride(), STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype,
+            PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k,
+            ROW_BLOCKS=rows // cfg.block_m, FINISH=finish, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if not finish:
+            sum_rows(part[None], dw_flat)
         if not _nhwc(weight):
             dweight = dweight.contiguous()
     return dx, dweight, sum_dz, sum_dzx

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -285,6 +285,21 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
         ACC=tl_dtype(part.dtype), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
     return merge_partials(part)
+
+
+_COUNTERS: Dict[torch.device, Tensor] = {}
+
+
+def launch_counters(n: int, device: torch.device) -> Tensor:
+    """At least n int32 counters on device, all zero: the per-launch counters of kernels whose last program finishes
+    a reduction (docs/kernels.md). Zeroed once when (re)allocated; each such launch leaves its counters at zero
+    again, so consecutive launches on one stream — and CUDA-graph replays — share them. Launches running
+    concurrently on several streams of one device would race on them: the kernels are launched on one stream."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def merge_rows(t: int) -> int:
