@@ -49,7 +49,8 @@ from torch import Tensor
 from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
 from fastresnet.kernels.bn_relu import bn_backward_from_partials
 from fastresnet.kernels.stats import (
-    _sm_count, chunk_summary, launch_counters, memory_format, merge_partials, merge_rows, store_partial, sum_rows,
+    _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format, merge_partials, merge_rows,
+    release_counter, stats_finish, store_partial, sum_rows,
 )
 
 
@@ -95,12 +96,13 @@ def _conv_fwd_kernel(
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
     part_ptr,                   # [4, tiles_m, C_out] fp32 per-tile partials of the stored y (STATS; kernels.stats)
-    M, C_in, H, W, C_out, Ho, Wo,
+    count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH: `kernels.stats.StatsFinish` of the partials
+    M, C_in, H, W, C_out, Ho, Wo, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    K_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr, FINISH: tl.constexpr,
 ):
     # rows m = (n, ho, wo) of y × output channels co
     m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
@@ -134,6 +136,10 @@ def _conv_fwd_kernel(
         k = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
         count, mean, m2 = chunk_summary(tl.where(mask, v - k[None, :], 0.0), m_ok, mask)
         store_partial(part_ptr, tl.program_id(0), tl.num_programs(0), C_out, rn, count, mean, m2, k)
+        if FINISH:  # the column block's last row tile merges its partials (docs/kernels.md)
+            if last_program(count_ptr + tl.program_id(1), tl.num_programs(0)):
+                finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C_out, tl.num_programs(0), GROUPS, ROWS, rn)
+                release_counter(count_ptr + tl.program_id(1))
 
 
 @triton.jit
@@ -244,12 +250,9 @@ def _conv_wgrad_kernel(
     numel = C_out * KH * KW * C_in
     tl.store(part_ptr + split * numel + off, acc, mask=ok)
     if FINISH:
-        # the last of this dW tile's splits to finish sums its partials (docs/kernels.md): the barrier puts every
-        # thread's partial stores before the counter's release; the acquire puts the other splits' stores before
-        # the loads, which bypass L1 (.cg); the counter is left at zero for the next launch or graph replay
+        # the last of this dW tile's splits to finish sums its partials (docs/kernels.md); loads bypass L1 (.cg)
         counter = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        tl.debug_barrier()
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+        if last_program(counter, tl.num_programs(2)):
             tl.debug_barrier()
             # `kernels.stats.sum_rows`' order: groups of ROWS splits, each summed in order, then the groups in order
             total = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
@@ -262,7 +265,7 @@ def _conv_wgrad_kernel(
                                      cache_modifier=".cg")
                 total += group
             tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            release_counter(counter)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -446,16 +449,20 @@ def conv_forward(
     tiles = triton.cdiv(m, cfg.block_m)
     part = torch.empty((4, tiles, c_out), dtype=torch.float32, device=x.device) if stats else y  # y: unused
     k_blocks = triton.cdiv(c_in, cfg.block_k)
-    _conv_fwd_kernel[(tiles, triton.cdiv(c_out, cfg.block_n))](
+    n_blocks = triton.cdiv(c_out, cfg.block_n)
+    fin = stats_finish(tiles, c_out, n_blocks, torch.float32, x.device) if stats else None
+    _conv_fwd_kernel[(tiles, n_blocks)](
         x, scale, shift, _weight_ohwi(weight), residual if residual is not None else y, y, part,
-        m, c_in, h, w, c_out, ho, wo, *x.stride(), *y.stride(),
+        *(fin[:4] if fin else (part,) * 4), m, c_in, h, w, c_out, ho, wo, fin.groups if fin else 1,
+        fin.rows if fin else 1, *x.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, FINISH=fin is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if not stats:
         return y, None, None
-    return (y,) + merge_partials(part)
+    return (y, fin.mean, fin.var) if fin else (y,) + merge_partials(part)
 
 
 def conv_backward(

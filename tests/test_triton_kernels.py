@@ -324,3 +324,18 @@ def test_scale_shift_rejects_bad_inputs():
         scale_shift(mean, torch.ones(4, device=DEVICE), torch.ones(3, device=DEVICE), None)
     with pytest.raises(TypeError, match="rstd"):
         scale_shift(mean.half(), torch.ones(4, device=DEVICE).half(), None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stats_last_program_finish_equals_separate_merge_bitwise(monkeypatch, dtype):
+    # the statistics merge finished by each channel block's last program (default) against the separate merge
+    # launches (FASTRESNET_LAST_PROGRAM_MERGE=0), one level (3 tiles) and two (8 tiles, groups of 3): the same merges
+    # in the same order; the counters are zero afterwards
+    x = (3.0 + torch.randn(3, 5, 6, 7, device=DEVICE, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", flag)
+        out[flag] = (kstats.batch_stats(x, block_m=16, tiles=3) + kstats.batch_stats(x, block_m=16, tiles=9)
+                     + add_stats(x, x, block_m=16, tiles=9))
+    assert all(torch.equal(a, b) for a, b in zip(out["1"], out["0"]))
+    assert not kstats.launch_counters(1, x.device).any()
