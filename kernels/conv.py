@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
-from fastresnet.kernels.bn_relu import bn_backward_from_partials
+from fastresnet.kernels.bn_relu import bn_backward_from_partials, bn_finish, store_bn_backward, sum_partials
 from fastresnet.kernels.stats import (
     _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format, merge_partials, merge_rows,
     release_counter, stats_finish, store_partial, sum_rows,
@@ -150,12 +150,13 @@ def _conv_dgrad_kernel(
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
     dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = da·[x·scale + shift > 0]
     psum_ptr,                   # [2, tiles, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
-    M, C_in, H, W, C_out, Ho, Wo, tile0, tiles,
+    count_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,  # FINISH: `kernels.bn_relu.BNFinish` of psum
+    M, C_in, H, W, C_out, Ho, Wo, tile0, tiles, M_BN, GROUPS, ROWS,  # M_BN = N·H·W: the BN's rows, all phases
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
     PW: tl.constexpr, TAPS_W: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    K_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr, TRAINING: tl.constexpr, FINISH: tl.constexpr,
 ):
     # da = implicit GEMM of dy with the weight over the rows m = (n, hp, wp) of output phase (PH, PW) of x, i.e. the
     # positions (h, w) = (hp·STRIDE + PH, wp·STRIDE + PW), M = N·⌈(H − PH)/STRIDE⌉·⌈(W − PW)/STRIDE⌉ of them, ×
@@ -198,6 +199,14 @@ def _conv_dgrad_kernel(
     tile = tile0 + tl.program_id(0)                           # this phase's tiles follow the earlier phases'
     tl.store(psum_ptr + tile * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
     tl.store(psum_ptr + (tiles + tile) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
+    if FINISH:  # the column block's last tile of all phase launches runs the BN backward's step 2 (docs/kernels.md)
+        if last_program(count_ptr + tl.program_id(1), tiles):
+            tl.debug_barrier()
+            sum_dz, sum_dz_xhat = sum_partials(psum_ptr, C_in, tiles, rn, GROUPS, ROWS,
+                                               tl.zeros([BLOCK_N], dtype=tl.float32))
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C_in,
+                              M_BN, rn, TRAINING)
+            release_counter(count_ptr + tl.program_id(1))
 
 
 @triton.jit
@@ -516,18 +525,23 @@ def conv_backward(
     grids = [triton.cdiv(n * p.rows, cfg.block_m) for p in phases]
     psum = torch.empty((2, sum(grids), c_in), dtype=torch.float32, device=dev)
     k_blocks = triton.cdiv(c_out, cfg.block_k)
+    n_blocks = triton.cdiv(c_in, cfg.block_n)
+    # step (2)'s sums finished by the last tile of the last phase launch to finish (or the separate merge)
+    fin = bn_finish(psum.shape[1], c_in, n_blocks, torch.float32, dev, training)
     for i, (p, tiles) in enumerate(zip(phases, grids)):
-        _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, cfg.block_n))](
-            dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum,
-            n * p.rows, c_in, h, w, c_out, ho, wo, sum(grids[:i]), psum.shape[1], *dy.stride(), *x.stride(),
+        _conv_dgrad_kernel[(tiles, n_blocks)](
+            dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum, *(fin[:4] if fin else (psum,) * 4),
+            n * p.rows, c_in, h, w, c_out, ho, wo, sum(grids[:i]), psum.shape[1], n * h * w,
+            fin.groups if fin else 1, fin.rows if fin else 1, *dy.stride(), *x.stride(),
             STRIDE=stride, PAD=padding, KH=k, KW=k, PH=p.ph, PW=p.pw, TAPS_W=p.taps_w,
             DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            K_BLOCKS=k_blocks, K_ITERS=p.taps_h * p.taps_w * k_blocks, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            K_BLOCKS=k_blocks, K_ITERS=p.taps_h * p.taps_w * k_blocks, TRAINING=training, FINISH=fin is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e.
     # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
-    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres)
+    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres,
+                                                    fin=fin)
     del dz
 
     # (3) wgrad: per (tap, ci-block, co-block, split) program, then the ordered sum over splits

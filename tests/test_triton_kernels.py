@@ -328,14 +328,16 @@ def test_scale_shift_rejects_bad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stats_last_program_finish_equals_separate_merge_bitwise(monkeypatch, dtype):
-    # the statistics merge finished by each channel block's last program (default) against the separate merge
-    # launches (FASTRESNET_LAST_PROGRAM_MERGE=0), one level (3 tiles) and two (8 tiles, groups of 3): the same merges
-    # in the same order; the counters are zero afterwards
+    # the statistics merge and the BN backward's sums finished by each channel block's last program (default)
+    # against the separate merge launches (FASTRESNET_LAST_PROGRAM_MERGE=0), one level (3 tiles) and two (8 tiles,
+    # groups of 3): the same merges in the same order; the counters are zero afterwards
     x = (3.0 + torch.randn(3, 5, 6, 7, device=DEVICE, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    mean = torch.linspace(0.5, 1.5, 5, device=DEVICE, dtype=dtype)  # also scale, -shift and rstd: a mask that bites
     out = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", flag)
         out[flag] = (kstats.batch_stats(x, block_m=16, tiles=3) + kstats.batch_stats(x, block_m=16, tiles=9)
-                     + add_stats(x, x, block_m=16, tiles=9))
+                     + add_stats(x, x, block_m=16, tiles=9)
+                     + bn_relu_backward(x - 3.0, x, mean, -mean, mean, mean, True, block_m=16, tiles=9))
     assert all(torch.equal(a, b) for a, b in zip(out["1"], out["0"]))
     assert not kstats.launch_counters(1, x.device).any()
