@@ -236,8 +236,8 @@ def _op_functions() -> Dict[str, object]:
 # ---- launch properties read from the launch itself ----------------------------------------------------------------
 def _loop_nests(fn, values: Optional[dict] = None) -> List[List[str]]:
     """The loop bounds of each chain of nested `for` loops a kernel runs, its own and those of the `triton.jit`
-    functions it calls (followed through their arguments), each bound a name of the kernel's arguments or "grid<i>"
-    (`tl.num_programs(i)`): [[KH, KW, K_BLOCKS], [GROUPS, ROWS], ...]. values: the launch's arguments, to skip the
+    functions it calls (followed through their arguments), each bound a name of the kernel's arguments, "grid<i>"
+    (`tl.num_programs(i)`) or an integer literal: [[KH, KW, K_BLOCKS], [GROUPS, ROWS], ["1", "T"], ...]. values: the launch's arguments, to skip the
     kernel's `if FLAG:` blocks whose flag is false in this launch."""
     return _nests(fn, {}, True, [], values or {})
 
@@ -248,6 +248,8 @@ def _nests(fn, names: Dict[str, Optional[str]], top: bool, outer: List[str], val
     from triton.runtime.jit import JITFunction
 
     def token(expr) -> Optional[str]:
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, int):
+            return str(expr.value)
         if isinstance(expr, ast.Name):
             return expr.id if top else names.get(expr.id)
         if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "num_programs"
@@ -290,7 +292,8 @@ def _nests(fn, names: Dict[str, Optional[str]], top: bool, outer: List[str], val
 def longest_loop(launch: dict) -> int:
     """Trip count of the kernel's longest nested loop chain for this launch (1 when it has no loop)."""
     values = dict(launch["values"], **{f"grid{i}": g for i, g in enumerate(launch["grid"])})
-    trips = [math.prod(int(values[n]) for n in chain) for chain in _loop_nests(launch["fn"], values)]
+    trips = [math.prod(int(values[n] if n in values else n) for n in chain)
+             for chain in _loop_nests(launch["fn"], values)]
     return max(trips, default=1)
 
 
