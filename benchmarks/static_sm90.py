@@ -88,6 +88,7 @@ MERGE_KERNELS = {
                                  "program per channel block",
     "sum_groups_kernel": "ordered sums of partial rows (BN-backward first level, wgrad splits): length blocks × "
                          "row groups × planes",
+    "_scale_shift_kernel": "BN's affine map, a [C] vector op: one program per 1,024 channels",
 }
 
 

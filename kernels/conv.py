@@ -49,7 +49,7 @@ from torch import Tensor
 from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
 from fastresnet.kernels.bn_relu import bn_backward_from_partials, bn_finish, store_bn_backward, sum_partials
 from fastresnet.kernels.stats import (
-    _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format, merge_partials, merge_rows,
+    FINISH_MAX_ROWS, _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format, merge_partials, merge_rows,
     release_counter, stats_finish, store_partial, sum_rows,
 )
 
@@ -290,7 +290,6 @@ def _conv_wgrad_kernel(
 _SMEM_BUDGET = 160 * 1024
 _REGS_PER_THREAD = 64
 _MAX_ROW_BLOCKS = 64       # wgrad: most row blocks one program walks (its serial loop)
-_MAX_SPLITS = 64           # wgrad: most splits of K, the partials its finishing program sums (a serial loop)
 
 
 class Tiles(NamedTuple):
@@ -372,11 +371,9 @@ def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes
 
 def wgrad_split(m: int, block_m: int, splits: int) -> Tuple[int, int]:
     """(rows per split, splits) of wgrad's K = m rows: at least `splits` splits where m has that many blocks of
-    block_m rows and at most _MAX_SPLITS (the partials the finishing program sums, and the fp32 partial traffic:
-    a 1×1 32→128 wgrad at batch 128 would otherwise write 256 partials of its 16 KB gradient), and at most
-    _MAX_ROW_BLOCKS blocks per split (which wins over _MAX_SPLITS beyond _MAX_ROW_BLOCKS·_MAX_SPLITS blocks)."""
+    block_m rows, and at most _MAX_ROW_BLOCKS blocks per split."""
     blocks = triton.cdiv(m, block_m)
-    per = min(_MAX_ROW_BLOCKS, max(1, blocks // splits, triton.cdiv(blocks, _MAX_SPLITS)))
+    per = max(1, min(_MAX_ROW_BLOCKS, blocks // splits))
     return per * block_m, triton.cdiv(blocks, per)
 
 
@@ -555,7 +552,7 @@ def conv_backward(
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev, memory_format=torch.channels_last)
         dw_flat = dweight.permute(0, 2, 3, 1).view(1, -1)
         grid = (k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)
-        finish = last_program_merge()
+        finish = last_program_merge() and splits <= FINISH_MAX_ROWS  # more: the separate sum (a serial walk)
         group_rows = merge_rows(splits)
         _conv_wgrad_kernel[grid](
             x, scale, shift, dy, part, dw_flat, launch_counters(grid[0] * grid[1], dev) if finish else part,
