@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -87,6 +88,7 @@ MERGE_KERNELS = {
                                  "program per channel block",
     "sum_groups_kernel": "ordered sums of partial rows (BN-backward first level, wgrad splits): length blocks × "
                          "row groups × planes",
+    "_scale_shift_kernel": "BN's affine map, a [C] vector op: one program per 1,024 channels",
 }
 
 
@@ -233,32 +235,66 @@ def _op_functions() -> Dict[str, object]:
 
 
 # ---- launch properties read from the launch itself ----------------------------------------------------------------
-def _loop_nests(fn) -> List[List[str]]:
-    """The loop-bound names of each chain of nested `for` loops in a kernel's source ([[KH, KW, K_BLOCKS], ...])."""
-    tree = ast.parse(textwrap.dedent(fn.src))  # the source Triton compiled (captured at import)
+def _loop_nests(fn, values: Optional[dict] = None) -> List[List[str]]:
+    """The loop bounds of each chain of nested `for` loops a kernel runs, its own and those of the `triton.jit`
+    functions it calls (followed through their arguments), each bound a name of the kernel's arguments, "grid<i>"
+    (`tl.num_programs(i)`) or an integer literal: [[KH, KW, K_BLOCKS], [GROUPS, ROWS], ["1", "T"], ...]. values: the launch's arguments, to skip the
+    kernel's `if FLAG:` blocks whose flag is false in this launch."""
+    return _nests(fn, {}, True, [], values or {})
+
+
+def _nests(fn, names: Dict[str, Optional[str]], top: bool, outer: List[str], values: dict) -> List[List[str]]:
+    """`_loop_nests` of jit function fn under the loops `outer`; names: fn's parameters -> the kernel's bound
+    (None: an expression that is not one), unused at the top (the kernel's own names)."""
+    from triton.runtime.jit import JITFunction
+
+    def token(expr) -> Optional[str]:
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, int):
+            return str(expr.value)
+        if isinstance(expr, ast.Name):
+            return expr.id if top else names.get(expr.id)
+        if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "num_programs"
+                and len(expr.args) == 1 and isinstance(expr.args[0], ast.Constant)):
+            return f"grid{expr.args[0].value}"
+        return None
+
+    where = fn.fn.__name__
     nests: List[List[str]] = []
 
-    def walk(node, outer):
+    def walk(node, chain):
         for child in ast.iter_child_nodes(node):
+            if (top and isinstance(child, ast.If) and isinstance(child.test, ast.Name)
+                    and isinstance(values.get(child.test.id), (bool, int)) and not values[child.test.id]):
+                for other in child.orelse:
+                    walk(other, chain)
+                continue
             if isinstance(child, ast.For) and isinstance(child.iter, ast.Call):
                 call = child.iter
                 name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
-                if name in _LOOP_CALLS and len(call.args) == 1 and isinstance(call.args[0], ast.Name):
-                    chain = outer + [call.args[0].id]
-                    nests.append(chain)
-                    walk(child, chain)
-                    continue
-                raise ValueError(f"{fn.fn.__name__}: loop bound {ast.unparse(call)} is not a constexpr name")
-            walk(child, outer)
+                bound = token(call.args[0]) if name in _LOOP_CALLS and len(call.args) == 1 else None
+                if bound is None:
+                    raise ValueError(f"{where}: loop bound {ast.unparse(call)} is not a launch argument")
+                nests.append(chain + [bound])
+                walk(child, chain + [bound])
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Name):
+                callee = fn.fn.__globals__.get(child.func.id)
+                if isinstance(callee, JITFunction):
+                    params = list(inspect.signature(callee.fn).parameters)
+                    mapping = {p: token(a) for p, a in zip(params, child.args)}
+                    mapping.update({k.arg: token(k.value) for k in child.keywords})
+                    nests.extend(_nests(callee, mapping, False, chain, values))
+            walk(child, chain)
 
-    walk(tree, [])
+    walk(ast.parse(textwrap.dedent(fn.src)), outer)
     return nests
 
 
 def longest_loop(launch: dict) -> int:
     """Trip count of the kernel's longest nested loop chain for this launch (1 when it has no loop)."""
-    values = launch["values"]
-    trips = [math.prod(int(values[n]) for n in chain) for chain in _loop_nests(launch["fn"])]
+    values = dict(launch["values"], **{f"grid{i}": g for i, g in enumerate(launch["grid"])})
+    trips = [math.prod(int(values[n] if n in values else n) for n in chain)
+             for chain in _loop_nests(launch["fn"], values)]
     return max(trips, default=1)
 
 
@@ -437,13 +473,19 @@ def write_atomic(path: Path, rows: List[dict], meta: dict) -> None:
         with path.open() as f:
             kept = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in kept if r.get("label") != meta["label"]]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in kept:
-            f.write(json.dumps(row) + "\n")
-        for row in rows:
-            f.write(json.dumps({**meta, **row}) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in kept:
+                f.write(json.dumps(row) + "\n")
+            for row in rows:
+                f.write(json.dumps({**meta, **row}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def summary(rows: List[dict]) -> str:

@@ -34,6 +34,16 @@ def conv_fp32_precision() -> str:
     return "ieee"
 
 
+def last_program_merge() -> bool:
+    """Whether reductions over per-program partials are finished by the last program of the launch that writes them
+    (docs/kernels.md, "Merges finished by the last program"; the default) or by a separate merge launch
+    (FASTRESNET_LAST_PROGRAM_MERGE=0: the fallback, and the baseline a GPU run compares against)."""
+    value = os.environ.get("FASTRESNET_LAST_PROGRAM_MERGE", "1").lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"FASTRESNET_LAST_PROGRAM_MERGE: expected 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes", "on")
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter: TRITON_INTERPRET set to a value Triton reads as true."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "y", "on")

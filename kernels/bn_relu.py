@@ -23,16 +23,19 @@ x's dtype, sums in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastresnet.kernels import last_program_merge
 from fastresnet.kernels.stats import (
-    FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, memory_format, merge_rows, relu, relu_grad,
-    sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype,
+    FINISH_MAX_ROWS, FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, last_program, launch_counters,
+    memory_format, merge_rows, release_counter, relu, relu_grad, sum_groups, tile_config, tile_indices, tile_offsets,
+    tl_dtype,
 )
 
 
@@ -62,8 +65,10 @@ def _bn_relu_bwd_partial_kernel(
     x_ptr,      # [N, C, H, W] dense NHWC/NCHW: BN input
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # [C] each: s, t, μ, rstd
     part_ptr,   # [2, T, C] ACC out: per-tile (Σdz, Σdz·x̂)
-    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr,
+    count_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,  # FINISH only: `BNFinish` (counters and step 2's outputs)
+    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr, GROUPS, ROWS,
     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TRAINING: tl.constexpr, FINISH: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -86,6 +91,51 @@ def _bn_relu_bwd_partial_kernel(
         sum_dz_xhat += tl.sum(dz * ((x - mu[None, :]) * r[None, :]), axis=0)
     tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
     tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
+    if FINISH:  # the channel block's last program runs step 2 (docs/kernels.md)
+        if last_program(count_ptr + pid_c, T):
+            tl.debug_barrier()
+            sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
+                              cols, TRAINING)
+            release_counter(count_ptr + pid_c)
+
+
+@triton.jit
+def sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, zero):
+    """(Σdz, Σdz·x̂) [len(cols)] of the partials part [2, T, C]: groups of ROWS rows, each summed in row order, then
+    the group sums in order — `bn_backward_from_partials`' order (first level `sum_groups`), so the same bits.
+    zero: a zero vector of the sums' dtype and length. Loads bypass L1 (.cg): a finishing program reads what
+    other programs wrote (docs/kernels.md)."""
+    cmask = cols < C
+    left = tl.zeros_like(cols) + T  # a vector: the interpreter's masks
+    sum_dz = zero
+    sum_dz_xhat = zero
+    for g in range(GROUPS):
+        group_dz = zero
+        group_dz_xhat = zero
+        for i in range(ROWS):
+            row = g * ROWS + i
+            ok = cmask & (left > row)
+            group_dz += tl.load(part_ptr + row * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+            group_dz_xhat += tl.load(part_ptr + (T + row) * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        sum_dz += group_dz
+        sum_dz_xhat += group_dz_xhat
+    return sum_dz, sum_dz_xhat
+
+
+@triton.jit
+def store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M, cols,
+                      TRAINING: tl.constexpr):
+    """Store Σdz, Σdz·x̂ and, in training, the dx coefficients (k1, k0) (module docstring, step 2)."""
+    cmask = cols < C
+    tl.store(sum_dz_ptr + cols, sum_dz, mask=cmask)
+    tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cmask)
+    if TRAINING:
+        s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
+        r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
+        m = M.to(sum_dz.dtype)
+        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat / m, mask=cmask)
+        tl.store(coef_ptr + C + cols, -s * sum_dz / m, mask=cmask)
 
 
 @triton.jit
@@ -98,20 +148,9 @@ def _bn_relu_bwd_merge_kernel(
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-    for t in range(T):  # fixed order: deterministic
-        sum_dz += tl.load(part_ptr + t * C + cols, mask=cmask, other=0.0)
-        sum_dz_xhat += tl.load(part_ptr + (T + t) * C + cols, mask=cmask, other=0.0)
-    tl.store(sum_dz_ptr + cols, sum_dz, mask=cmask)
-    tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cmask)
-    if TRAINING:
-        s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        m = M.to(ACC)
-        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat / m, mask=cmask)
-        tl.store(coef_ptr + C + cols, -s * sum_dz / m, mask=cmask)
+    sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 1, T, tl.zeros([BLOCK_C], dtype=ACC))
+    store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M, cols,
+                      TRAINING)
 
 
 @triton.jit
@@ -143,6 +182,28 @@ def _bn_relu_bwd_dx_kernel(
     if HAS_RES:
         dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_shift_kernel(
+    mean_ptr, rstd_ptr,  # [C] ACC: μ, rstd
+    w_ptr, b_ptr,        # [C] any float dtype: γ (HAS_W), β (HAS_B)
+    scale_ptr, shift_ptr,  # [C] ACC out: s = γ·rstd, t = β − μ·s
+    C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # `reference.scale_shift`'s operations in its order, each rounded to ACC (the launcher turns off FMA contraction)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    s = tl.load(rstd_ptr + cols, mask=ok, other=0.0)
+    if HAS_W:
+        s = tl.load(w_ptr + cols, mask=ok, other=0.0).to(s.dtype) * s
+    ms = tl.load(mean_ptr + cols, mask=ok, other=0.0) * s
+    if HAS_B:
+        t = tl.load(b_ptr + cols, mask=ok, other=0.0).to(s.dtype) - ms
+    else:
+        t = -ms
+    tl.store(scale_ptr + cols, s, mask=ok)
+    tl.store(shift_ptr + cols, t, mask=ok)
 
 
 def _elementwise_grid(cfg: dict) -> Tuple[int, int]:
@@ -186,10 +247,37 @@ def bn_relu_backward(
     cfg = tile_config(x, block_m, tiles)
     c, t = cfg["C"], cfg["T"]
     part = torch.empty((2, t, c), dtype=acc_dtype(x.dtype), device=x.device)
-    _bn_relu_bwd_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
-        dy, x, scale, shift, mean, rstd, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"], ACC=tl_dtype(part.dtype),
-        NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
-    return bn_backward_from_partials(part, dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg)
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    fin = bn_finish(t, c, c_blocks, part.dtype, x.device, training)
+    _bn_relu_bwd_partial_kernel[(t, c_blocks)](
+        dy, x, scale, shift, mean, rstd, part, *(fin[:4] if fin else (part,) * 4), cfg["M"], c, cfg["HW"], t,
+        cfg["ITERS"], fin.groups if fin else 1, fin.rows if fin else 1, ACC=tl_dtype(part.dtype), NHWC=nhwc,
+        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], TRAINING=training,
+        FINISH=fin is not None, num_warps=cfg["NUM_WARPS"])
+    return bn_backward_from_partials(part, dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg, fin)
+
+
+class BNFinish(NamedTuple):
+    """What a BN-backward partial launch whose last program per channel block runs step 2 needs (`sum_partials`,
+    `store_bn_backward`): the counters (one per channel block), step 2's outputs, the merge shape."""
+    counters: Tensor
+    sum_dz: Tensor
+    sum_dz_xhat: Tensor
+    coef: Tensor
+    groups: int
+    rows: int
+
+
+def bn_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype, device: torch.device,
+              training: bool) -> Optional[BNFinish]:
+    """A `BNFinish` for partials [2, t, c] of dtype from t programs per channel block, or None where the separate
+    merge runs (FASTRESNET_LAST_PROGRAM_MERGE=0, or more than `kernels.stats.FINISH_MAX_ROWS` rows)."""
+    if t > FINISH_MAX_ROWS or not last_program_merge():
+        return None
+    rows = merge_rows(t)
+    new = functools.partial(torch.empty, dtype=dtype, device=device)
+    return BNFinish(launch_counters(channel_blocks, device), new(c), new(c), new((2, c)) if training else new(0),
+                    triton.cdiv(t, rows), rows)
 
 
 def empty_backward(x: Tensor, nhwc: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -202,28 +290,54 @@ def empty_backward(x: Tensor, nhwc: bool) -> Tuple[Tensor, Tensor, Tensor]:
 
 def bn_backward_from_partials(
     part: Tensor, dy: Tensor, x: Tensor, nhwc: bool, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
-    training: bool, dres: Optional[Tensor] = None, cfg: Optional[dict] = None,
+    training: bool, dres: Optional[Tensor] = None, cfg: Optional[dict] = None, fin: Optional[BNFinish] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Steps 2–3 of the backward (module docstring) from per-tile partials part [2, T, C] (Σdz, Σdz·x̂; fp32, fp64
     for fp64 x; any T): returns (dx, Σdz, Σdz·x̂) as `bn_relu_backward`. x: dense NHWC (nhwc=True) or NCHW; dy, dres:
     x's shape and layout (dy may already be masked, dz: the mask is recomputed from x either way). Also used by the
-    tier-B conv dgrad (`kernels.conv`), whose epilogue writes dz and these partials. cfg: `tile_config(x)` if None."""
+    tier-B conv dgrad (`kernels.conv`), whose epilogue writes dz and these partials. cfg: `tile_config(x)` if None.
+    fin: the `BNFinish` whose outputs the partials' launch already wrote (step 2 done), or None."""
     cfg = cfg or tile_config(x)
     c, t = part.shape[2], part.shape[1]
-    # separate [C] outputs (the custom ops forbid outputs that alias each other)
-    sum_dz = torch.empty(c, dtype=part.dtype, device=x.device)
-    sum_dz_xhat = torch.empty(c, dtype=part.dtype, device=x.device)
-    coef = torch.empty((2, c), dtype=part.dtype, device=x.device) if training else part  # unused in eval
     dx = torch.empty_like(x, memory_format=memory_format(nhwc))
     common = dict(ACC=tl_dtype(part.dtype), BLOCK_C=cfg["BLOCK_C"])
-    rows = merge_rows(t)
-    if rows < t:  # first level: groups of `rows` tiles summed in parallel, each in tile order
-        part = sum_groups(part, rows)
-        t = part.shape[1]
-    _bn_relu_bwd_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
-        part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, cfg["M"], TRAINING=training, **common)
+    if fin is not None:
+        sum_dz, sum_dz_xhat, coef = fin.sum_dz, fin.sum_dz_xhat, fin.coef if training else part
+    else:
+        # separate [C] outputs (the custom ops forbid outputs that alias each other)
+        sum_dz = torch.empty(c, dtype=part.dtype, device=x.device)
+        sum_dz_xhat = torch.empty(c, dtype=part.dtype, device=x.device)
+        coef = torch.empty((2, c), dtype=part.dtype, device=x.device) if training else part  # unused in eval
+        rows = merge_rows(t)
+        if rows < t:  # first level: groups of `rows` tiles summed in parallel, each in tile order
+            part = sum_groups(part, rows)
+            t = part.shape[1]
+        _bn_relu_bwd_merge_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
+            part, scale, rstd, sum_dz, sum_dz_xhat, coef, c, t, cfg["M"], TRAINING=training, **common)
     _bn_relu_bwd_dx_kernel[_elementwise_grid(cfg)](
         dy, x, x if dres is None else dres, dx, scale, shift, mean, coef, cfg["M"], c, cfg["HW"],
         TRAINING=training, HAS_RES=dres is not None, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         num_warps=cfg["NUM_WARPS"], **common)
     return dx, sum_dz, sum_dz_xhat
+
+
+def scale_shift(mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """BN folded into one affine map in one launch: (scale, shift) [C] in rstd's dtype, scale = γ·rstd, shift =
+    β − mean·scale (γ = 1, β = 0 where None), bitwise `fastresnet.reference.scale_shift` (the same roundings, no
+    fused multiply-add). mean, rstd: [C] fp32 (fp64), same dtype and device; weight, bias: [C] floating or None."""
+    if mean.dim() != 1 or rstd.shape != mean.shape or rstd.dtype != mean.dtype or rstd.device != mean.device:
+        raise ValueError(f"mean, rstd: expected two [C] vectors of one dtype and device, got {tuple(mean.shape)} "
+                         f"{mean.dtype} on {mean.device} and {tuple(rstd.shape)} {rstd.dtype} on {rstd.device}")
+    if rstd.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"rstd: expected float32 or float64 statistics, got {rstd.dtype}")
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None:
+            check_channel_vector(v, name, rstd.new_empty(1, rstd.shape[0], 1, 1))
+    c = rstd.shape[0]
+    scale, shift = torch.empty_like(rstd), torch.empty_like(rstd)
+    if c:
+        block = min(1024, triton.next_power_of_2(c))
+        _scale_shift_kernel[(triton.cdiv(c, block),)](
+            mean, rstd, rstd if weight is None else weight, rstd if bias is None else bias, scale, shift, c,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block, enable_fp_fusion=False)
+    return scale, shift

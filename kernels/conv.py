@@ -24,7 +24,8 @@ the rows are merged in tile order (in two levels for many rows, `kernels.stats.m
 use tier A's partial format and merge (`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile
 shifted by its first row's value, Chan merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are
 tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed in
-split order by `kernels.stats.sum_rows`.
+`kernels.stats.sum_rows`' order by the last program of each dW tile to finish (a per-launch counter, docs/kernels.md;
+`FASTRESNET_LAST_PROGRAM_MERGE=0`: by `sum_rows` itself, bitwise the same).
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
 Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
@@ -45,10 +46,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastresnet.kernels import conv_fp32_precision, interpreting
-from fastresnet.kernels.bn_relu import bn_backward_from_partials, empty_backward
+from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
+from fastresnet.kernels.bn_relu import (
+    bn_backward_from_partials, bn_finish, empty_backward, store_bn_backward, sum_partials,
+)
 from fastresnet.kernels.stats import (
-    _sm_count, chunk_summary, memory_format, merge_partials, no_value_stats, relu, relu_grad, store_partial, sum_rows,
+    FINISH_MAX_ROWS, _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format,
+    merge_partials, merge_rows, no_value_stats, release_counter, relu, relu_grad, stats_finish, store_partial,
+    sum_rows,
 )
 
 
@@ -94,12 +99,13 @@ def _conv_fwd_kernel(
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
     part_ptr,                   # [4, tiles_m, C_out] fp32 per-tile partials of the stored y (STATS; kernels.stats)
-    M, C_in, H, W, C_out, Ho, Wo,
+    count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH: `kernels.stats.StatsFinish` of the partials
+    M, C_in, H, W, C_out, Ho, Wo, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    K_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr, FINISH: tl.constexpr,
 ):
     # rows m = (n, ho, wo) of y × output channels co
     m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
@@ -133,6 +139,10 @@ def _conv_fwd_kernel(
         k = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
         count, mean, m2 = chunk_summary(tl.where(mask, v - k[None, :], 0.0), m_ok, mask)
         store_partial(part_ptr, tl.program_id(0), tl.num_programs(0), C_out, rn, count, mean, m2, k)
+        if FINISH:  # the column block's last row tile merges its partials (docs/kernels.md)
+            if last_program(count_ptr + tl.program_id(1), tl.num_programs(0)):
+                finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C_out, tl.num_programs(0), GROUPS, ROWS, rn)
+                release_counter(count_ptr + tl.program_id(1))
 
 
 @triton.jit
@@ -143,12 +153,13 @@ def _conv_dgrad_kernel(
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # [C_in] fp32
     dz_ptr,                     # [N, C_in, H, W] out in x's dtype and strides: dz = x·scale + shift ≤ 0 ? 0 : da
     psum_ptr,                   # [2, tiles, C_in] fp32 out: per-tile Σdz ([0]) and Σdz·x̂ ([1]), kernels.bn_relu
-    M, C_in, H, W, C_out, Ho, Wo, tile0, tiles,
+    count_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,  # FINISH: `kernels.bn_relu.BNFinish` of psum
+    M, C_in, H, W, C_out, Ho, Wo, tile0, tiles, M_BN, GROUPS, ROWS,  # M_BN = N·H·W: the BN's rows, all phases
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
     PW: tl.constexpr, TAPS_W: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    K_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr, TRAINING: tl.constexpr, FINISH: tl.constexpr,
 ):
     # da = implicit GEMM of dy with the weight over the rows m = (n, hp, wp) of output phase (PH, PW) of x, i.e. the
     # positions (h, w) = (hp·STRIDE + PH, wp·STRIDE + PW), M = N·⌈(H − PH)/STRIDE⌉·⌈(W − PW)/STRIDE⌉ of them, ×
@@ -191,6 +202,14 @@ def _conv_dgrad_kernel(
     tile = tile0 + tl.program_id(0)                           # this phase's tiles follow the earlier phases'
     tl.store(psum_ptr + tile * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
     tl.store(psum_ptr + (tiles + tile) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
+    if FINISH:  # the column block's last tile of all phase launches runs the BN backward's step 2 (docs/kernels.md)
+        if last_program(count_ptr + tl.program_id(1), tiles):
+            tl.debug_barrier()
+            sum_dz, sum_dz_xhat = sum_partials(psum_ptr, C_in, tiles, rn, GROUPS, ROWS,
+                                               tl.zeros([BLOCK_N], dtype=tl.float32))
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C_in,
+                              M_BN, rn, TRAINING)
+            release_counter(count_ptr + tl.program_id(1))
 
 
 @triton.jit
@@ -199,14 +218,18 @@ def _conv_wgrad_kernel(
     scale_ptr, shift_ptr,       # [C_in] fp32
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     part_ptr,                   # [SPLITS, C_out, KH, KW, C_in] fp32 out: this split's share of dW
-    M, C_in, H, W, C_out, Ho, Wo, rows_per_split,
+    dw_ptr,                     # FINISH: [C_out, KH, KW, C_in] out, the weight's dtype: dW, the splits' sum
+    count_ptr,                  # FINISH: int32 [grid0·grid1] launch counters, zero before and after the launch
+    M, C_in, H, W, C_out, Ho, Wo, rows_per_split, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     # program (tap·ci-block, co-block, split): dW[co, kh, kw, ci] over rows [split·R, (split+1)·R) of M = N·Ho·Wo,
-    # the GEMM's K (split-K: the splits' partials are summed in split order by the launcher)
+    # the GEMM's K (split-K: the splits' partials are summed in split order by the tile's last program, FINISH, or
+    # by the launcher)
     n_cib = tl.cdiv(C_in, BLOCK_CI)
     tap = tl.program_id(0) // n_cib
     kh = tap // KW
@@ -239,7 +262,26 @@ def _conv_wgrad_kernel(
         acc = tl.dot(tl.trans(dyv.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     off = rco[:, None] * (KH * KW * C_in) + tap * C_in + rci[None, :]
-    tl.store(part_ptr + split * (C_out * KH * KW * C_in) + off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    ok = co_ok[:, None] & ci_ok[None, :]
+    numel = C_out * KH * KW * C_in
+    tl.store(part_ptr + split * numel + off, acc, mask=ok)
+    if FINISH:
+        # the last of this dW tile's splits to finish sums its partials (docs/kernels.md); loads bypass L1 (.cg)
+        counter = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if last_program(counter, tl.num_programs(2)):
+            tl.debug_barrier()
+            # `kernels.stats.sum_rows`' order: groups of ROWS splits, each summed in order, then the groups in order
+            total = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+            left = tl.full([BLOCK_CO, BLOCK_CI], tl.num_programs(2), tl.int32)
+            for g in range(GROUPS):
+                group = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+                for i in range(ROWS):
+                    row = g * ROWS + i
+                    group += tl.load(part_ptr + row * numel + off, mask=ok & (left > row), other=0.0,
+                                     cache_modifier=".cg")
+                total += group
+            tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
+            release_counter(counter)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -422,16 +464,20 @@ def conv_forward(
     tiles = triton.cdiv(m, cfg.block_m)
     part = torch.empty((4, tiles, c_out), dtype=torch.float32, device=x.device) if stats else y  # y: unused
     k_blocks = triton.cdiv(c_in, cfg.block_k)
-    _conv_fwd_kernel[(tiles, triton.cdiv(c_out, cfg.block_n))](
+    n_blocks = triton.cdiv(c_out, cfg.block_n)
+    fin = stats_finish(tiles, c_out, n_blocks, torch.float32, x.device) if stats else None
+    _conv_fwd_kernel[(tiles, n_blocks)](
         x, scale, shift, _weight_ohwi(weight), residual if residual is not None else y, y, part,
-        m, c_in, h, w, c_out, ho, wo, *x.stride(), *y.stride(),
+        *(fin[:4] if fin else (part,) * 4), m, c_in, h, w, c_out, ho, wo, fin.groups if fin else 1,
+        fin.rows if fin else 1, *x.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, FINISH=fin is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if not stats:
         return y, None, None
-    return (y,) + merge_partials(part)
+    return (y, fin.mean, fin.var) if fin else (y,) + merge_partials(part)
 
 
 def conv_backward(
@@ -488,18 +534,23 @@ def conv_backward(
     grids = [triton.cdiv(n * p.rows, cfg.block_m) for p in phases]
     psum = torch.empty((2, sum(grids), c_in), dtype=torch.float32, device=dev)
     k_blocks = triton.cdiv(c_out, cfg.block_k)
+    n_blocks = triton.cdiv(c_in, cfg.block_n)
+    # step (2)'s sums finished by the last tile of the last phase launch to finish (or the separate merge)
+    fin = bn_finish(psum.shape[1], c_in, n_blocks, torch.float32, dev, training)
     for i, (p, tiles) in enumerate(zip(phases, grids)):
-        _conv_dgrad_kernel[(tiles, triton.cdiv(c_in, cfg.block_n))](
-            dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum,
-            n * p.rows, c_in, h, w, c_out, ho, wo, sum(grids[:i]), psum.shape[1], *dy.stride(), *x.stride(),
+        _conv_dgrad_kernel[(tiles, n_blocks)](
+            dy, w_ohwi, x, scale, shift, mean, rstd, dz, psum, *(fin[:4] if fin else (psum,) * 4),
+            n * p.rows, c_in, h, w, c_out, ho, wo, sum(grids[:i]), psum.shape[1], n * h * w,
+            fin.groups if fin else 1, fin.rows if fin else 1, *dy.stride(), *x.stride(),
             STRIDE=stride, PAD=padding, KH=k, KW=k, PH=p.ph, PW=p.pw, TAPS_W=p.taps_w,
             DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            K_BLOCKS=k_blocks, K_ITERS=p.taps_h * p.taps_w * k_blocks, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            K_BLOCKS=k_blocks, K_ITERS=p.taps_h * p.taps_w * k_blocks, TRAINING=training, FINISH=fin is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     # (2) tier A's backward steps 2–3: ordered sums over tiles, then dx = s·dz + k1·(x − μ) + k0 (+ dres), i.e.
     # s·(dz − Σdz/M − x̂·Σdz·x̂/M) (training), or s·dz (eval)
-    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres)
+    dx, sum_dz, sum_dzx = bn_backward_from_partials(psum, dz, x, nhwc, scale, shift, mean, rstd, training, dres,
+                                                    fin=fin)
     del dz
 
     # (3) wgrad: per (tap, ci-block, co-block, split) program, then the ordered sum over splits
@@ -508,16 +559,22 @@ def conv_backward(
         cfg, rows, splits = wgrad_tiles(n * ho * wo, c_out, c_in, k * k, dy.element_size(), x.element_size(), dev,
                                         wgrad_splits)
         part = torch.empty((splits, weight.numel()), dtype=torch.float32, device=dev)
-        _conv_wgrad_kernel[(k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)](
-            x, scale, shift, dy, part, n * ho * wo, c_in, h, w, c_out, ho, wo, rows, *x.stride(), *dy.stride(),
-            STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k, ROW_BLOCKS=rows // cfg.block_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
         # summed into [C_out, KH, KW, C_in] storage: dW as a channels_last view, made contiguous for a weight
         # that is not channels_last (the layout `torch.empty_like(weight)` gives)
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev, memory_format=torch.channels_last)
-        sum_rows(part[None], dweight.permute(0, 2, 3, 1).view(1, -1))
+        dw_flat = dweight.permute(0, 2, 3, 1).view(1, -1)
+        grid = (k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)
+        finish = last_program_merge() and splits <= FINISH_MAX_ROWS  # more: the separate sum (a serial walk)
+        group_rows = merge_rows(splits)
+        _conv_wgrad_kernel[grid](
+            x, scale, shift, dy, part, dw_flat, launch_counters(grid[0] * grid[1], dev) if finish else part,
+            n * ho * wo, c_in, h, w, c_out, ho, wo, rows, triton.cdiv(splits, group_rows), group_rows,
+            *x.stride(), *dy.stride(), STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype,
+            PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k,
+            ROW_BLOCKS=rows // cfg.block_m, FINISH=finish, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if not finish:
+            sum_rows(part[None], dw_flat)
         if not _nhwc(weight):
             dweight = dweight.contiguous()
     return dx, dweight, sum_dz, sum_dzx

@@ -24,13 +24,16 @@ which also avoids the Triton interpreter's bf16 bug (docs/architecture.md §6). 
 from __future__ import annotations
 
 import math
+import functools
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastresnet.kernels import last_program_merge
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_LIMIT = 2**31 - 1
@@ -112,9 +115,10 @@ def _stats_partial_kernel(
     b_ptr,     # ADD only: [N, C, H, W], same layout as x: second addend
     y_ptr,     # ADD only: [N, C, H, W], same layout as x, x's dtype: y = x + b, rounded once
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K (ADD: of the rounded y − K), and K
-    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr,
+    count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH only: `StatsFinish` (counters, [4, GROUPS, C], [C], [C])
+    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr, GROUPS, ROWS,
     ACC: tl.constexpr, ADD: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FINISH: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -143,7 +147,76 @@ def _stats_partial_kernel(
         # this chunk's (count, mean, centred M2); masked lanes contribute nothing
         n_b, mean_b, m2_b = chunk_summary(tl.where(mask, v - k, 0.0), rmask, mask)
         count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    store_partial(part_ptr, pid_t, T, C, pid_c * BLOCK_C + tl.arange(0, BLOCK_C), count, mean, m2, tl.sum(k, axis=0))
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    store_partial(part_ptr, pid_t, T, C, cols, count, mean, m2, tl.sum(k, axis=0))
+    if FINISH:  # the channel block's last program merges its T partials (docs/kernels.md)
+        if last_program(count_ptr + pid_c, T):
+            finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols)
+            release_counter(count_ptr + pid_c)
+
+
+@triton.jit
+def merge_tiles(part_ptr, C, T, cols, first, ROWS):
+    """Chan merge, in row order, of the partial rows [first, min(first + ROWS, T)) of part [4, T, C]
+    (`store_partial`'s format) for the channels cols, each row's mean re-centred on row `first`'s pivot K_0 (K_t −
+    K_0 = 0 when all rows share the pivot): (count, mean, M2, K_0) [len(cols)]. Loads bypass L1 (.cg): a finishing
+    program reads what other programs wrote (docs/kernels.md)."""
+    cmask = cols < C
+    k0 = tl.load(part_ptr + (3 * T + first) * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    count = tl.zeros_like(k0)
+    mean = tl.zeros_like(k0)
+    m2 = tl.zeros_like(k0)
+    left = tl.zeros_like(cols) + (T - first)  # rows from `first` on (a vector: the interpreter's masks)
+    for i in range(ROWS):
+        ok = cmask & (left > i)  # past the last row: count 0, a neutral summary
+        base = part_ptr + (first + i) * C + cols
+        n_b = tl.load(base, mask=ok, other=0.0, cache_modifier=".cg")
+        mean_b = (tl.load(base + T * C, mask=ok, other=0.0, cache_modifier=".cg")
+                  + (tl.load(base + 3 * T * C, mask=ok, other=0.0, cache_modifier=".cg") - k0))
+        m2_b = tl.load(base + 2 * T * C, mask=ok, other=0.0, cache_modifier=".cg")
+        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    return count, mean, m2, k0
+
+
+@triton.jit
+def store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0):
+    """The final (mean, biased variance) of a merged summary shifted by the pivot k0."""
+    cmask = cols < C
+    tl.store(mean_ptr + cols, k0 + mean, mask=cmask)
+    tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
+
+
+@triton.jit
+def last_program(counter, contributors):
+    """Whether this program is the last of `contributors` programs to arrive at `counter` (an int32 that is zero
+    before the first arrives; the last one must `release_counter` it). The barrier orders every thread's stores
+    before the arrival, the acq_rel atomic publishes them and, for the last program, acquires the others' (memory
+    ordering: docs/kernels.md, "Merges finished by the last program")."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == contributors - 1
+
+
+@triton.jit
+def release_counter(counter):
+    """Leave a launch counter at zero for the next launch (or CUDA-graph replay) on the stream."""
+    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols):
+    """`merge_partials` by one program for the channels cols (the same merges in the same order: the same bits):
+    the T partial rows in GROUPS groups of ROWS rows (stored to level1 [4, GROUPS, C]), then the groups; one group:
+    the rows directly. Run by the last program of a statistics launch, after `last_program`."""
+    tl.debug_barrier()
+    if GROUPS > 1:
+        for g in range(GROUPS):
+            count, mean, m2, k = merge_tiles(part_ptr, C, T, cols, g * ROWS, ROWS)
+            store_partial(level1_ptr, g, GROUPS, C, cols, count, mean, m2, k)
+        tl.debug_barrier()
+        count, mean, m2, k0 = merge_tiles(level1_ptr, C, GROUPS, cols, 0, GROUPS)
+    else:
+        count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T)
+    store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0)
 
 
 @triton.jit
@@ -152,28 +225,13 @@ def _stats_merge_kernel(
     out_ptr,   # FINAL: [C] ACC mean; else [4, G, C] ACC: one partial per group of ROWS tiles, part's format
     var_ptr,   # FINAL: [C] ACC biased variance M2 / count; else unused
     C, T: tl.constexpr, ROWS: tl.constexpr,
-    ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK_C: tl.constexpr,
+    FINAL: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # program (channel block, group g): tiles [g·ROWS, min((g+1)·ROWS, T)) folded in tile order (deterministic)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    first = tl.program_id(1) * ROWS
-    k0 = tl.load(part_ptr + (3 * T + first) * C + cols, mask=cmask, other=0.0)  # the group's origin: its 1st pivot
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    left = tl.full([BLOCK_C], T, tl.int32) - first  # tiles from `first` on (a vector: the interpreter's masks)
-    for i in range(ROWS):
-        ok = cmask & (left > i)  # past the last tile: count 0, a neutral summary
-        base = part_ptr + (first + i) * C + cols
-        n_b = tl.load(base, mask=ok, other=0.0)
-        # tile t's mean of x − K_t, re-centred on K_0 (K_t − K_0 = 0 when all tiles share the pivot)
-        mean_b = tl.load(base + T * C, mask=ok, other=0.0) + (tl.load(base + 3 * T * C, mask=ok, other=0.0) - k0)
-        m2_b = tl.load(base + 2 * T * C, mask=ok, other=0.0)
-        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, tl.program_id(1) * ROWS, ROWS)
     if FINAL:
-        tl.store(out_ptr + cols, k0 + mean, mask=cmask)
-        tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=cmask)
+        store_stats(out_ptr, var_ptr, C, cols, count, mean, m2, k0)
     else:
         store_partial(out_ptr, tl.program_id(1), tl.num_programs(1), C, cols, count, mean, m2, k0)
 
@@ -295,11 +353,29 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
     c, t = cfg["C"], cfg["T"]
     part = torch.empty((4, t, c), dtype=acc_dtype(x.dtype if y is None else y.dtype), device=x.device)
     add = b is not None
-    _stats_partial_kernel[(t, triton.cdiv(c, cfg["BLOCK_C"]))](
-        x, b if add else x, y if add else x, part, cfg["M"], c, cfg["HW"], t, cfg["ITERS"],
-        ACC=tl_dtype(part.dtype), ADD=add, NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
-    return merge_partials(part)
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    fin = stats_finish(t, c, c_blocks, part.dtype, x.device)
+    _stats_partial_kernel[(t, c_blocks)](
+        x, b if add else x, y if add else x, part, *(fin[:4] if fin else (part,) * 4), cfg["M"], c, cfg["HW"], t,
+        cfg["ITERS"], fin.groups if fin else 1, fin.rows if fin else 1, ACC=tl_dtype(part.dtype), ADD=add,
+        NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], FINISH=fin is not None,
+        num_warps=cfg["NUM_WARPS"])
+    return (fin.mean, fin.var) if fin else merge_partials(part)
+
+
+_COUNTERS: Dict[torch.device, Tensor] = {}
+
+
+def launch_counters(n: int, device: torch.device) -> Tensor:
+    """At least n int32 counters on device, all zero: the per-launch counters of kernels whose last program finishes
+    a reduction (docs/kernels.md). Zeroed once when (re)allocated; each such launch leaves its counters at zero
+    again, so consecutive launches on one stream — and CUDA-graph replays — share them. Launches running
+    concurrently on several streams of one device would race on them: the kernels are launched on one stream."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def no_value_stats(c: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -325,17 +401,44 @@ def merge_partials(part: Tensor) -> Tuple[Tensor, Tensor]:
     mean = torch.empty(c, dtype=part.dtype, device=part.device)
     var = torch.empty(c, dtype=part.dtype, device=part.device)
     block_c = channel_block(c)
-    acc = tl_dtype(part.dtype)
     rows = merge_rows(t)
     if rows < t:
         groups = triton.cdiv(t, rows)
         level1 = torch.empty((4, groups, c), dtype=part.dtype, device=part.device)
-        _stats_merge_kernel[(triton.cdiv(c, block_c), groups)](part, level1, level1, c, t, rows, ACC=acc,
-                                                               FINAL=False, BLOCK_C=block_c)
+        _stats_merge_kernel[(triton.cdiv(c, block_c), groups)](part, level1, level1, c, t, rows, FINAL=False,
+                                                               BLOCK_C=block_c)
         part, t = level1, groups
-    _stats_merge_kernel[(triton.cdiv(c, block_c), 1)](part, mean, var, c, t, t, ACC=acc, FINAL=True,
-                                                      BLOCK_C=block_c)
+    _stats_merge_kernel[(triton.cdiv(c, block_c), 1)](part, mean, var, c, t, t, FINAL=True, BLOCK_C=block_c)
     return mean, var
+
+
+# Most partial rows the last program of a statistics launch merges itself: its serial walk is T rows plus
+# ⌈T / ⌈√T⌉⌉ group results, at most 72 (benchmarks/static_sm90.py's LOOP_BOUND); more rows take the separate
+# merge launches of `merge_partials`, whose programs walk ⌈√T⌉ rows each (the same merges: the same bits).
+FINISH_MAX_ROWS = 64
+
+
+class StatsFinish(NamedTuple):
+    """What a statistics launch whose last program per channel block merges the partials needs
+    (`finish_stats`): the counters (one per channel block), the level-1 scratch, the outputs, the merge shape."""
+    counters: Tensor
+    level1: Tensor
+    mean: Tensor
+    var: Tensor
+    groups: int
+    rows: int
+
+
+def stats_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype,
+                 device: torch.device) -> Optional[StatsFinish]:
+    """A `StatsFinish` for partials [4, t, c] of dtype written by t programs per channel block, or None where the
+    separate merge runs instead (FASTRESNET_LAST_PROGRAM_MERGE=0, or more than FINISH_MAX_ROWS rows)."""
+    if t > FINISH_MAX_ROWS or not last_program_merge():
+        return None
+    rows = merge_rows(t)
+    groups = triton.cdiv(t, rows)
+    new = functools.partial(torch.empty, dtype=dtype, device=device)
+    return StatsFinish(launch_counters(channel_blocks, device), new((4, groups, c)), new(c), new(c), groups, rows)
 
 
 def sum_groups(part: Tensor, rows: int, out: Optional[Tensor] = None) -> Tensor:

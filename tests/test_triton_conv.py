@@ -363,3 +363,30 @@ def test_unit_chain_op_is_traceable():
     torch.library.opcheck(_bn_relu_conv_stats.op,
                           (x, weight, mean, rstd, gamma, None, res, [1, 1], [1, 1], True, "triton_conv"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("splits", [1, 5])  # 5 splits of the 5 row blocks: sum_rows' two levels (groups of 3)
+def test_last_program_finish_equals_separate_merge_bitwise(monkeypatch, splits):
+    # wgrad's split-K sum finished by each tile's last program (the default) against the separate ordered-sum launch
+    # (FASTRESNET_LAST_PROGRAM_MERGE=0): the same order of the same fp32 sums, so the same bits; the counters are
+    # left at zero for the next launch
+    # (and the forward's statistics merge of its 5 row tiles, two levels, finished by each column block's last tile)
+    from fastresnet.kernels import stats as kstats
+    from fastresnet.kernels.conv import conv_backward, conv_forward
+    x, mean, rstd, scale, shift, weight = _inputs(3, 8, 7, 7, 16, 3, 1, True)
+    dy = torch.randn(3, 16, 7, 7, device=DEV).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", flag)
+        out[flag] = (conv_backward(dy, x, scale, shift, mean, rstd, weight, 1, 1, True, wgrad_splits=splits)
+                     + conv_forward(x, scale, shift, weight, 1, 1, residual=dy, stats=True))
+    for a, b in zip(out["1"], out["0"]):
+        assert torch.equal(a, b)
+    assert not kstats.launch_counters(1, x.device).any()
+
+
+def test_last_program_merge_switch_rejects_bad_values(monkeypatch):
+    from fastresnet.kernels import last_program_merge
+    monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", "maybe")
+    with pytest.raises(ValueError, match="FASTRESNET_LAST_PROGRAM_MERGE"):
+        last_program_merge()

@@ -299,3 +299,45 @@ def test_launchers_reject_bad_inputs():
         add_stats(x, x[:1])
     with pytest.raises(TypeError, match="out_dtype"):
         bn_relu_forward(x, s, s, torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_scale_shift_bitwise_reference(dtype, affine):
+    # the backend's one-launch BN affine map: the reference's roundings exactly (no FMA), for every affine form
+    c = 37
+    mean = torch.randn(c, dtype=dtype, device=DEVICE) * 100
+    rstd = torch.rand(c, dtype=dtype, device=DEVICE) + 0.1
+    w = torch.randn(c, dtype=torch.bfloat16, device=DEVICE) if affine in ("both", "weight") else None
+    b = torch.randn(c, dtype=torch.float16, device=DEVICE) if affine in ("both", "bias") else None
+    got, want = BACKEND.scale_shift(mean, rstd, w, b), reference.scale_shift(mean, rstd, w, b)
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+def test_scale_shift_rejects_bad_inputs():
+    from fastresnet.kernels.bn_relu import scale_shift
+    mean = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="mean, rstd"):
+        scale_shift(mean, torch.ones(5, device=DEVICE), None, None)
+    with pytest.raises(ValueError, match="weight"):
+        scale_shift(mean, torch.ones(4, device=DEVICE), torch.ones(3, device=DEVICE), None)
+    with pytest.raises(TypeError, match="rstd"):
+        scale_shift(mean.half(), torch.ones(4, device=DEVICE).half(), None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stats_last_program_finish_equals_separate_merge_bitwise(monkeypatch, dtype):
+    # the statistics merge and the BN backward's sums finished by each channel block's last program (default)
+    # against the separate merge launches (FASTRESNET_LAST_PROGRAM_MERGE=0), one level (3 tiles) and two (8 tiles,
+    # groups of 3): the same merges in the same order; the counters are zero afterwards
+    x = (3.0 + torch.randn(3, 5, 6, 7, device=DEVICE, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    mean = torch.linspace(0.5, 1.5, 5, device=DEVICE, dtype=dtype)  # also scale, -shift and rstd: a mask that bites
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", flag)
+        out[flag] = (kstats.batch_stats(x, block_m=16, tiles=3) + kstats.batch_stats(x, block_m=16, tiles=9)
+                     + add_stats(x, x, block_m=16, tiles=9)
+                     + bn_relu_backward(x - 3.0, x, mean, -mean, mean, mean, True, block_m=16, tiles=9))
+    assert all(torch.equal(a, b) for a, b in zip(out["1"], out["0"]))
+    assert not kstats.launch_counters(1, x.device).any()
