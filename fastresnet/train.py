@@ -731,7 +731,6 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Train to `total` iterations (from the checkpoint if `resume`); returns the final metrics."""
-        cfg = self.cfg
         if self._resume is not None:
             self._restore(*self._resume)
             self._resume = None
