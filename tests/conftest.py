@@ -5,6 +5,7 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+    config.addinivalue_line("markers", "emulated: runs CUDA kernels on CPU under the checking emulator (tests/cuda_emu)")
 
 
 def pytest_collection_modifyitems(config, items):
