@@ -10,6 +10,7 @@ sample of their blocks (the first, the last, the last along each grid axis, seed
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import pathlib
@@ -191,3 +192,132 @@ def test_nan_propagates_through_bn_relu(driver, nhwc):
     res = runner.run(driver, "bn_relu", {"x": _layout(x, nhwc), "scale": scale, "shift": shift},
                      dtype=torch.float32, nhwc=nhwc)
     torch.testing.assert_close(res.out["out"], reference.bn_relu(x, scale, shift), equal_nan=True, atol=0, rtol=0)
+
+
+# ---- launch geometry of the real shapes, a sample of the blocks ---------------------------------------------------
+# (N, C, H, W, NHWC, dtype): CIFAR stages 1–3 at batch 128 (basic and bottleneck widths) and ImageNet widths: the
+# stem's 64 channels at 112² with tiles of two base tiles (M = 313,600 > 1024·256, the last tile ragged), 2048
+# channels at 7² (2048 partial blocks, scalar elementwise rows of 49), and NCHW tiles of two base tiles (M > 1024·4096).
+GEOMETRIES = [(128, 16, 32, 32, True, torch.bfloat16), (128, 128, 16, 16, False, torch.float32),
+              (128, 256, 8, 8, True, torch.float16), (25, 64, 112, 112, True, torch.bfloat16),
+              (64, 2048, 7, 7, False, torch.float32), (512, 1, 95, 97, False, torch.float32)]
+SAMPLE = 6  # blocks per launch of more blocks: first, last, last along x and along y, random ones
+
+
+def _sampled_channels(res, name, finalize, c, m):
+    """{channel: rows of the [M, C] view} that the sampled blocks of partial launch `name` reduced, for the channels
+    whose block of launch `finalize` (32 channels each) ran."""
+    (launch,) = [l for l in res.launches if l.name == name]
+    (fin,) = [l for l in res.launches if l.name == finalize]
+    finalized = {b[0] for b in fin.blocks}
+    tiles, length = res.tiling
+    assert launch.grid[0] == tiles <= 1024 and launch.grid[1] == (-(-c // 32) if launch.block[1] > 1 else c)
+    assert launch.blocks[-1] == (launch.grid[0] - 1, launch.grid[1] - 1, 0)  # the last, ragged block ran
+    rows = {}
+    for tile, group, _ in launch.blocks:
+        chans = range(32 * group, min(c, 32 * group + 32)) if launch.block[1] > 1 else [group]
+        for ch in (ch for ch in chans if ch // 32 in finalized):
+            rows.setdefault(ch, []).append(torch.arange(tile * length, min(m, (tile + 1) * length)))
+    assert rows  # the first and the last channel always: both launches run their first and last blocks
+    return {ch: torch.cat(r) for ch, r in rows.items()}
+
+
+def _written(t):
+    """The mask of elements a sampled launch wrote (outputs start as 0xFF bytes, NaN)."""
+    mask = ~torch.isnan(t)
+    assert mask.any()
+    return mask
+
+
+@pytest.mark.parametrize("n,c,h,w,nhwc,dtype", GEOMETRIES)
+def test_real_launch_geometry_sampled(driver, n, c, h, w, nhwc, dtype):
+    eps32 = torch.finfo(torch.float32).eps
+    # every result below is a sum of at most 32 sequential terms per thread, ≤ 8 levels of a block tree, 32 per
+    # finalize lane and 5 levels: at most 80 roundings on the way, so |error| ≤ 100·eps·Σ|terms|
+    tol = 100 * eps32
+    x = _layout(torch.randn(n, c, h, w) * 2 + 3, nhwc).to(dtype)
+    m = n * h * w
+    xm = x.permute(0, 2, 3, 1).reshape(m, c)  # [M, C]: row j of channel c is element j of its reduction
+
+    res = runner.run(driver, "batch_stats", {"x": x}, dtype=dtype, nhwc=nhwc, sample=SAMPLE, schedules=(0, 2))
+    for ch, rows in _sampled_channels(res, "moments_partial_kernel", "moments_finalize_kernel", c, m).items():
+        v = xm[rows, ch].double()
+        assert abs(res.out["mean"][ch].item() - v.mean().item()) <= tol * v.abs().max().item()
+        assert abs(res.out["var"][ch].item() - v.var(unbiased=False).item()) <= tol * (v - v.mean()).square().max().item()
+
+    mean, rstd = torch.full((c,), 3.0), torch.full((c,), 0.5)
+    scale, shift = torch.linspace(-1.5, 2.0, c) * rstd, torch.linspace(0.5, -0.5, c)
+    res = runner.run(driver, "bn_relu", {"x": x, "scale": scale, "shift": shift}, dtype=dtype, nhwc=nhwc,
+                     sample=SAMPLE, schedules=(0, 2))
+    out = res.out["out"]
+    mask = _written(out)
+    assert torch.equal(out[mask], reference.bn_relu(x, scale, shift)[mask])
+    assert max(l.grid[0] * l.grid[1] for l in res.launches) <= 4096  # the elementwise grid is capped, rows stride
+
+    dy = _layout(torch.randn(n, c, h, w), nhwc).to(dtype)
+    res = runner.run(driver, "bn_relu_backward", {"dy": dy, "dres": None, "x": x, "scale": scale, "shift": shift,
+                                                  "mean": mean, "rstd": rstd},
+                     dtype=dtype, nhwc=nhwc, sample=SAMPLE, schedules=(0, 2))
+
+    def dz_of(xv, dyv, ch):  # dz with the mask as the kernel computes it, in fp32
+        return torch.where(xv.float() * scale[ch] + shift[ch] > 0, dyv.double(), 0.0)
+
+    dym = dy.permute(0, 2, 3, 1).reshape(m, c)
+    for ch, rows in _sampled_channels(res, "bwd_partial_kernel", "bwd_finalize_kernel", c, m).items():
+        dz = dz_of(xm[rows, ch], dym[rows, ch], ch)
+        t1, t2 = dz, dz * (xm[rows, ch].double() - 3.0)
+        assert abs(res.out["sum_dz"][ch].item() - t1.sum().item()) <= tol * t1.abs().sum().item()
+        assert abs(res.out["sum_dz_xhat"][ch].item() - 0.5 * t2.sum().item()) <= tol * 0.5 * t2.abs().sum().item()
+    mask = _written(res.out["dx"])
+    ch = torch.arange(c).view(1, -1, 1, 1).expand(x.shape)[mask]
+    coef = res.out["coef"].double()
+    terms = [coef[0][ch] * dz_of(x[mask], dy[mask], ch), coef[1][ch] * (x[mask].double() - 3.0), coef[2][ch]]
+    dx64 = sum(terms)
+    err = (res.out["dx"][mask].double() - dx64).abs()
+    # one rounding to the storage dtype (subnormals included) after a few fp32 operations on the terms
+    fi = torch.finfo(dtype)
+    bound = fi.eps * (dx64.abs() + fi.tiny) + 8 * eps32 * sum(t.abs() for t in terms)
+    assert (err <= bound).all(), err.max()
+
+
+# ---- the emulator catches what it is for ----------------------------------------------------------------------------
+# Textual edits of the real source: a barrier removed from the reductions' tree (a shared-memory race) and the
+# channel bound of the reductions loosened by one (an out-of-bounds read and write for C off the 32-channel groups).
+BREAKS = {
+    "missing_barrier": ("    __syncthreads();\n    if (idx < half)", "    if (idx < half)", "SCHEDULE MISMATCH"),
+    "bound_off_by_one": ("if (c >= g.C) return false;", "if (c > g.C) return false;", "heap-buffer-overflow"),
+}
+
+
+@pytest.mark.slow  # two more emulator builds (about 25 s of CPU each)
+def test_broken_copies_fail(driver, tmp_path):
+    source = (CSRC / "cuda" / "bn_kernels.cu").read_text()
+    sources = {}
+    for name, (old, new, _) in BREAKS.items():
+        assert source.count(old) == 1, name
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(CSRC / "cuda" / "bn_kernels.h", folder)
+        (folder / "bn_kernels.cu").write_text(source.replace(old, new))
+        sources[name] = folder / "bn_kernels.cu"
+    with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
+        drivers = dict(zip(sources, pool.map(lambda k: emu_build.build(tmp_path / f"{k}_build", sources[k]), sources)))
+    x = _make((3, 33, 5, 5), 0.5, 1.0, "nhwc", torch.float32)
+    runner.run(driver, "batch_stats", {"x": x}, dtype=torch.float32, nhwc=True)  # the real kernels pass
+    for name, broken in drivers.items():
+        with pytest.raises(runner.EmulatorError, match=BREAKS[name][2]):
+            runner.run(broken, "batch_stats", {"x": x}, dtype=torch.float32, nhwc=True)
+
+
+def test_every_global_kernel_ran(emu_log):
+    """Every __global__ kernel of csrc/ was launched by the emulated tests of this session (run this module whole,
+    or `pytest -m emulated`)."""
+    kernels = set()
+    for path in CSRC.rglob("*.cu"):
+        kernels |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", path.read_text()))
+    assert len(kernels) >= 7
+    path, start = emu_log
+    with open(path) as f:
+        f.seek(start)
+        launched = set(f.read().split())
+    assert kernels <= launched, f"never launched under the emulator: {sorted(kernels - launched)}"
