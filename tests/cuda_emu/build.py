@@ -31,7 +31,8 @@ def prepare(source_text: str) -> str:
     """The kernel source with its __shared__ declarations turned into emulator allocations."""
     out, count = SHARED.subn(lambda m: f"{m[1]} (&{m[2]}){m[3]} = ::emu::shared<{m[1]}{m[3]}>();", source_text)
     if count != source_text.count("__shared__"):
-        raise ValueError("a __shared__ declaration the emulator build cannot rewrite (expected `__shared__ T name[..];`)")
+        raise ValueError("a __shared__ declaration the emulator build cannot rewrite "
+                         "(expected `__shared__ T name[..];`)")
     return out
 
 

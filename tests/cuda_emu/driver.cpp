@@ -177,7 +177,8 @@ std::map<std::string, std::string> run_once(const Job& job) {
       err = fc::bn_relu_backward(dy, dres, gt.dtype, x, t.dtype, scale, shift, mean, rstd, job.num("training") != 0,
                                  g, dev.output("partial", 2 * tiles * C, 0, ws_fill, false),
                                  dev.output("coef", 3 * C, 0, 0xFF), dev.output("sum_dz", C, 0, 0xFF),
-                                 dev.output("sum_dz_xhat", C, 0, 0xFF), dev.output("dx", n * t.size, t.size, 0xFF), nullptr);
+                                 dev.output("sum_dz_xhat", C, 0, 0xFF), dev.output("dx", n * t.size, t.size, 0xFF),
+                                 nullptr);
     } else {
       bad_job("unknown op " + job.op);
     }
