@@ -7,6 +7,7 @@ from threads import one_torch_thread
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+    config.addinivalue_line("markers", "emulated: runs CUDA kernels on CPU under the checking emulator (tests/cuda_emu)")
 
 
 # Modules whose every test is `slow` (left out of the quick tier, `-m "not slow"`), with what makes them so; single

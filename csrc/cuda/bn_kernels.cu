@@ -5,12 +5,14 @@
 //      (a multiple of the base tile; boundaries depend on the shape only). One thread block per (tile, channel
 //      group). NHWC: block (32 channels × 8 row-groups), a warp reads 32 consecutive channels of a row, each thread
 //      walks len / 8 rows; NCHW: 256 threads over the tile's elements of one channel (runs of consecutive (n, c)
-//      planes), each thread walks len / 256 elements. Each thread accumulates sequentially (Welford for moments),
-//      the block combines its threads in a fixed tree order (Chan's formula for moments) and writes the tile's
-//      partial to partial[tile·C + c].
+//      planes), each thread walks len / 256 elements. Each thread accumulates sequentially (Welford for moments,
+//      of the data less the channel's pivot, its first element: the moments of data with |mean| ≫ std keep their
+//      precision), the block combines its threads in a fixed tree order (Chan's formula for moments) and writes
+//      the tile's partial to partial[tile·C + c].
 //   2. finalize: one block per 32 channels, 32 tile lanes per channel. Lane y merges tiles y, y + 32, y + 64, … in
 //      order, so no thread walks more than kMaxTiles / kFinalizeLanes = 32 partials; the 32 lanes then combine in a
-//      fixed 5-level shared-memory tree (Chan's formula for moments, plain sums for the backward sums).
+//      fixed 5-level shared-memory tree (Chan's formula for moments, plus the pivot for the mean; plain sums for the
+//      backward sums).
 // Every step has a fixed order, so results are bitwise reproducible (no atomics).
 // Elementwise kernels (bn_relu, dx) view the tensor as a [rows, cols] matrix: NHWC rows = N·H·W, cols = C (the
 // channel is the column, fixed per thread, so its constants are loaded once); NCHW rows = N·C planes, cols = H·W
@@ -24,6 +26,12 @@
 #include <type_traits>
 
 #include "bn_kernels.h"
+
+// Every launch site: FASTRESNET_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments). Under nvcc it is the
+// triple-chevron launch; the host emulator of the tests (tests/cuda_emu) defines it as its own launch.
+#ifndef FASTRESNET_LAUNCH
+#define FASTRESNET_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace fastresnet_cuda {
 namespace {
@@ -144,7 +152,19 @@ __device__ inline void block_sums(A (*sh)[S], A a, A b, int width, int lanes) {
   });
 }
 
-// Partial (count, mean, M2) per (tile, channel) of y; with ADD, y = a + b is computed and stored first.
+// The element that moments_partial_kernel reads: a, or with ADD, y = a + b added in A and rounded once to T.
+template <typename T, bool ADD, typename A>
+__device__ inline T moments_input(const T* __restrict__ a, const T* __restrict__ b, int64_t i) {
+  return ADD ? Store<T>::of(to_acc<A>(a[i]) + to_acc<A>(b[i])) : a[i];
+}
+
+// The pivot of channel c: its first element (n = h = w = 0), which the moments are accumulated relative to.
+template <typename T, bool ADD, typename A>
+__device__ inline A pivot(const T* __restrict__ a, const T* __restrict__ b, const Geom& g, int64_t c) {
+  return to_acc<A>(moments_input<T, ADD, A>(a, b, g.nhwc ? c : c * g.HW));
+}
+
+// Partial (count, mean − pivot, M2) per (tile, channel) of y; with ADD, y = a + b is computed and stored first.
 template <typename T, bool ADD>
 __global__ void moments_partial_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, Geom g,
                                        typename Acc<T>::type* __restrict__ partial) {
@@ -152,17 +172,13 @@ __global__ void moments_partial_kernel(const T* __restrict__ a, const T* __restr
   __shared__ A sh[3][kThreads];
   const Tiles t = tiling(g);
   const int64_t tile = blockIdx.x;
-  A n = 0, m = 0, m2 = 0;
+  A n = 0, m = 0, m2 = 0, p = 0;
   int64_t c = 0;
   const bool active = visit_tile(g, t, tile, c, [&](int64_t i) {
-    A v;
-    if (ADD) {
-      const T s = Store<T>::of(to_acc<A>(a[i]) + to_acc<A>(b[i]));
-      y[i] = s;
-      v = to_acc<A>(s);  // statistics of the rounded output
-    } else {
-      v = to_acc<A>(a[i]);
-    }
+    if (n == A(0)) p = pivot<T, ADD, A>(a, b, g, c);  // c is set before the first visit
+    const T s = moments_input<T, ADD, A>(a, b, i);
+    if (ADD) y[i] = s;
+    const A v = to_acc<A>(s) - p;  // with ADD, statistics of the rounded output
     n += A(1);
     const A d = v - m;
     m += d / n;
@@ -186,9 +202,12 @@ __device__ inline int64_t finalize_channel(const Geom& g, bool& active) {
   return c;
 }
 
-template <typename A>
+template <typename T, bool ADD>
 __global__ void __launch_bounds__(kFinalizeThreads, 1)
-moments_finalize_kernel(const A* __restrict__ partial, Geom g, A* __restrict__ mean, A* __restrict__ var) {
+moments_finalize_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                        const typename Acc<T>::type* __restrict__ partial, Geom g,
+                        typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ var) {
+  using A = typename Acc<T>::type;
   __shared__ A sh[3][kFinalizeThreads];
   const int64_t tiles = tiling(g).tiles;
   bool active;
@@ -202,7 +221,7 @@ moments_finalize_kernel(const A* __restrict__ partial, Geom g, A* __restrict__ m
   }
   block_moments(sh, n, m, m2, kFinalizeLanes, 32);
   if (active && threadIdx.y == 0) {
-    mean[c] = sh[1][threadIdx.x];
+    mean[c] = pivot<T, ADD, A>(a, b, g, c) + sh[1][threadIdx.x];
     var[c] = sh[2][threadIdx.x] / sh[0][threadIdx.x];
   }
 }
@@ -463,9 +482,10 @@ template <typename T, bool ADD>
 cudaError_t moments(const T* a, const T* b, T* y, const Geom& g, void* partial, void* mean, void* var,
                     cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  moments_partial_kernel<T, ADD><<<reduce_grid(g), reduce_block(g), 0, stream>>>(a, b, y, g, static_cast<A*>(partial));
-  moments_finalize_kernel<A><<<finalize_grid(g), finalize_block(), 0, stream>>>(
-      static_cast<const A*>(partial), g, static_cast<A*>(mean), static_cast<A*>(var));
+  FASTRESNET_LAUNCH(reduce_grid(g), reduce_block(g), 0, stream, moments_partial_kernel<T, ADD>)(
+      a, b, y, g, static_cast<A*>(partial));
+  FASTRESNET_LAUNCH(finalize_grid(g), finalize_block(), 0, stream, moments_finalize_kernel<T, ADD>)(
+      a, b, static_cast<const A*>(partial), g, static_cast<A*>(mean), static_cast<A*>(var));
   return cudaGetLastError();
 }
 
@@ -477,9 +497,8 @@ cudaError_t bn_relu_typed(const void* x, void* out, const void* scale, const voi
   return with_width<T>(g, vec, [&](auto width) {
     constexpr int V = decltype(width)::value;
     const Launch l = elementwise_launch(g, V);
-    bn_relu_kernel<T, O, V><<<l.grid, l.block, 0, stream>>>(static_cast<const T*>(x), static_cast<O*>(out),
-                                                            static_cast<const A*>(scale),
-                                                            static_cast<const A*>(shift), g);
+    FASTRESNET_LAUNCH(l.grid, l.block, 0, stream, bn_relu_kernel<T, O, V>)(
+        static_cast<const T*>(x), static_cast<O*>(out), static_cast<const A*>(scale), static_cast<const A*>(shift), g);
     return cudaGetLastError();
   });
 }
@@ -490,9 +509,9 @@ cudaError_t backward(const void* dy, const void* dres, const void* x, const void
                      void* sum_dz, void* sum_dz_xhat, void* dx, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const A *s = static_cast<const A*>(scale), *t = static_cast<const A*>(shift), *m = static_cast<const A*>(mean);
-  bwd_partial_kernel<T, G><<<reduce_grid(g), reduce_block(g), 0, stream>>>(
+  FASTRESNET_LAUNCH(reduce_grid(g), reduce_block(g), 0, stream, bwd_partial_kernel<T, G>)(
       static_cast<const G*>(dy), static_cast<const T*>(x), s, t, m, g, static_cast<A*>(partial));
-  bwd_finalize_kernel<A><<<finalize_grid(g), finalize_block(), 0, stream>>>(
+  FASTRESNET_LAUNCH(finalize_grid(g), finalize_block(), 0, stream, bwd_finalize_kernel<A>)(
       static_cast<const A*>(partial), s, m, static_cast<const A*>(rstd), training, g, static_cast<A*>(sum_dz),
       static_cast<A*>(sum_dz_xhat), static_cast<A*>(coef));
   const bool vec = aligned(x, sizeof(T) * kVec<T>) && aligned(dx, sizeof(T) * kVec<T>) &&
@@ -500,7 +519,7 @@ cudaError_t backward(const void* dy, const void* dres, const void* x, const void
   return with_width<T>(g, vec, [&](auto width) {
     constexpr int V = decltype(width)::value;
     const Launch l = elementwise_launch(g, V);
-    bwd_dx_kernel<T, G, V><<<l.grid, l.block, 0, stream>>>(
+    FASTRESNET_LAUNCH(l.grid, l.block, 0, stream, bwd_dx_kernel<T, G, V>)(
         static_cast<const G*>(dy), static_cast<const G*>(dres), static_cast<const T*>(x), s, t, m,
         static_cast<const A*>(coef), g, static_cast<T*>(dx));
     return cudaGetLastError();
@@ -569,7 +588,7 @@ cudaError_t bn_affine(const void* mean, const void* var, double eps, const void*
   const unsigned blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
   auto launch = [&](auto tag) {
     using A = decltype(tag);
-    affine_kernel<A><<<blocks, kThreads, 0, stream>>>(
+    FASTRESNET_LAUNCH(blocks, kThreads, 0, stream, affine_kernel<A>)(
         static_cast<const A*>(mean), static_cast<const A*>(var), static_cast<A>(eps), static_cast<const A*>(gamma),
         static_cast<const A*>(beta), static_cast<A*>(rstd), static_cast<A*>(scale), static_cast<A*>(shift), C);
     return cudaGetLastError();

@@ -25,7 +25,8 @@ struct Geom {
 // with M = N·H·W beyond that), so no merge walks more than 32 partials serially.
 int64_t num_tiles(const Geom& g);
 
-// mean, var [C] (biased) of x. partial: 3·num_tiles(g)·C accumulators (count, mean, M2 per tile).
+// mean, var [C] (biased) of x. partial: 3·num_tiles(g)·C accumulators (count, mean − the
+// channel's first element, M2 per tile).
 cudaError_t batch_stats(const void* x, DType dt, const Geom& g, void* partial, void* mean, void* var,
                         cudaStream_t stream);
 
