@@ -182,7 +182,6 @@ def test_nan_reaches_the_statistics(driver, nhwc):
     torch.testing.assert_close(res.out["var"], ref_var, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(reason="NaN propagation fixed on another branch", strict=True)
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
 def test_nan_propagates_through_bn_relu(driver, nhwc):
     """relu(NaN) is NaN in PyTorch (and in the reference)."""
