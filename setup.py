@@ -3,7 +3,7 @@
 The C++/CUDA extension `fastresnet._C` (csrc/) is built with torch.utils.cpp_extension, so install with
 `pip install --no-build-isolation -e .` (setup.py imports the installed torch). It holds the C++ CPU kernels always
 and the CUDA kernels when torch has CUDA and nvcc is found; otherwise the CPU part alone is built, with a warning.
-A failed compile is reported as a warning and the package installs without the extension: the "cuda" backend then
+A failed compile is reported as a warning and the package installs without the extension: the "ext" backend then
 reports why in `fastresnet.available_backends()` and "auto" uses the other backends.
 
 Environment flags:
@@ -87,7 +87,7 @@ def _extension_build():
                 super().build_extension(extension)
             except Exception as e:  # noqa: BLE001 — compiler/linker errors come as several exception types
                 warnings.warn(f"fastresnet: building {extension.name} failed ({e}); installing without it — the "
-                              "'cuda' backend will be unavailable. Rebuild with `pip install --no-build-isolation "
+                              "'ext' backend will be unavailable. Rebuild with `pip install --no-build-isolation "
                               "-e .` to see the compiler output.")
 
     return [ext], {"build_ext": BuildExt}

@@ -73,7 +73,7 @@ NATIVE_HOOKS = ("unit_plan", "layer_plan")  # the Backend attributes through whi
 
 
 def native_backends() -> List[str]:
-    """The backends with autograd nodes of their own (`Backend.unit_plan` / `layer_plan` set): "cuda"."""
+    """The backends with autograd nodes of their own (`Backend.unit_plan` / `layer_plan` set): "ext"."""
     return [b for b in BACKEND_NAMES if b != "auto"
             and any(getattr(type(get_backend_impl(b)), h, None) is not None for h in NATIVE_HOOKS)]
 

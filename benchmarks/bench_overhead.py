@@ -11,7 +11,7 @@ ratios), `fastresnet:<b>` for every backend, "auto" included (on CPU, backends t
 Triton ones, whose interpreter measures Python rather than a kernel — only with --triton), `fastresnet:auto/per-layer`
 ("auto" with every fused layer its own module call, `nn.units.run_per_layer`: the path of a converted timm or
 torchvision model, whose blocks are not fastresnet's residual units), `fastresnet:<b>/python-node` for a backend with
-autograd nodes of its own ("cuda": its C++ path switched off, `bench_models.WithoutNativeNodes`, so every unit is a
+autograd nodes of its own ("ext": its C++ path switched off, `bench_models.WithoutNativeNodes`, so every unit is a
 Python node), each of these but "auto" also captured as one CUDA graph (`eager+graph`, `fastresnet:<b>+graph`,
 ...; "unavailable" rows on CPU), and `compile` (`torch.compile` of the eager twin, with --compile; otherwise a
 "skipped" row).

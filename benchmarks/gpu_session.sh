@@ -39,7 +39,7 @@
 #   numerics  30  the whole-net judge table (python -m fastresnet.numerics --device cuda)
 #   conv      15  per-shape conv timings, tier B vs tier A vs cuDNN (preact_resnet164/1001, bf16)
 #   overhead  92  the host paths: preact_resnet110, then 1001, batch 8 at 32x32, bf16, in interleaved rounds:
-#                 eager, cuda (C++ nodes), cuda/python-node, triton, triton_conv, each also as one CUDA graph;
+#                 eager, ext (C++ nodes), ext/python-node, triton, triton_conv, each also as one CUDA graph;
 #                 ms/step, then kernels per BN-ReLU-conv layer from one profiled step per provider while 25 s of
 #                 the stage remain (a profiled 1000-layer step takes seconds to read back: 1001 may go unprofiled)
 #   models    80  training step at batch 128, bf16: the same providers and compile (preact_resnet110), with peak
@@ -117,14 +117,14 @@ if [ $DRY -eq 1 ]; then
   stage sanitize python3 -m benchmarks.sanitize_kernels --out "$WORK/sanitize.jsonl" --log-dir "$WORK"
   stage tests bash -c 'python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$WORK/tests_ops.xml" \
       tests/test_gpu_session.py -k "reports or cover or split or check"; a=$?
-    python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$WORK/tests_gpu.xml" -m gpu tests/test_cuda_ext.py
+    python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$WORK/tests_gpu.xml" -m gpu tests/test_ext_backend.py
     b=$?; [ $b -eq 5 ] && b=0; exit $((a | b))'
   stage numerics python3 -m fastresnet.numerics --device cpu --backends cuda --dtypes float32 \
     --nets preact_resnet32 --out "$WORK/numerics.jsonl"
   stage conv python3 -m benchmarks.bench_conv_shapes --cpu-smoke --out "$WORK/conv.jsonl"
   stage overhead python3 -m benchmarks.bench_overhead --smoke --device cpu --out "$WORK/overhead.jsonl"
   stage models python3 -m benchmarks.bench_models --cpu-smoke \
-    --providers "eager,eager+graph,fastresnet:cuda/python-node+graph" --out "$WORK/models.jsonl"
+    --providers "eager,eager+graph,fastresnet:ext/python-node+graph" --out "$WORK/models.jsonl"
   stage memory python3 -m benchmarks.bench_memory --cpu-smoke --depths 11 --modes eager,none --no-plot \
     --out "$WORK/memory.jsonl"
   exit
@@ -144,14 +144,14 @@ python3 -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 export XDIST_ARGS="${XDIST[*]}"
 stage tests bash -c 'half=$((STAGE_SECONDS / 2))
   timeout "$half" python3 -m pytest -q -rs -p no:cacheprovider $XDIST_ARGS --junitxml="$WORK/tests_ops.xml" \
-    tests/test_cuda_ext.py tests/test_triton_conv.py tests/test_triton_kernels.py tests/test_functional.py \
+    tests/test_ext_backend.py tests/test_triton_conv.py tests/test_triton_kernels.py tests/test_functional.py \
     tests/test_numerics_judge.py tests/test_properties.py; a=$?
   timeout $((STAGE_SECONDS - half - 2)) python3 -m pytest -q -rs -p no:cacheprovider $XDIST_ARGS \
     --junitxml="$WORK/tests_gpu.xml" -m gpu tests; b=$?
   exit $((a | b))'
 stage numerics python3 -m fastresnet.numerics --device cuda --out "$WORK/numerics.jsonl"
 stage conv python3 -m benchmarks.bench_conv_shapes --out "$WORK/conv.jsonl"
-export PROVIDERS="eager*,fastresnet:cuda*,fastresnet:triton*"
+export PROVIDERS="eager*,fastresnet:ext*,fastresnet:triton*"
 stage overhead bash -c 'python3 -m benchmarks.bench_overhead --models preact_resnet110,preact_resnet1001 --batch 8 \
   --image-size 32 --dtype bf16 --warmup 2 --reps 5 --providers "$PROVIDERS" --time-budget $((STAGE_SECONDS - 25)) \
   --out "$WORK/overhead.jsonl"'

@@ -1,5 +1,5 @@
 // A whole full pre-activation residual unit driven from C++: the training forward and backward that
-// fastresnet/ops/unit_ops.py composes in Python (`_unit_forward`, `_unit_backward`), for the "cuda" backend. The
+// fastresnet/ops/unit_ops.py composes in Python (`_unit_forward`, `_unit_backward`), for the "ext" backend. The
 // same primitives (this library's batch_stats / bn_relu / add_stats / bn_relu_backward, called through the
 // dispatcher, so one driver runs the CPU and the CUDA kernels), the same ATen convolutions and the same operations
 // in the same order (rstd, scale and shift by bn_affine / scale_shift, bitwise their ATen composition): results are

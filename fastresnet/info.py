@@ -31,7 +31,7 @@ ENV_VARS = ("FASTRESNET_BACKEND", "FASTRESNET_TRITON_CONV", "TRITON_INTERPRET", 
 # what each backend runs on a device where its own check (`Backend.why_not`) accepts a tensor
 RUNS = {
     "torch": {"cpu": "PyTorch reference ops (unfused)", "cuda": "PyTorch reference ops (unfused)"},
-    "cuda": {"cpu": "C++ CPU kernels", "cuda": "CUDA kernels"},
+    "ext": {"cpu": "C++ CPU kernels", "cuda": "CUDA kernels"},
     "triton": {"cpu": "Triton kernels in the Triton interpreter (slow: for tests)", "cuda": "Triton kernels"},
     "triton_conv": {"cpu": "Triton implicit-GEMM convs in the Triton interpreter (slow: for tests)",
                     "cuda": "Triton implicit-GEMM convs"},
@@ -97,7 +97,7 @@ def extension() -> str:
     try:
         from fastresnet import _C
     except ImportError as e:
-        return (f"not loaded ({e}); the 'cuda' backend is off. Build it with `pip install --no-build-isolation -e .`")
+        return (f"not loaded ({e}); the 'ext' backend is off. Build it with `pip install --no-build-isolation -e .`")
     if not _C.with_cuda:
         return f"C++ CPU kernels; no CUDA kernels ({_why_no_cuda()}); {_C.__file__}"
     archs = ", ".join(f"sm_{a}" for a in _C.cuda_archs.split("_") if a)

@@ -69,7 +69,7 @@ def _assert_bitwise(a, b, what):
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                           pytest.param("cuda", torch.float32, marks=_backend("cuda").marks)])
+                                           pytest.param("ext", torch.float32, marks=_backend("ext").marks)])
 def test_recomputation_is_bitwise_none(backend, dtype):
     torch.manual_seed(0)
     model = cifar_resnet("bottleneck", 29, backend=backend).to(DEVICE, dtype)
@@ -95,7 +95,7 @@ def test_recomputation_is_bitwise_none_triton(backend):
     _assert_bitwise(_step(model, x, y, "segment", 2), ref, f"{backend} segment")
 
 
-@pytest.mark.parametrize("backend", ["torch", _backend("cuda")])
+@pytest.mark.parametrize("backend", ["torch", _backend("ext")])
 def test_recomputation_under_autocast(backend):
     torch.manual_seed(0)
     model = cifar_resnet("bottleneck", 29, backend=backend).to(DEVICE)
@@ -217,7 +217,7 @@ def test_sync_bn_ddp_two_ranks(tmp_path):
 
 # ---- CUDA graph ------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["ext", "triton"])
 def test_unit_mode_inside_a_cuda_graph(backend):
     """A whole training step with checkpoint="unit" captured as one CUDA graph (no host synchronisation in the
     recomputation) replays to the gradients of an eager step."""

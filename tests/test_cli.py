@@ -331,7 +331,7 @@ def test_a_run_that_fails_in_its_first_step_leaves_no_folder(tmp_path, monkeypat
     from fastresnet.backends.base import BackendUnsupportedError
 
     def refuse(self, x, y):
-        raise BackendUnsupportedError("backend 'cuda' cannot run this call: (simulated)")
+        raise BackendUnsupportedError("backend 'ext' cannot run this call: (simulated)")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train.Trainer, "train_step", refuse)

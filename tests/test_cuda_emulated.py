@@ -5,7 +5,7 @@ AddressSanitizer and UndefinedBehaviorSanitizer around a header that emulates th
 threads run as fibers, switched at __syncthreads(), in three schedules (in order, reversed, seeded shuffle) whose
 outputs must be bitwise equal; every buffer and each block's shared memory is an exact-size heap allocation; a
 thread exiting while others wait at a barrier is an error. The results are checked against fastresnet/reference.py
-as the CPU kernels are (tests/test_cuda_ext.py: same cases, same error bound), and large launch geometries run a
+as the CPU kernels are (tests/test_ext_backend.py: same cases, same error bound), and large launch geometries run a
 sample of their blocks (the first, the last, the last along each grid axis, seeded random ones).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from cuda_emu import build as emu_build
 from cuda_emu import runner
 from fastresnet import reference
-from test_cuda_ext import CASES, _check, _make, _stat_vecs
+from test_ext_backend import CASES, _check, _make, _stat_vecs
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 
@@ -123,7 +123,7 @@ def test_bn_relu_backward(driver, types, nhwc, case):
     ref = reference.bn_relu_backward(dy, x, scale, shift, mean, rstd, training, dres)
     r64 = reference.bn_relu_backward(dy.double(), x.double(), scale.double(), shift.double(), mean.double(),
                                      rstd.double(), training, None if dres is None else dres.double())
-    # dx's terms cancel (exactly so for M = 2): its error bound scales with them, as in test_cuda_ext
+    # dx's terms cancel (exactly so for M = 2): its error bound scales with them, as in test_ext_backend
     m = x.numel() // x.shape[1]
     xhat = ((x.double() - mean.double().view(1, -1, 1, 1)) * rstd.double().view(1, -1, 1, 1)).abs().max()
     terms = scale.abs().max() * (dy.abs().max().double() + r64[1].abs().max() / m + xhat * r64[2].abs().max() / m)

@@ -290,7 +290,7 @@ def _available(name):
         reason != "ok" or (name.startswith("triton") and not TRITON_OK), reason=f"backend {name}: {reason}"))
 
 
-@pytest.mark.parametrize("backend", ["torch", _available("cuda"), _available("triton"), _available("triton_conv")])
+@pytest.mark.parametrize("backend", ["torch", _available("ext"), _available("triton"), _available("triton_conv")])
 def test_residual_add_under_autocast_promotes_like_eager(backend):
     # Under autocast the conv runs in bf16 while a residual stream may stay fp32: like eager `conv(a) + res`, the
     # sum is fp32 (one rounding, from the fp32 add of the bf16 conv output and the residual).

@@ -33,7 +33,7 @@ def _default_backend(name):
         set_backend(None)
 
 
-def _net(backend="cuda", dtype=torch.float64):
+def _net(backend="ext", dtype=torch.float64):
     torch.manual_seed(0)
     return ResNet("basic", [2, 2], [4, 8], 3, stem_width=4, shortcut="A", backend=backend).to(dtype)
 
@@ -62,8 +62,8 @@ def _assert_same(a, b):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Records the number of plans of every `Backend.units_train` call of the "cuda" backend."""
-    impl = type(get_backend_impl("cuda"))
+    """Records the number of plans of every `Backend.units_train` call of the "ext" backend."""
+    impl = type(get_backend_impl("ext"))
     seen, original = [], impl.units_train
 
     def units_train(self, x, mean, var, plans):
@@ -77,7 +77,7 @@ def calls(monkeypatch):
 def test_chain_hands_all_units_over_and_matches_the_per_unit_path(calls, monkeypatch):
     """After one pass unit by unit, a net's units go to the backend in one call per step (all n plans in one list),
     with bitwise the results of the C++ node called unit by unit and of the Python node."""
-    _available("cuda")
+    _available("ext")
     n = len(_net().units)
     fast = _train(_net())
     assert calls == [1] * n + [n, n], calls  # step 1: unit by unit (and recorded); steps 2, 3: one call
@@ -86,7 +86,7 @@ def test_chain_hands_all_units_over_and_matches_the_per_unit_path(calls, monkeyp
     model.unit_chain = _unit_by_unit
     _assert_same(fast, _train(model))
     assert calls == [1] * (3 * n)
-    monkeypatch.setattr(type(get_backend_impl("cuda")), "unit_plan", None)  # the Python node (`_PreactUnit`)
+    monkeypatch.setattr(type(get_backend_impl("ext")), "unit_plan", None)  # the Python node (`_PreactUnit`)
     _assert_same(fast, _train(_net()))
 
 
@@ -134,7 +134,7 @@ def test_caches_notice_changes(name, change, per_layer):
     """A model trained a step (caches warm), changed, trained on, against a copy changed before any cache existed
     (`copy.deepcopy` leaves the caches behind): bitwise the same. Per layer (`run_per_layer`), the caches are the
     layers' plans."""
-    _available("cuda")
+    _available("ext")
     model = run_per_layer(_net()) if per_layer else _net()
     _train(model, steps=2)
     fresh = copy.deepcopy(model)
@@ -152,9 +152,9 @@ def test_caches_notice_changes(name, change, per_layer):
 def test_caches_follow_the_input_and_the_default_backend(calls):
     """A new batch size changes every BN's sample count (the checks and plans are redone); a new default backend
     for units that take the default changes who runs them."""
-    _available("cuda")
+    _available("ext")
     model = _net(backend=None)
-    with _default_backend("cuda"):
+    with _default_backend("ext"):
         _train(model, steps=2)  # caches warm for batch 2
         fresh = copy.deepcopy(model)  # the same state without them
         _assert_same(_train(model, batch=3), _train(fresh, batch=3))
@@ -168,8 +168,8 @@ def test_caches_follow_the_input_and_the_default_backend(calls):
 
 
 def test_unit_cache_is_reused_and_not_pickled():
-    _available("cuda")
-    unit = ResidualUnit(4, 4, backend="cuda").double()
+    _available("ext")
+    unit = ResidualUnit(4, 4, backend="ext").double()
     first = unit.prepared()
     assert first is not None and unit.prepared() is first
     unit.conv1.bn.momentum = 0.3
@@ -185,7 +185,7 @@ def test_affine_ops_equal_their_aten_composition(dtype, channels, device):
     `reference.scale_shift` (their definition) on the same device: bitwise, for γ/β present or absent and in other
     dtypes, over variances of many magnitudes (ATen's AVX-512 rsqrt is not correctly rounded; the kernel must give its
     bits, not 1/sqrt's; on a GPU an FMA where ATen rounds twice would change the last bit)."""
-    _available("cuda")
+    _available("ext")
     if device == "cuda" and not torch.ops.fastresnet_ext.bn_affine.default.has_kernel_for_dispatch_key("CUDA"):
         pytest.skip("fastresnet._C was built without CUDA")
     ops = torch.ops.fastresnet_ext
@@ -205,7 +205,7 @@ def test_affine_ops_equal_their_aten_composition(dtype, channels, device):
 
 
 def test_affine_ops_name_bad_arguments():
-    _available("cuda")
+    _available("ext")
     ops = torch.ops.fastresnet_ext
     v = torch.ones(4)
     with pytest.raises(RuntimeError, match="var: expected Float of shape \\[4\\]"):
@@ -219,8 +219,8 @@ def test_affine_ops_name_bad_arguments():
 def test_unit_cache_is_not_shared_with_replicas_or_parametrized_weights():
     """A DataParallel replica shares the unit's attributes but has its own tables (and tensors): it builds its own
     cache. A parametrized conv weight is computed on every access: the unit never caches it."""
-    _available("cuda")
-    unit = ResidualUnit(4, 4, backend="cuda").double()
+    _available("ext")
+    unit = ResidualUnit(4, 4, backend="ext").double()
     first = unit.prepared()
     replica = unit._replicate_for_data_parallel()
     assert replica.prepared() is not first and unit.prepared() is first
@@ -240,7 +240,7 @@ def test_unit_cache_is_not_shared_with_replicas_or_parametrized_weights():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 def test_eager_path_of_the_per_layer_ops_equals_the_custom_op(backend):
     """`FusedOp`: an eager call runs the body and backward formula in a plain autograd.Function instead of the
     `torch.library` op; outputs, statistics and every gradient are bitwise the op's, and the statistics are not
@@ -282,7 +282,7 @@ def test_eager_path_works_under_torch_func_grad(monkeypatch):
     calls autograd.Function's C apply directly (Function.apply binds the forward's arguments with
     inspect.signature on every call); only under a torch.func transform does it take Function.apply, which routes
     the call through functorch."""
-    _available("cuda")
+    _available("ext")
     import fastresnet.functional as FF
     from fastresnet.ops import bn_ops
     taken = []
@@ -297,7 +297,7 @@ def test_eager_path_works_under_torch_func_grad(monkeypatch):
     x, w = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
 
     def loss(weight):
-        return FF.bn_relu_conv2d(x, weight, None, None, padding=1, backend="cuda").square().sum()
+        return FF.bn_relu_conv2d(x, weight, None, None, padding=1, backend="ext").square().sum()
 
     expected = w.clone().requires_grad_()
     loss(expected).backward()
@@ -309,7 +309,7 @@ def test_eager_path_works_under_torch_func_grad(monkeypatch):
 def test_conversion_that_swaps_parameter_tensors_rebuilds_the_cache():
     """With `swap_module_params_on_conversion`, `.to(...)` keeps each Parameter object and swaps the tensor inside
     it, which no identity comparison sees: the unit drops its cache on any conversion."""
-    _available("cuda")
+    _available("ext")
     model = _net()
     _train(model, steps=2)
     fresh = copy.deepcopy(model)
@@ -326,7 +326,7 @@ def test_conversion_that_swaps_parameter_tensors_rebuilds_the_cache():
 def test_state_dict_load_that_swaps_parameter_tensors_works():
     """`load_state_dict` in swap mode swaps each parameter's tensor, which refuses tensors held elsewhere: the caches
     let go first, and training goes on as in a model that never had them."""
-    _available("cuda")
+    _available("ext")
     model, source = _net(), _net()
     _train(model, steps=2)
     _train(source, steps=1)
@@ -341,7 +341,7 @@ def test_state_dict_load_that_swaps_parameter_tensors_works():
     _assert_same(_train(model), _train(fresh))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 def test_backend_affine_map_equals_the_reference(backend):
     """`Backend.scale_shift`, which the per-layer ops use: bitwise `reference.scale_shift` on every backend."""
     _available(backend)
@@ -355,10 +355,10 @@ def test_backend_affine_map_equals_the_reference(backend):
 
 @pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_running_update_of_the_cuda_backend_equals_the_reference(buffer_dtype):
-    """The "cuda" backend's running update (C++, what BNReLU2d / PreActConv2d use in training there) against
+    """The "ext" backend's running update (C++, what BNReLU2d / PreActConv2d use in training there) against
     `reference.update_running_stats`: buffers and counters bitwise over several steps, for buffers in every dtype a
     model may hold; momentum=None (cumulative average) and BNs without a counter take the reference."""
-    _available("cuda")
+    _available("ext")
     from fastresnet import ops
     torch.manual_seed(0)
     stat_dtype = torch.float64 if buffer_dtype == torch.float64 else torch.float32
@@ -368,21 +368,21 @@ def test_running_update_of_the_cuda_backend_equals_the_reference(buffer_dtype):
     for step in range(4):
         mean, var = (100 * torch.randn(9)).to(stat_dtype), torch.rand(9).to(stat_dtype) * 1e3
         momentum = None if step == 3 else 0.1 * (step + 1)
-        ops.update_running_stats(*mine, mean, var, 2 * 5 * 7, momentum, "cuda")
+        ops.update_running_stats(*mine, mean, var, 2 * 5 * 7, momentum, "ext")
         reference.update_running_stats(*theirs, mean, var, 2 * 5 * 7, momentum)
         for a, b in zip(mine, theirs):
             assert torch.equal(a, b), (step, a, b)
-    get_backend_impl("cuda").update_running_stats([mine[0]], [mine[1]], [mine[2]], [70], 0.5, [mean], [var])
+    get_backend_impl("ext").update_running_stats([mine[0]], [mine[1]], [mine[2]], [70], 0.5, [mean], [var])
     reference.update_running_stats(*theirs, mean, var, 70, 0.5)
     for a, b in zip(mine, theirs):
         assert torch.equal(a, b)
-    ops.update_running_stats(mine[0], mine[1], None, mean, var, 70, 0.5, "cuda")
+    ops.update_running_stats(mine[0], mine[1], None, mean, var, 70, 0.5, "ext")
     reference.update_running_stats(theirs[0], theirs[1], None, mean, var, 70, 0.5)
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
 
 
 def test_running_update_names_bad_arguments():
-    _available("cuda")
+    _available("ext")
     from fastresnet import _C
     v, n = torch.zeros(3), torch.tensor(0)
     with pytest.raises(ValueError, match="counts: expected N·H·W = 0 or > 1, got 1"):
@@ -394,8 +394,8 @@ def test_running_update_names_bad_arguments():
 # ---- single fused layers (`Backend.layer_train`: a converted model's PreActConv2d / BNReLU2d in training) ----------
 @pytest.fixture
 def layer_calls(monkeypatch):
-    """Records every `Backend.layer_train` call of the "cuda" backend: whether it was handed statistics."""
-    impl = type(get_backend_impl("cuda"))
+    """Records every `Backend.layer_train` call of the "ext" backend: whether it was handed statistics."""
+    impl = type(get_backend_impl("ext"))
     seen, original = [], impl.layer_train
 
     def layer_train(self, x, mean, var, plan, weight_dtype):
@@ -414,7 +414,7 @@ def test_native_layers_equal_the_ops(chained, dtype, autocast, layer_calls, monk
     chained net's head BN → ReLU (handed its input's statistics), as one C++ node each: bitwise the ops' results —
     outputs, gradients, parameters and running buffers over three SGD steps; under bf16 autocast too (the conv weight
     cast per call, its gradient cast back)."""
-    _available("cuda")
+    _available("ext")
 
     def net():
         model = _net(dtype=dtype)
@@ -427,7 +427,7 @@ def test_native_layers_equal_the_ops(chained, dtype, autocast, layer_calls, monk
     fast = train()
     layers = sum(isinstance(m, (PreActConv2d, BNReLU2d)) for m in net().modules())
     assert layer_calls == ([True] * 3 if chained else [False] * (3 * layers)), layer_calls
-    monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
+    monkeypatch.setattr(type(get_backend_impl("ext")), "layer_plan", None)
     _assert_same(fast, train())
 
 
@@ -436,9 +436,9 @@ def test_native_layer_node_contract(kind):
     """The layer's C++ node: a second backward without retain_graph raises; a weight changed in place after the
     forward is caught; without gradients no node is made and the running buffers are still updated; a layer that is
     not affine, averages cumulatively or is frozen takes the ops."""
-    _available("cuda")
+    _available("ext")
     torch.manual_seed(0)
-    layer = (BNReLU2d(4, backend="cuda") if kind == "bn_relu" else PreActConv2d(4, 6, 3, 2, 1, backend="cuda"))
+    layer = (BNReLU2d(4, backend="ext") if kind == "bn_relu" else PreActConv2d(4, 6, 3, 2, 1, backend="ext"))
     layer = layer.double()
     bn = layer if kind == "bn_relu" else layer.bn
     x = (1.0 + torch.randn(2, 4, 5, 5, dtype=torch.float64)).requires_grad_()
@@ -470,9 +470,9 @@ def test_layer_path_edge_cases_equal_the_ops(monkeypatch):
     replica (new tables, its own weight) builds its own plan; a parametrized weight is read through the module on every
     call; a hook-based weight_norm keeps the weight as a plain attribute, recomputed before every call (no plan is
     made); statistics handed in that alias the running buffers see the update first, as in the ops."""
-    _available("cuda")
+    _available("ext")
     torch.manual_seed(0)
-    layer = PreActConv2d(4, 4, 3, 1, 1, backend="cuda").double()
+    layer = PreActConv2d(4, 4, 3, 1, 1, backend="ext").double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     layer(x)
     replica = layer._replicate_for_data_parallel()
@@ -487,8 +487,8 @@ def test_layer_path_edge_cases_equal_the_ops(monkeypatch):
     layer(x)
     with torch.no_grad():
         layer.conv.parametrizations.weight.original.mul_(0.5)
-    normed = torch.nn.utils.weight_norm(BNReLU2d(4, backend="cuda").double(), dim=None)
-    aliased = BNReLU2d(4, backend="cuda").double()
+    normed = torch.nn.utils.weight_norm(BNReLU2d(4, backend="ext").double(), dim=None)
+    aliased = BNReLU2d(4, backend="ext").double()
 
     def run():
         torch.manual_seed(1)
@@ -505,17 +505,17 @@ def test_layer_path_edge_cases_equal_the_ops(monkeypatch):
         return out
 
     native = run()
-    monkeypatch.setattr(type(get_backend_impl("cuda")), "layer_plan", None)
+    monkeypatch.setattr(type(get_backend_impl("ext")), "layer_plan", None)
     _assert_same(native, run())
 
 
 def test_compiled_autograd_runs_the_registered_ops():
     """With compiled autograd on, layers and units record the registered ops' nodes (which it can trace), not the C++
     nodes, and the gradients are bitwise those of plain eager mode."""
-    _available("cuda")
+    _available("ext")
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
     torch.manual_seed(0)
-    for model, channels in [(PreActConv2d(4, 4, 3, 1, 1, backend="cuda"), 4), (_net(dtype=torch.float32), 3)]:
+    for model, channels in [(PreActConv2d(4, 4, 3, 1, 1, backend="ext"), 4), (_net(dtype=torch.float32), 3)]:
         x = (1.0 + torch.randn(2, channels, 6, 6)).requires_grad_()
         model(x).sum().backward()  # plain eager: C++ nodes
         expected = [x.grad] + [p.grad for p in model.parameters()]

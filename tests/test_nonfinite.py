@@ -28,7 +28,7 @@ def _needs(backend):
     return pytest.param(backend, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
 
 
-BACKENDS = [_needs(b) for b in ("torch", "cuda", "triton", "triton_conv")]
+BACKENDS = [_needs(b) for b in ("torch", "ext", "triton", "triton_conv")]
 # fp32 with sums over at most N·H·W·C·9 = 288 terms in another order than PyTorch's: a few ulps of the largest term
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -132,12 +132,12 @@ def test_nonfinite_like_pytorch(backend, training, conv):
 @pytest.mark.parametrize("plant", [p for p in PLANTS if not p.startswith("dy")])
 def test_cuda_backend_eval_bitwise_with_nonfinite(plant):
     """The C++ CPU kernels' eval forward and dx are the reference composition's bits (same operations, each rounded
-    once, built with -ffp-contract=off) with non-finite values too: the activation and dx of the "cuda" backend equal
+    once, built with -ffp-contract=off) with non-finite values too: the activation and dx of the "ext" backend equal
     the "torch" backend's."""
-    if DEV != "cpu" or get_backend_impl("cuda").why_not(torch.empty(1, 1, 1, 1)) is not None:
+    if DEV != "cpu" or get_backend_impl("ext").why_not(torch.empty(1, 1, 1, 1)) is not None:
         pytest.skip("needs the C++ CPU kernels (the CUDA kernels may contract a·b + c into an FMA)")
     case = _case(plant, conv=False)
-    got, want = (_run(case, False, False, b) for b in ("cuda", "torch"))
+    got, want = (_run(case, False, False, b) for b in ("ext", "torch"))
     for name in ("y", "dx"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
@@ -235,7 +235,7 @@ def test_empty_batch_functional_ops(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_preact_resnet20(backend):
-    """N = 0 through a whole net in training (the residual units as one op, and for "cuda" the C++ unit chain from
+    """N = 0 through a whole net in training (the residual units as one op, and for "ext" the C++ unit chain from
     the second step on) and eval: empty logits, zero gradients, every BN counts the batch and keeps its running
     statistics."""
     torch.manual_seed(0)

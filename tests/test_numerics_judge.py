@@ -5,7 +5,7 @@ batch 2 × 8 × 8, input mean 3: loss, every gradient and the running statistics
 to plain PyTorch ops in the same dtype (`fastresnet.numerics.verdict`: ≤ 2× with a floor of 16 units of roundoff).
 
 CI cost (2-core CPU, interpreter): a few minutes, almost all of it the interpreted Triton backends. So the C++ backend
-("cuda", cheap on CPU) runs the full product dtype × {chained, unchained} × {NCHW, channels_last}; the Triton backends
+("ext", cheap on CPU) runs the full product dtype × {chained, unchained} × {NCHW, channels_last}; the Triton backends
 run four configurations per net (fp32 chained NHWC, fp32 unchained NCHW, fp16 chained NCHW, bf16 unchained NHWC),
 so every dtype, chain mode and layout is covered and each chain mode meets each layout. On a GPU every backend runs
 the full product.
@@ -49,7 +49,7 @@ def _cases(backend, configs):
             for net in NETS for d, c, lay in configs]
 
 
-CASES = (_cases("cuda", FULL)
+CASES = (_cases("ext", FULL)
          + [pytest.param(*p.values, marks=triton_ok, id=p.id)
             for b in ("triton", "triton_conv") for p in _cases(b, FULL if DEV == "cuda" else COVER)])
 
@@ -142,10 +142,10 @@ def test_cli_rows_and_report_table(tmp_path, capsys):
     benchmarks.report turns into the README's table."""
     from benchmarks import report
     out = tmp_path / "numerics.jsonl"
-    code = numerics.main(["--device", DEV, "--backends", "cuda", "--dtypes", "float32", "--nets", "preact_resnet32",
+    code = numerics.main(["--device", DEV, "--backends", "ext", "--dtypes", "float32", "--nets", "preact_resnet32",
                           "--out", str(out)])
     assert code == 0 and "preact_resnet32" in capsys.readouterr().out
     rows = report.latest(report.common.read_rows([out]))
-    assert len(rows) == 8 and {r["backend"] for r in rows} == {"torch", "cuda"}
+    assert len(rows) == 8 and {r["backend"] for r in rows} == {"torch", "ext"}
     table = report.numerics_table(rows)
-    assert "| preact_resnet32 | `cuda` |" in table and "4 / 4 pass" in table
+    assert "| preact_resnet32 | `ext` |" in table and "4 / 4 pass" in table

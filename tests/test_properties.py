@@ -47,7 +47,7 @@ EPS, MOMENTUM = 1e-5, 0.1
 def _backends():
     triton_ok = DEV == "cuda" or interpreting()
     skip = pytest.mark.skipif(not triton_ok, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
-    return ["cuda", pytest.param("triton", marks=skip), pytest.param("triton_conv", marks=skip)]
+    return ["ext", pytest.param("triton", marks=skip), pytest.param("triton_conv", marks=skip)]
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------

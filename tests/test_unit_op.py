@@ -18,7 +18,7 @@ NETS = {
     "bottleneck_B": dict(form="bottleneck", units=[1, 1], widths=[8, 16], shortcut="B"),
     "single_A": dict(form="single", units=[2, 1], widths=[4, 8], shortcut="A"),
 }
-BACKENDS = ["torch", "cuda", "triton", "triton_conv"]
+BACKENDS = ["torch", "ext", "triton", "triton_conv"]
 
 
 def _net(kind, backend, fuse, dtype):
@@ -70,15 +70,15 @@ def test_one_op_equals_per_layer_path(kind, backend, dtype):
 
 def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.float32,
                            memory_format=torch.channels_last, checkpoint="none"):
-    _available("cuda")
+    _available("ext")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     results = []
     for native in (True, False):
         if not native:
             for name in ("unit_forward", "unit_backward", "unit_plan", "units_train"):
-                monkeypatch.setattr(type(get_backend_impl("cuda")), name, None)
-        model = _net(kind, "cuda", True, dtype).to(device)
+                monkeypatch.setattr(type(get_backend_impl("ext")), name, None)
+        model = _net(kind, "ext", True, dtype).to(device)
         model.set_checkpoint(checkpoint)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             x = torch.randn(2, 4, 6, 6, dtype=dtype, device=device, requires_grad=True)  # the stem's width: 4
@@ -92,7 +92,7 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.floa
 @pytest.mark.parametrize("kind", list(NETS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
-    """The "cuda" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
+    """The "ext" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
     in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
     _native_vs_python_node(kind, autocast, "cpu", monkeypatch)
 
@@ -117,10 +117,10 @@ def test_native_unit_equals_python_node_on_gpu(kind, autocast, monkeypatch):
 
 
 def _native_unit():
-    """A basic unit with an identity shortcut on the "cuda" backend (its C++ node), in training, and an input."""
-    _available("cuda")
+    """A basic unit with an identity shortcut on the "ext" backend (its C++ node), in training, and an input."""
+    _available("ext")
     torch.manual_seed(0)
-    unit = ResidualUnit(4, 4, 1, form="basic", shortcut="identity", backend="cuda")
+    unit = ResidualUnit(4, 4, 1, form="basic", shortcut="identity", backend="ext")
     x = (1.0 + torch.randn(2, 4, 5, 5, dtype=torch.float64)).requires_grad_()
     return unit.double(), x
 
@@ -243,11 +243,11 @@ def test_preact_unit_errors_name_the_argument():
             FF.preact_unit(x, backend="torch", **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 @pytest.mark.parametrize("variant", ["plain", "momentum_none", "no_buffers"])
 def test_preact_unit_functional_matches_modules(backend, variant):
     """The functional form with explicit tensors: the same output, statistics and running updates as the unit. A BN
-    with the cumulative average (momentum None) or without buffers takes the Python node on the "cuda" backend;
+    with the cumulative average (momentum None) or without buffers takes the Python node on the "ext" backend;
     the others its C++ node."""
     _available(backend)
     torch.manual_seed(0)

@@ -26,6 +26,14 @@ _current: Optional[str] = None
 BACKEND_NAMES = ("auto",)
 
 
+# backends that had another name: the unknown-backend errors name the new one
+RENAMED = {"cuda": "ext"}
+
+
+def _renamed(name: str) -> str:
+    return f" ('{name}' is now named '{RENAMED[name]}')" if name in RENAMED else ""
+
+
 def register_backend(name: str, factory: Callable[[], Backend], auto_rank: Optional[int] = None) -> None:
     """Register a backend factory (called lazily, once). auto_rank places it in "auto"'s preference (0 = first)."""
     global BACKEND_NAMES
@@ -38,7 +46,7 @@ def register_backend(name: str, factory: Callable[[], Backend], auto_rank: Optio
 def get_backend_impl(name: str) -> Backend:
     """The backend object registered under name (instantiated on first use)."""
     if name not in _FACTORIES:
-        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKEND_NAMES}{_renamed(name)}")
     if name not in _INSTANCES:
         try:
             _INSTANCES[name] = _FACTORIES[name]()
@@ -48,10 +56,10 @@ def get_backend_impl(name: str) -> Backend:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Set the process-wide default backend ("auto", "torch", "triton", "cuda", ...). None restores the env default."""
+    """Set the process-wide default backend ("auto", "torch", "triton", "ext", ...). None restores the env default."""
     global _current
     if name is not None and name != "auto" and name not in _FACTORIES:
-        raise ValueError(f"set_backend: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+        raise ValueError(f"set_backend: unknown backend {name!r}; expected one of {BACKEND_NAMES}{_renamed(name)}")
     _current = name
 
 
@@ -61,7 +69,7 @@ def get_backend() -> str:
         return _current
     name = os.environ.get("FASTRESNET_BACKEND", "auto")
     if name != "auto" and name not in _FACTORIES:
-        raise ValueError(f"FASTRESNET_BACKEND: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+        raise ValueError(f"FASTRESNET_BACKEND: unknown backend {name!r}; expected one of {BACKEND_NAMES}{_renamed(name)}")
     return name
 
 
@@ -98,7 +106,7 @@ register_backend("torch", TorchBackend)
 # keeps the faster, docs/architecture.md §3), then the extension (CUDA tensors, and CPU tensors: its C++ kernels), then
 # Triton tier A, then "torch".
 register_backend("triton", _lazy("fastresnet.backends.triton_backend", "TritonBackend"), auto_rank=0)
-register_backend("cuda", _lazy("fastresnet.backends.cuda_backend", "CudaBackend"), auto_rank=0)
+register_backend("ext", _lazy("fastresnet.backends.ext_backend", "ExtBackend"), auto_rank=0)
 register_backend("triton_conv", _lazy("fastresnet.backends.triton_conv_backend", "TritonConvBackend"), auto_rank=0)
 
 

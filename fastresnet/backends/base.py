@@ -74,7 +74,7 @@ class Backend:
     # `fastresnet.ops.unit_ops._unit_forward` / `_unit_backward` (positionally, backend name left out) and returning
     # their lists, bitwise; None: unit_ops composes the unit from the ops of this class. `unit_plan` / `units_train`:
     # the whole training call as one autograd node per unit of the backend's own, or None — unit_plan takes a unit's
-    # arguments except x and its statistics (see CudaBackend.unit_plan) and returns an opaque plan; units_train(x,
+    # arguments except x and its statistics (see ExtBackend.unit_plan) and returns an opaque plan; units_train(x,
     # mean, var, plans) runs planned units one after another and returns (x_out, its mean, its var).
     unit_forward = None
     unit_backward = None

@@ -27,7 +27,7 @@ from fastresnet.sync_functional import sync_bn_relu, sync_bn_relu_conv2d
 def _train_natively(layer: nn.Module, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]], bn: nn.BatchNorm2d,
                     conv: Optional[nn.Conv2d]) -> Optional[Tensor]:
     """The training forward of `layer` (bn → ReLU, → conv if given) as one call into its backend's own node
-    (`Backend.layer_train`: for the "cuda" backend a C++ autograd node, bitwise the ops' results), or None where
+    (`Backend.layer_train`: for the "ext" backend a C++ autograd node, bitwise the ops' results), or None where
     the ops must run: torch.compile or a dispatch mode, a functorch transform, a recomputed segment, a BN that is not
     affine or averages cumulatively (momentum None), a weight that is not a registered parameter, statistics in
     another dtype than the layer's, a backend without it. Under autocast the conv weight is cast to the autocast

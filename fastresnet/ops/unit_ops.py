@@ -284,7 +284,7 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
     batch statistics (`reference.update_running_stats_many`). None: no update (a recomputation's replay). Returns
     (x_{l+1}, its mean, its var). Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics.
 
-    A backend with a native unit (`Backend.unit_plan`: the "cuda" backend's C++ autograd node, whose backward runs
+    A backend with a native unit (`Backend.unit_plan`: the "ext" backend's C++ autograd node, whose backward runs
     without Python) takes the whole call in eager mode when `native_plan` allows; otherwise, and under
     torch.compile or a dispatch mode, `_PreactUnit` runs (bitwise the same). `plan`: the caller's `native_plan` of
     these arguments, if it keeps one.

@@ -20,10 +20,10 @@ import torch
 import fastresnet
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
-from fastresnet.backends.cuda_backend import CudaBackend
+from fastresnet.backends.ext_backend import ExtBackend
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
-_REASON = CudaBackend().unavailable_reason()
+_REASON = ExtBackend().unavailable_reason()
 needs_ext = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
 ops = torch.ops.fastresnet_ext if _REASON is None else None
 
@@ -161,13 +161,13 @@ def test_add_stats(case, layout, dtype):
     _check("var", var, ref_var, v64)
 
 
-# ---- the layer: backend="cuda" (C++ CPU kernels) vs backend="torch" --------------------------------------------------
+# ---- the layer: backend="ext" (C++ CPU kernels) vs backend="torch" --------------------------------------------------
 @needs_ext
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cin,cout,k,stride,hw", [(3, 24, 3, 1, (7, 5)), (33, 24, 1, 2, (5, 3)), (24, 33, 3, 2, (8, 8))])
 def test_preact_conv_matches_torch_backend(channels_last, cin, cout, k, stride, hw):
-    layers = {b: fastresnet.PreActConv2d(cin, cout, k, stride, k // 2, backend=b) for b in ("cuda", "torch")}
-    layers["torch"].load_state_dict(layers["cuda"].state_dict())
+    layers = {b: fastresnet.PreActConv2d(cin, cout, k, stride, k // 2, backend=b) for b in ("ext", "torch")}
+    layers["torch"].load_state_dict(layers["ext"].state_dict())
     x = torch.randn(3, cin, *hw) * 0.5 - 2.3
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -182,11 +182,11 @@ def test_preact_conv_matches_torch_backend(channels_last, cin, cout, k, stride, 
         outs[name] = (y, xi.grad, layer.conv.weight.grad, layer.bn.weight.grad, layer.bn.bias.grad,
                       layer.bn.running_mean, layer.bn.running_var, layer.bn.num_batches_tracked, y_eval)
     names = ["y", "dx", "dW", "dgamma", "dbeta", "running_mean", "running_var", "num_batches_tracked", "y_eval"]
-    for name, got, want in zip(names, outs["cuda"], outs["torch"]):
+    for name, got, want in zip(names, outs["ext"], outs["torch"]):
         # fp32, sums over ≤ 3·8·8 = 192 elements in a different order: a few ulps of the largest term
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
     if channels_last:
-        assert outs["cuda"][1].is_contiguous(memory_format=torch.channels_last)
+        assert outs["ext"][1].is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_ext
@@ -241,7 +241,7 @@ def test_add_stats_promotes_mixed_dtypes():
 
 @needs_ext
 def test_backend_reports_unsupported_device():
-    backend = get_backend_impl("cuda")
+    backend = get_backend_impl("ext")
     assert backend.why_not(torch.empty(2, 3, 4, 4)) is None
     assert "CPU or CUDA" in backend.why_not(torch.empty(2, 3, 4, 4, device="meta"))
 
@@ -270,8 +270,8 @@ def test_cu_files_include_only_cuda_headers():
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_kernels_match_reference(layout, dtype):
-    if get_backend_impl("cuda").why_not(torch.empty(1, device="cuda")) is not None:
-        pytest.skip(get_backend_impl("cuda").why_not(torch.empty(1, device="cuda")))
+    if get_backend_impl("ext").why_not(torch.empty(1, device="cuda")) is not None:
+        pytest.skip(get_backend_impl("ext").why_not(torch.empty(1, device="cuda")))
     for case in CASES:
         x = _make(*case, layout, dtype, device="cuda")
         mean, var = ops.batch_stats(x)
@@ -292,3 +292,15 @@ def test_cuda_kernels_match_reference(layout, dtype):
         y, ym, yv = ops.add_stats(x, dy)
         torch.testing.assert_close(y, reference.add_stats(x, dy)[0], atol=0, rtol=0)  # same add, rounded once
         assert torch.equal(ops.batch_stats(x)[1], ops.batch_stats(x)[1])  # deterministic: no atomics
+
+
+def test_the_former_name_cuda_is_refused_with_the_new_one(monkeypatch):
+    import fastresnet
+    from fastresnet.backends import get_backend, get_backend_impl
+    with pytest.raises(ValueError, match="'cuda' is now named 'ext'"):
+        fastresnet.set_backend("cuda")
+    with pytest.raises(ValueError, match="'cuda' is now named 'ext'"):
+        get_backend_impl("cuda")
+    monkeypatch.setenv("FASTRESNET_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTRESNET_BACKEND: .*'cuda' is now named 'ext'"):
+        get_backend()

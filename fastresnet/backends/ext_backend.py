@@ -1,4 +1,4 @@
-"""The "cuda" backend: the tier-A primitives as compiled kernels of the extension `fastresnet._C` (csrc/).
+"""The "ext" backend: the tier-A primitives as compiled kernels of the extension `fastresnet._C` (csrc/).
 
 CUDA tensors run the CUDA kernels (csrc/cuda/bn_kernels.cu: NHWC and NCHW, fp32/bf16/fp16/fp64 storage, fp32
 statistics), CPU tensors the C++ CPU kernels (csrc/bn_cpu.cpp: NHWC and NCHW, any float dtype, fp32 math). Both
@@ -36,12 +36,11 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CPU_AUTO = True
 
 
-class CudaBackend(Backend):
+class ExtBackend(Backend):
     """Compiled kernels of `fastresnet._C`, called through `torch.ops.fastresnet_ext.*` (the dispatcher picks the
     CPU or CUDA kernel from the tensors' device)."""
 
-    name = "cuda"
-
+    name = "ext"
     def unavailable_reason(self) -> Optional[str]:
         return _IMPORT_ERROR
 
