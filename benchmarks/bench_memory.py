@@ -43,6 +43,7 @@ import torch
 
 from benchmarks import common
 from fastresnet import memory
+from fastresnet.checkpoint import save_png
 from fastresnet.backends import resolve
 from fastresnet.convert import unconvert
 from fastresnet.models import cifar_resnet  # the zoo's CIFAR builder, for depths the registry does not name
@@ -327,7 +328,7 @@ def plot(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
         fig.tight_layout()
         slug = "".join(c if c.isalnum() else "-" for c in str(r0["device"]).lower()).strip("-")
         path = out_dir / f"memory_depth_{slug}_{r0['dtype']}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, str(path), dpi=110)
         plt.close(fig)
         written.append(path)
     return written

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -121,21 +120,6 @@ def write_rows(path: Path, rows: Iterable[Dict[str, object]]) -> None:
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace path's content with text atomically: a unique temporary file beside it, fsynced, then os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_rows(paths: Iterable[Path]) -> List[Dict[str, object]]:

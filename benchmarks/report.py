@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from benchmarks import common
+from fastresnet.checkpoint import save_png, write_text
 
 # the generated blocks: (file relative to the repository root, marker name) -> the function of the rows that makes
 # its text, from every row read (`latest` picks the newest per cell). The committed kernel rows are all from a
@@ -261,7 +262,7 @@ def plot(rows: List[Row], out_dir: Path) -> List[Path]:
             continue
         fig.tight_layout()
         path = out_dir / f"{bench}_{_slug(device)}_{dtype}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, str(path), dpi=110)
         plt.close(fig)
         written.append(path)
     return written
@@ -355,7 +356,7 @@ def write_docs(rows: List[Row], root: Path = common.REPO_ROOT) -> List[Path]:
         except ValueError as e:
             raise ValueError(f"write_docs: {path}: {e}") from None
     for path, text in by_file.items():
-        common.write_text_atomic(path, text)
+        write_text(str(path), text)
     return list(by_file)
 
 

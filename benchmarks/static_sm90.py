@@ -410,9 +410,8 @@ def _load_cache(path: Optional[Path]) -> Dict[str, dict]:
 def _save_cache(path: Optional[Path], results: Dict[str, dict]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results))
-        os.replace(tmp, path)
+        from fastresnet.checkpoint import write_text
+        write_text(str(path), json.dumps(results))
 
 
 def build_rows(nets, dtypes, jobs: int, cache: Optional[Path] = None, progress=print) -> List[dict]:
@@ -460,7 +459,7 @@ def build_rows(nets, dtypes, jobs: int, cache: Optional[Path] = None, progress=p
                    blocks_per_sm=blocks, occupancy_limit=limit, longest_loop=longest_loop(la),
                    bytes=la["bytes"], flops=flops)
         if is_cifar:
-            row["floor_us"] = round(max(la["bytes"] / HBM_BYTES_PER_S, flops / PEAK_FLOPS[dname]) * 1e6, 3)
+            row["floor_us"] = float(f"{max(la['bytes'] / HBM_BYTES_PER_S, flops / PEAK_FLOPS[dname]) * 1e6:.4g}")
         rows.append(row)
     return rows
 
@@ -473,19 +472,12 @@ def write_atomic(path: Path, rows: List[dict], meta: dict) -> None:
         with path.open() as f:
             kept = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in kept if r.get("label") != meta["label"]]
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in kept:
-                f.write(json.dumps(row) + "\n")
-            for row in rows:
-                f.write(json.dumps({**meta, **row}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from fastresnet.checkpoint import atomic_write
+    with atomic_write(str(path)) as f:
+        for row in kept:
+            f.write(json.dumps(row) + "\n")
+        for row in rows:
+            f.write(json.dumps({**meta, **row}) + "\n")
 
 
 def summary(rows: List[dict]) -> str:

@@ -128,7 +128,7 @@ def update_running_stats_many(
     entries: Sequence[Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor, int, Optional[float]]],
 ) -> None:
     """`update_running_stats` for several BNs at once, each entry its arguments in order: BNs sharing a momentum
-    and a buffer dtype update with one multi-tensor op per step (six for a whole residual unit, whatever its depth),
+    and a buffer dtype update with one multi-tensor op per step (four for a whole residual unit, whatever its depth),
     the same arithmetic as one BN at a time."""
     with torch.no_grad():
         nbts = [e[2] for e in entries if e[2] is not None]
@@ -149,7 +149,9 @@ def update_running_stats_many(
         for (momentum, mean_dtype, var_dtype), group in groups.items():
             rms, rvs, means, variances, counts = zip(*group)
             unbiased = torch._foreach_mul(list(variances), [c / (c - 1) for c in counts])
-            for running, batch in ((list(rms), [cast(m, mean_dtype) for m in means]),
-                                   (list(rvs), [cast(u, var_dtype) for u in unbiased])):
-                torch._foreach_mul_(running, 1 - momentum)
-                torch._foreach_add_(running, batch, alpha=momentum)
+            # running means and variances together: (1 − m)·running, then + m·batch (PyTorch's BatchNorm form; a lerp
+            # would turn an infinite running value into NaN)
+            running = list(rms) + list(rvs)
+            batch = [cast(m, mean_dtype) for m in means] + [cast(u, var_dtype) for u in unbiased]
+            torch._foreach_mul_(running, 1 - momentum)
+            torch._foreach_add_(running, batch, alpha=momentum)
