@@ -43,6 +43,8 @@ def _group_shared_fixtures(items):
     session-scoped fixture (an nvcc build, smoke reproductions, subprocess runs) go to one worker, which builds the
     fixture once instead of once per worker."""
     for item in items:
+        if item.get_closest_marker("xdist_group") is not None:  # the module chose its group itself
+            continue
         info = getattr(item, "_fixtureinfo", None)
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d[-1].scope in ("module", "session") and d[-1].baseid for d in defs):

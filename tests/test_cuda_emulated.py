@@ -30,6 +30,8 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 
 pytestmark = [
     pytest.mark.emulated,
+    # one worker under pytest-xdist: one emulator build, and one session log for test_every_global_kernel_ran
+    pytest.mark.xdist_group("cuda_emu"),
     pytest.mark.skipif(shutil.which("g++") is None or emu_build.cuda_include_dir() is None,
                        reason="the CUDA emulator needs g++ and the CUDA toolkit headers (cuda_fp16.h)"),
 ]
