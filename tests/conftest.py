@@ -52,8 +52,14 @@ def _group_shared_fixtures(items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_default_backend():
+    """Each test starts from seed 0 and the environment's default backend: an in-process trainer run or a
+    set_backend call in one test does not change which backend the next test on that worker gets."""
+    import fastresnet
     torch.manual_seed(0)
+    fastresnet.set_backend(None)
+    yield
+    fastresnet.set_backend(None)
 
 
 @pytest.fixture
