@@ -73,6 +73,7 @@ class TrainConfig:
     download: bool = _opt(False, "CIFAR: fetch the archive if missing (needs a network)")
     image_size: int = _opt(0, "0: native (digits 8, CIFAR/synthetic 32, ImageNet 224)")
     synthetic_size: int = _opt(10000, "images in the synthetic training set")
+    synthetic_test_size: int = _opt(1000, "images in the synthetic test set")
     model: str = _opt("preact_resnet20", "a name from fastresnet.list_models() (python -m fastresnet.profile)")
     model_kwargs: Dict[str, Any] = _opt(help="JSON, passed to create_model", factory=dict)
     num_classes: int = _opt(0, "0: the dataset's")
@@ -195,7 +196,8 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
 }
 # numeric fields: (lower bound, whether the bound itself is excluded); every float must also be finite
 BOUNDS: Dict[str, Tuple[float, bool]] = {
-    "image_size": (0, False), "synthetic_size": (1, False), "num_classes": (0, False), "batch_size": (1, False),
+    "image_size": (0, False), "synthetic_size": (1, False), "synthetic_test_size": (1, False),
+    "num_classes": (0, False), "batch_size": (1, False),
     "iterations": (0, False), "epochs": (0, False), "lr": (0, True), "momentum": (0, False),
     "weight_decay": (0, False), "lr_decay": (0, True), "warmup_iters": (0, False), "warmup_lr": (0, True),
     "pad": (0, False), "runs": (1, False), "log_every": (1, False), "eval_every": (0, False),
@@ -384,7 +386,7 @@ class Trainer:
         elif cfg.dataset == "synthetic":
             n_cls = cfg.num_classes or 10
             train = data.synthetic(cfg.synthetic_size, n_cls, cfg.image_size or 32, seed=1)
-            test = data.synthetic(max(cfg.batch_size, 1000), n_cls, cfg.image_size or 32, seed=2)
+            test = data.synthetic(cfg.synthetic_test_size, n_cls, cfg.image_size or 32, seed=2)
         else:
             size = cfg.image_size or 224
             self.folder = (data.ImageFolder(os.path.join(cfg.data_dir, "train"), size, True, cfg.seed),

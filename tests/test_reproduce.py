@@ -2,8 +2,8 @@
 kill + resume to the same rows without repeating finished runs, sharding, the dry run, and one-line errors.
 
 Cost: one smoke pass over all six experiments into a shared folder (31 distinct runs, five of them 1001-layer nets
-and one 1202-layer net, 2 iterations each at batch 64 on 4×4 synthetic images; most of each run is the evaluation of
-the trainer's 1000 synthetic test images), plus Fig. 6's four runs twice more (killed/resumed and sharded).
+and one 1202-layer net, 2 iterations each at batch 64 on 4×4 synthetic images and an evaluation of one batch), plus
+Fig. 6's four runs twice more (killed/resumed and sharded).
 """
 import json
 import os
