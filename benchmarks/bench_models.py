@@ -81,8 +81,8 @@ def native_backends() -> List[str]:
 class WithoutNativeNodes(torch.nn.Module):
     """Runs `model` with backend `backend`'s own autograd nodes switched off: during each forward its `unit_plan`
     and `layer_plan` are None (what `Backend` has for a backend without such nodes), so each residual unit runs the
-    Python node (`ops.unit_ops._PreactUnit`, whose forward and backward still call the backend's unit ops) and each
-    single fused layer the ops, one call per unit and layer; the backward runs the nodes the forward recorded. The
+    Python node (`ops.unit_ops._PreactUnit`, composed from the backend's primitives) and each single fused layer the
+    ops, one call per unit and layer; the backward runs the nodes the forward recorded. The
     Python path of the same kernels, to set against the backend's C++ one."""
 
     def __init__(self, model: torch.nn.Module, backend: str):

@@ -31,13 +31,13 @@ Then one more step of each provider runs under torch.profiler, for
   transpose, permute, expand, as_strided, detach, and contiguous / to / reshape when they do not copy, result_type,
   item, ...) — or allocates or restrides in place (NON_KERNEL_OPS: empty*, resize_, set_, as_strided_, ...) counts
   nothing itself but counts through the ops it calls (`to` that copies: its one `_to_copy`); so do Python-level ranges
-  (custom ops, autograd nodes, the optimizer); an op of the C++ extension (`fastresnet_ext::`; not its unit driver,
-  `DRIVER_OPS`, which counts through the ops it calls) and a Triton launch count once each. Counting the outermost
-  computing op, not the leaves, leaves out how the CPU implements an op (native_batch_norm zero-fills its statistics
-  buffers, every CPU `mul_` by a Python scalar copies the scalar into a tensor: not kernels on a GPU). One ATen op is
-  one kernel: a lower bound where a GPU library launches several (convolution_backward: input and weight gradients,
-  two cuDNN kernels; cross_entropy: two), the same for every provider. torch.compile on CPU runs Inductor's C++
-  kernels, which the profiler does not see: its CPU kernel count is not reported.
+  (custom ops, autograd nodes, the optimizer); an op of the C++ extension (`fastresnet_ext::`) and a Triton launch count
+  once each. Counting the outermost computing op, not the leaves, leaves out how the CPU implements an op
+  (native_batch_norm zero-fills its statistics buffers, every CPU `mul_` by a Python scalar copies the scalar into a
+  tensor: not kernels on a GPU). One ATen op is one kernel: a lower bound where a GPU library launches several
+  (convolution_backward: input and weight gradients, two cuDNN kernels; cross_entropy: two), the same for every
+  provider. torch.compile on CPU runs Inductor's C++ kernels, which the profiler does not see: its CPU kernel count is
+  not reported.
   kernels_optimizer: those under the optimizer step (on CPU SGD loops over the parameters, 3+ ops each; on a GPU
   it uses multi-tensor kernels; a graph replay has no Python caller to attribute kernels to, so a "+graph" row takes
   them from its eagerly launched twin); kernels_forward_backward: the rest; kernels_per_conv_layer =
@@ -166,10 +166,6 @@ def is_kernel_op(name: str) -> bool:
     return False
 
 
-# the extension's residual-unit driver: it only calls other ops (csrc/unit.cpp), so it counts through them
-DRIVER_OPS = ("fastresnet_ext::preact_unit_forward", "fastresnet_ext::preact_unit_backward")
-
-
 def cpu_kernels(events) -> Counter:
     """The kernels of the profiler events `events` (CPU ops, each with what runs below it) by the module docstring's
     CPU rule, per op name."""
@@ -178,7 +174,7 @@ def cpu_kernels(events) -> Counter:
     def visit(evt) -> None:
         name = evt.name
         if (name.startswith(TRITON_PREFIX)
-                or (name.startswith("fastresnet_ext::") and name not in DRIVER_OPS)
+                or name.startswith("fastresnet_ext::")
                 or (name.startswith("aten::") and is_kernel_op(name[len("aten::"):]))):
             tally[name] += 1
         else:

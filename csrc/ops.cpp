@@ -1,8 +1,8 @@
-// The fastresnet_ext operator library: schemas of the four tier-A primitives (semantics: fastresnet/reference.py), of
-// BN's folded affine map and of the residual-unit driver, and the Python module fastresnet._C, whose import loads the
-// library and binds the unit's C++ training entry. Kernels register per dispatch key in bn_cpu.cpp (CPU) and
-// bn_cuda.cpp (CUDA, only in builds with CUDA); the unit driver and the affine map's composition (unit.cpp) register
-// once for every device.
+// The fastresnet_ext operator library: schemas of the four tier-A primitives (semantics: fastresnet/reference.py) and
+// of BN's folded affine map, and the Python module fastresnet._C, whose import loads the library and binds the C++
+// training entries of units and layers (unit.h). Kernels register per dispatch key in bn_cpu.cpp (CPU) and
+// bn_cuda.cpp (CUDA, only in builds with CUDA); the affine map's composition (unit.cpp) registers once for every
+// device.
 //
 // Layout rule of every output tensor: channels_last if x (a for add_stats) is channels_last and not also
 // NCHW-contiguous, else contiguous. Statistics are float32 ([C]); float64 for float64 inputs.
@@ -30,15 +30,6 @@ TORCH_LIBRARY(fastresnet_ext, m) {
   m.def("bn_affine(Tensor mean, Tensor var, float eps, Tensor? weight, Tensor? bias) -> (Tensor rstd, Tensor scale, "
         "Tensor shift)");
   m.def("scale_shift(Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias) -> (Tensor scale, Tensor shift)");
-  // A full pre-activation residual unit in training, forward and backward, composed from the ops above and ATen's
-  // convolutions exactly as fastresnet/ops/unit_ops.py composes them (`_unit_forward`, `_unit_backward`: argument
-  // meanings and the returned lists are documented there).
-  m.def("preact_unit_forward(Tensor x, Tensor x_mean, Tensor x_var, Tensor[] weights, Tensor?[] bn_weights, "
-        "Tensor?[] bn_biases, float[] eps, int[] strides, int[] paddings, str shortcut, int shortcut_stride, "
-        "bool through_last) -> Tensor[]");
-  m.def("preact_unit_backward(Tensor dout, Tensor x, Tensor[] ys, Tensor[] weights, Tensor[] means, Tensor[] rstds, "
-        "Tensor?[] bn_weights, Tensor?[] bn_biases, int[] strides, int[] paddings, str shortcut, "
-        "int shortcut_stride) -> Tensor[]");
 }
 
 #define FASTRESNET_STR_(x) #x

@@ -1,11 +1,12 @@
-// A whole full pre-activation residual unit driven from C++: the training forward and backward that
-// fastresnet/ops/unit_ops.py composes in Python (`_unit_forward`, `_unit_backward`), for the "ext" backend. The
-// same primitives (this library's batch_stats / bn_relu / add_stats / bn_relu_backward, called through the
-// dispatcher, so one driver runs the CPU and the CUDA kernels), the same ATen convolutions and the same operations
-// in the same order (rstd, scale and shift by bn_affine / scale_shift, bitwise their ATen composition): results are
-// bitwise those of the Python composition (tests/test_unit_op.py checks it). What it removes is host time: one call
-// per unit and direction instead of ~40 Python-level op calls, and with preact_units_train one call for a whole chain
-// of units (docs/architecture.md §8: the execution paths and the benchmark rows that measure them).
+// Full pre-activation residual units and single fused layers in training as C++ autograd nodes, for the "ext"
+// backend: the training forward and backward that fastresnet/ops/unit_ops.py composes in Python (`_unit_forward`,
+// `_unit_backward`) and fastresnet/ops/bn_ops.py runs per layer. The same primitives (this library's batch_stats /
+// bn_relu / add_stats / bn_relu_backward, called through the dispatcher, so one code path runs the CPU and the CUDA
+// kernels), the same ATen convolutions and the same operations in the same order (rstd, scale and shift by
+// bn_affine / scale_shift, bitwise their ATen composition): results are bitwise those of the Python composition
+// (tests/test_unit_op.py and tests/test_host_path.py check it). What it removes is host time: one call per unit
+// instead of ~40 Python-level op calls, a backward without Python, and with preact_units_train one call for a whole
+// chain of units (docs/architecture.md §8: the execution paths and the benchmark rows that measure them).
 //
 // Conventions (as in unit_ops.py): a unit has k BN-ReLU-conv layers; weights[k] is the projection of a
 // "shared_projection" shortcut; strides/paddings are flattened (h, w) pairs per layer; rstd_i = 1/sqrt(var_i + eps_i)
@@ -22,7 +23,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -36,7 +36,6 @@ namespace {
 
 using at::Tensor;
 using Tensors = std::vector<Tensor>;
-using OptionalTensors = c10::List<std::optional<Tensor>>;
 
 // ---- the primitives, through the dispatcher ----------------------------------------------------------------------
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& x) {
@@ -195,18 +194,16 @@ void append(Tensors& out, const Tensors& more) { out.insert(out.end(), more.begi
 
 // ---- the unit -----------------------------------------------------------------------------------------------------
 // unit_ops._unit_forward: [x_{l+1}, its mean, its var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …, mean_k,
-// var_k]; without through_last the last conv and the shortcut add are skipped and the first three left out.
-Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor& x_var, at::TensorList weights,
-                            const OptionalTensors& bn_weights, const OptionalTensors& bn_biases,
-                            at::ArrayRef<double> eps, at::IntArrayRef strides, at::IntArrayRef paddings,
-                            c10::string_view shortcut, int64_t shortcut_stride, bool through_last) {
-  const size_t k = bn_weights.size();
-  TORCH_CHECK(k >= 1 && bn_biases.size() == k && eps.size() == k && strides.size() == 2 * k &&
-                  paddings.size() == 2 * k && weights.size() >= k,
-              "preact_unit_forward: inconsistent per-layer argument lengths");
+// var_k], from x, its batch statistics and the plan's weights and configuration.
+Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor& x_var, const UnitPlan& plan) {
+  const Tensors& weights = plan.weights;
+  const UnitConfig& cfg = plan.cfg;
+  const std::string& shortcut = cfg.shortcut;
+  const int64_t shortcut_stride = cfg.shortcut_stride;
+  const size_t k = plan.bn_weights.size();
   Tensors ys, rstds, stats;
   auto affine = [&](size_t i, const Tensor& mean, const Tensor& var) {
-    auto [rstd, bn] = bn_affine(mean, var, eps[i], bn_weights.get(i), bn_biases.get(i));
+    auto [rstd, bn] = bn_affine(mean, var, cfg.eps[i], plan.bn_weights[i], plan.bn_biases[i]);
     rstds.push_back(rstd);
     return bn;
   };
@@ -215,10 +212,9 @@ Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor&
   if (shortcut == "shared_identity" || shortcut == "shared_projection") {
     // one activation feeds conv 1 and the shortcut: plain convs on it
     const Affine bn = affine(0, mean, var);
-    if (k == 1 && !through_last) return rstds;
     const Tensor a = bn_relu(x, bn.scale, bn.shift, x.scalar_type());
     h = shortcut == "shared_identity" ? a : plain_conv(a, weights[k], {shortcut_stride, shortcut_stride}, {0, 0});
-    y = plain_conv(a, weights[0], pair(strides, 0), pair(paddings, 0));
+    y = plain_conv(a, weights[0], pair(cfg.strides, 0), pair(cfg.paddings, 0));
     if (k == 1) {
       auto [out, out_mean, out_var] = add_stats(y, h);
       Tensors res{out, out_mean, out_var};
@@ -235,13 +231,8 @@ Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor&
   for (size_t i = first; i < k; ++i) {
     const bool last = i == k - 1;
     const Affine bn = affine(i, mean, var);
-    if (last && !through_last) {
-      append(ys, rstds);
-      append(ys, stats);
-      return ys;
-    }
     std::tie(y, mean, var) =
-        bn_relu_conv_stats(y, bn, weights[i], pair(strides, i), pair(paddings, i), last ? h : Tensor());
+        bn_relu_conv_stats(y, bn, weights[i], pair(cfg.strides, i), pair(cfg.paddings, i), last ? h : Tensor());
     if (!last) {
       ys.push_back(y);
       stats.push_back(mean);
@@ -258,21 +249,18 @@ Tensors preact_unit_forward(const Tensor& x, const Tensor& x_mean, const Tensor&
 // unit_ops._unit_backward: [dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]; the shortcut
 // gradient joins dx inside the BN backward kernel.
 Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList ys, at::TensorList weights,
-                             at::TensorList means, at::TensorList rstds, const OptionalTensors& bn_weights,
-                             const OptionalTensors& bn_biases, at::IntArrayRef strides, at::IntArrayRef paddings,
-                             c10::string_view shortcut, int64_t shortcut_stride) {
+                             at::TensorList means, at::TensorList rstds, at::TensorList gammas, at::TensorList betas,
+                             const UnitConfig& cfg) {
+  const std::string& shortcut = cfg.shortcut;
+  const int64_t shortcut_stride = cfg.shortcut_stride;
   const size_t k = means.size();
-  TORCH_CHECK(k >= 1 && ys.size() == k - 1 && rstds.size() == k && bn_weights.size() == k &&
-                  bn_biases.size() == k && strides.size() == 2 * k && paddings.size() == 2 * k &&
-                  weights.size() >= k,
-              "preact_unit_backward: inconsistent per-layer argument lengths");
   Tensors dweights(weights.size()), dgammas(k), dbetas(k);
   const bool shared = shortcut == "shared_identity" || shortcut == "shared_projection";
   Tensor dy = dout;
   for (size_t n = k; n-- > 0;) {
     const Tensor& xi = n == 0 ? x : ys[n - 1];
-    const Affine bn = scale_shift(means[n], rstds[n], bn_weights.get(n), bn_biases.get(n));
-    const auto stride = pair(strides, n), padding = pair(paddings, n);
+    const Affine bn = scale_shift(means[n], rstds[n], gammas[n], betas[n]);
+    const auto stride = pair(cfg.strides, n), padding = pair(cfg.paddings, n);
     dy = dy.contiguous(layout(xi));
     if (n == 0 && shared) {
       const Tensor a = bn_relu(x, bn.scale, bn.shift, x.scalar_type());
@@ -301,11 +289,6 @@ Tensors preact_unit_backward(const Tensor& dout, const Tensor& x, at::TensorList
   append(res, dgammas);
   append(res, dbetas);
   return res;
-}
-
-// γs or βs, all present, as the Tensor?[] the unit ops take.
-OptionalTensors optionals(at::TensorList tensors) {
-  return OptionalTensors(std::vector<std::optional<Tensor>>(tensors.begin(), tensors.end()));
 }
 
 // ---- the unit as one C++ autograd node ---------------------------------------------------------------------------
@@ -431,10 +414,7 @@ class NativeUnitBackward final : public torch::autograd::Node {
     if (!grads[0].defined()) return variable_list(num_outputs());  // x_{l+1} got no gradient
     const Tensors ys = unpack(ys_), weights = unpack(weights_), means = unpack(means_), rstds = unpack(rstds_),
                   gammas = unpack(gammas_), betas = unpack(betas_);
-    const UnitConfig& cfg = plan_->cfg;
-    Tensors res = preact_unit_backward(grads[0], x_.unpack(), ys, weights, means, rstds, optionals(gammas),
-                                       optionals(betas), cfg.strides, cfg.paddings, cfg.shortcut,
-                                       cfg.shortcut_stride);
+    Tensors res = preact_unit_backward(grads[0], x_.unpack(), ys, weights, means, rstds, gammas, betas, plan_->cfg);
     // res: [dx, dW…, Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]
     const size_t n = weights.size(), k = means.size();
     variable_list out(res.begin(), res.begin() + 1 + n);
@@ -506,9 +486,7 @@ std::array<Tensor, 3> unit_train(const Tensor& x, const Tensor& mean, const Tens
   Tensors res;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const UnitConfig& cfg = plan->cfg;
-    res = preact_unit_forward(x, mean, var, plan->weights, optionals(plan->bn_weights), optionals(plan->bn_biases),
-                              cfg.eps, cfg.strides, cfg.paddings, cfg.shortcut, cfg.shortcut_stride, true);
+    res = preact_unit_forward(x, mean, var, *plan);
   }
   // res: [out, out_mean, out_var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …]
   Tensors means{mean}, vars{var};
@@ -692,10 +670,8 @@ at::Tensor preact_layer_train(const at::Tensor& x, const std::optional<at::Tenso
   return out;
 }
 
-// One kernel for every device: the driver only calls other operators, which dispatch on the tensors' device.
+// The affine map's composition, the kernel of every device without its own (bn_affine_composite above).
 TORCH_LIBRARY_IMPL(fastresnet_ext, CompositeExplicitAutograd, m) {
-  m.impl("preact_unit_forward", &preact_unit_forward);
-  m.impl("preact_unit_backward", &preact_unit_backward);
   m.impl("bn_affine", &bn_affine_composite);
   m.impl("scale_shift", &scale_shift_composite);
 }

@@ -50,8 +50,8 @@ def test_fused_preact_counts_like_plain_twin(device, name):
 
 @pytest.mark.parametrize("checkpoint", ["unit", "segment"])
 def test_recomputed_units_count_alike_on_every_backend(checkpoint):
-    """A recomputation replays units through the backend's unit (the C++ driver on "ext" when run for real); under
-    FlopCounterMode every backend runs the composition of registered ops, so each counts the same convolutions."""
+    """A recomputation replays units (on "ext", when run for real, its C++ node for all but a segment's last unit);
+    under FlopCounterMode every backend runs the composition of registered ops, so each counts the same convolutions."""
     if fastresnet.backends.get_backend_impl("ext").why_not(torch.empty(1, 1, 1, 1)) is not None:
         pytest.skip("the C++ extension is not built")
     totals = {}

@@ -76,8 +76,7 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.floa
     results = []
     for native in (True, False):
         if not native:
-            for name in ("unit_forward", "unit_backward", "unit_plan", "units_train"):
-                monkeypatch.setattr(type(get_backend_impl("ext")), name, None)
+            monkeypatch.setattr(type(get_backend_impl("ext")), "unit_plan", None)
         model = _net(kind, "ext", True, dtype).to(device)
         model.set_checkpoint(checkpoint)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -92,15 +91,15 @@ def _native_vs_python_node(kind, autocast, device, monkeypatch, dtype=torch.floa
 @pytest.mark.parametrize("kind", list(NETS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_native_unit_equals_python_node(kind, autocast, monkeypatch):
-    """The "ext" backend's C++ unit (driver and autograd node, csrc/unit.cpp) against the same backend's unit composed
-    in Python from the same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
+    """The "ext" backend's C++ unit node (csrc/unit.cpp) against the same backend's unit composed in Python from the
+    same primitives (`unit_ops._PreactUnit`): bitwise, outputs, gradients and running buffers."""
     _native_vs_python_node(kind, autocast, "cpu", monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["fp64-nchw", "segment", "unit"])
 def test_native_unit_equals_python_node_more_cases(case, monkeypatch):
-    """fp64 with NCHW inputs, and the recomputation modes, whose replays run the C++ driver
-    (`preact_unit_gradients`) instead of the node."""
+    """fp64 with NCHW inputs, and the recomputation modes, whose replays run the C++ node for a segment's inner units
+    and the Python composition for its last (`preact_unit_gradients`)."""
     if case == "fp64-nchw":
         _native_vs_python_node("basic_A", False, "cpu", monkeypatch, torch.float64, torch.contiguous_format)
     else:
@@ -111,7 +110,7 @@ def test_native_unit_equals_python_node_more_cases(case, monkeypatch):
 @pytest.mark.parametrize("kind", list(NETS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_native_unit_equals_python_node_on_gpu(kind, autocast, monkeypatch):
-    """The same on CUDA tensors: the CUDA kernels under the C++ driver and node, bitwise the Python node's."""
+    """The same on CUDA tensors: the CUDA kernels under the C++ node, bitwise the Python node's."""
     _native_vs_python_node(kind, autocast, "cuda", monkeypatch)
 
 

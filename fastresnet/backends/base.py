@@ -70,14 +70,11 @@ class Backend:
     update_running_stats = None
 
     # -- whole units ------------------------------------------------------------------------------------------------
-    # A backend that runs a full pre-activation unit natively sets these to methods taking the arguments of
-    # `fastresnet.ops.unit_ops._unit_forward` / `_unit_backward` (positionally, backend name left out) and returning
-    # their lists, bitwise; None: unit_ops composes the unit from the ops of this class. `unit_plan` / `units_train`:
-    # the whole training call as one autograd node per unit of the backend's own, or None — unit_plan takes a unit's
-    # arguments except x and its statistics (see ExtBackend.unit_plan) and returns an opaque plan; units_train(x,
-    # mean, var, plans) runs planned units one after another and returns (x_out, its mean, its var).
-    unit_forward = None
-    unit_backward = None
+    # unit_plan / units_train: a full pre-activation unit's training call as one autograd node of the backend's own,
+    # bitwise the composition of this class's ops in `fastresnet.ops.unit_ops`, or None (that composition runs) —
+    # unit_plan takes a unit's arguments except x and its statistics (see ExtBackend.unit_plan) and returns an opaque
+    # plan; units_train(x, mean, var, plans) runs planned units one after another and returns (x_out, its mean, its
+    # var).
     unit_plan = None
     units_train = None
 

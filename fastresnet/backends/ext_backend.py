@@ -85,12 +85,6 @@ class ExtBackend(Backend):
         """In one C++ call (csrc/unit.cpp's RunningUpdates, which the units' nodes use too)."""
         _C.update_running_stats(running_means, running_vars, num_batches_tracked, counts, momentum, means, vars)
 
-    def unit_forward(self, *args):
-        return torch.ops.fastresnet_ext.preact_unit_forward(*args)
-
-    def unit_backward(self, *args):
-        return torch.ops.fastresnet_ext.preact_unit_backward(*args)
-
     def unit_plan(self, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
                   running_means, running_vars, num_batches_tracked, counts, momentum):
         """A `_C.UnitPlan`: one unit's arguments of `unit_ops.preact_unit` except x and its statistics, with its BNs'

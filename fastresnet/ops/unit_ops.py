@@ -119,9 +119,6 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
     `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
     recomputation needs for the backward alone."""
     impl = get_backend_impl(backend)
-    if impl.unit_forward is not None and not traced():  # traced: the composition, so its convs are seen (FLOPs)
-        return impl.unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
-                                 shortcut_stride, through_last)
     k = len(bn_weights)
     ys: List[Tensor] = []
     rstds: List[Tensor] = []
@@ -162,9 +159,6 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
     gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
     impl = get_backend_impl(backend)
-    if impl.unit_backward is not None and not traced():
-        return impl.unit_backward(dout, x, ys, weights, means, rstds, bn_weights, bn_biases, strides, paddings,
-                                  shortcut, shortcut_stride)
     k = len(means)
     dweights: List[Optional[Tensor]] = [None] * len(weights)  # every entry is filled below
     dgammas: List[Optional[Tensor]] = [None] * k
