@@ -38,6 +38,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """On an xdist worker under --dist loadgroup, warn when the groups did not take effect (pytest-xdist marks a
+    grouped test by appending "@<group>" to its node id): the suite still passes, but builds shared fixtures once
+    per worker and runs far longer."""
+    if getattr(session.config.option, "loadgroup", False) and any(
+            item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid for item in session.items):
+        import warnings
+        warnings.warn("pytest-xdist's --dist loadgroup is not grouping tests with this pytest/pytest-xdist pair "
+                      "(setup.py's test extra pins a pair that does): shared fixtures are built on every worker")
+
+
 def _group_shared_fixtures(items):
     """Under pytest-xdist with --dist loadgroup (tests/run.sh), the tests of a module that share a module- or
     session-scoped fixture (an nvcc build, smoke reproductions, subprocess runs) go to one worker, which builds the
