@@ -49,12 +49,21 @@ def pytest_collection_finish(session):
                       "(setup.py's test extra pins a pair that does): shared fixtures are built on every worker")
 
 
+# Modules whose shared fixture is cheaper to build on every worker than their tests are to run on one, so
+# _group_shared_fixtures leaves them spread over the workers.
+UNGROUPED = {
+    "test_numerics_judge.py": "the float64 yardstick of two small nets (seconds); the interpreted cases take minutes",
+}
+
+
 def _group_shared_fixtures(items):
     """Under pytest-xdist with --dist loadgroup (tests/run.sh), the tests of a module that share a module- or
     session-scoped fixture (an nvcc build, smoke reproductions, subprocess runs) go to one worker, which builds the
-    fixture once instead of once per worker."""
+    fixture once instead of once per worker (except the modules in UNGROUPED)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:  # the module chose its group itself
+            continue
+        if item.path.name in UNGROUPED:
             continue
         info = getattr(item, "_fixtureinfo", None)
         defs = info.name2fixturedefs.values() if info is not None else ()

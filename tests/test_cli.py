@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -73,29 +72,32 @@ def _fastresnet(args, cwd, **kw):
                           text=True, timeout=120, **kw)
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    """Every bad input in its own process, four at a time (each spends ~2 s importing torch)."""
-    tmp = tmp_path_factory.mktemp("bad")
-    cases = _bad_inputs(tmp)
-    assert set(cases) <= set(BAD_INPUTS)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        procs = dict(zip(cases, pool.map(lambda args: _fastresnet(args, cwd=tmp), [c[0] for c in cases.values()])))
-    return {k: (cases[k], procs[k]) for k in cases}, tmp
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("case_id", BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2(bad_input_runs, case_id):
-    runs, tmp = bad_input_runs
-    if case_id not in runs:
+def test_bad_input_is_one_line_exit_2(case_id, tmp_path, monkeypatch, capsys):
+    cases = _bad_inputs(tmp_path)
+    assert set(cases) <= set(BAD_INPUTS)
+    if case_id not in cases:
         pytest.skip("this machine has CUDA: --device cuda is valid here")
-    (args, needle), proc = runs[case_id]
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    args, needle = cases[case_id]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTRESNET_DEBUG", raising=False)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"fastresnet {args[0]}: error: ") and needle in lines[0], lines[0]
-    assert not (tmp / "runs").exists() or not any((tmp / "runs").iterdir())  # no run folder left behind
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left behind
+
+
+def test_the_console_script_prints_one_line_and_exits_2(tmp_path):
+    """The process a user starts: the error line on stderr and exit status 2 (the cases above run its code in this
+    process)."""
+    proc = _fastresnet(["train", "--amp", "fp8"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastresnet train: error: --amp"), proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "runs").exists()
 
 
 def test_debug_shows_the_traceback(monkeypatch):
