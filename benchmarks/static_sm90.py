@@ -18,7 +18,7 @@ What it does, without running anything on a GPU:
 Each row: net, dtype, kernel, shape (the launch's constexprs and sizes), programs (grid size) against 132 SMs,
 registers, spill bytes, shared memory, blocks per SM (occupancy limit from registers, shared memory and warps),
 longest serial loop (trip count of the kernel's loops for this launch, nested loops multiplied; every loop bound is
-a constexpr), and for CIFAR nets the floor: max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak), bytes counting every tensor argument
+a launch argument: a constexpr, or a runtime trip count such as the batch-dependent T, ITERS, ROWS, ROW_BLOCKS), and for CIFAR nets the floor: max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak), bytes counting every tensor argument
 once (a lower bound: each byte read or written at least once), FLOPs 2·M·N·K for the conv GEMMs (0 otherwise);
 peak 790 TFLOP/s for bf16/fp16 dots, half that for fp32 (TF32, the PyTorch default for convs; its dense tensor-core
 rate is half of bf16's on H100/H200).
@@ -137,10 +137,10 @@ def meta_input(batch: int, res: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def trace_calls(net: str, batch: int, res: int, dtype: torch.dtype, inference: bool = True,
-                rec: Optional[_RecordOps] = None) -> List[tuple]:
-    """The fastresnet op calls of one training step (forward + backward) and, with `inference`, one inference forward
-    of `net` (a zoo model or a name of VARIANTS) on meta tensors: the distinct ones in order of first appearance, or,
-    when `rec` is given, every call (rec.calls; rec.other sees the other ops)."""
+                rec: Optional[_RecordOps] = None, train: bool = True) -> List[tuple]:
+    """The fastresnet op calls of one training step (forward + backward; unless not `train`) and, with `inference`,
+    one inference forward of `net` (a zoo model or a name of VARIANTS) on meta tensors: the distinct ones in order of
+    first appearance, or, when `rec` is given, every call (rec.calls; rec.other sees the other ops)."""
     import fastresnet.functional as FF
 
     model = meta_model(net, dtype)
@@ -148,7 +148,8 @@ def trace_calls(net: str, batch: int, res: int, dtype: torch.dtype, inference: b
     mode = rec or _RecordOps()
     # the fused layers resolve their backend from the input's device; meta resolves to the tier-B backend here
     with mock.patch.object(FF, "resolve", lambda t, backend=None: "triton_conv"), mode:
-        model(x).float().sum().backward()
+        if train:
+            model(x).float().sum().backward()
         if inference:
             model.eval()  # inference launches too (running statistics: convs without the statistics epilogue)
             with torch.no_grad():

@@ -30,7 +30,10 @@ Indices are int32: tensors must have fewer than 2**31 elements (the launchers ch
 
 Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
 KH·KW taps (forward, stride-1 dgrad) or those reaching the launch's phase (stride-2 dgrad: 1, 2, 2, 4 for 3×3) —
-which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split.
+which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split (a
+runtime trip count). The arguments that depend on the batch (row counts, trip counts, the merges' group sizes) are
+runtime arguments Triton does not specialise (`do_not_specialize`), so another batch size compiles nothing new where
+its tiles are the same.
 Tiles, warps and stages per launch: `gemm_tiles` / `wgrad_tiles` (a deterministic rule, see "launchers").
 
 Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses TF32 exactly
@@ -91,7 +94,7 @@ def _offsets(nb, h, w, ch, sn, sc, sh, sw):
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
 def _conv_fwd_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0)
@@ -145,7 +148,7 @@ def _conv_fwd_kernel(
                 release_counter(count_ptr + tl.program_id(1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tile0", "tiles", "M_BN", "GROUPS", "ROWS"])
 def _conv_dgrad_kernel(
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous
@@ -212,7 +215,7 @@ def _conv_dgrad_kernel(
             release_counter(count_ptr + tl.program_id(1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split", "GROUPS", "ROWS", "ROW_BLOCKS"])
 def _conv_wgrad_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32
@@ -224,7 +227,7 @@ def _conv_wgrad_kernel(
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS,
     FINISH: tl.constexpr,
 ):
     # program (tap·ci-block, co-block, split): dW[co, kh, kw, ci] over rows [split·R, (split+1)·R) of M = N·Ho·Wo,
