@@ -35,6 +35,7 @@ BLOCKS = {
     ("docs/benchmarks.md", "overhead-table"): lambda rows: overhead_table(latest(rows)),
     ("docs/benchmarks.md", "kernels-table"): lambda rows: smoke_kernels_table(rows),
     ("docs/benchmarks.md", "numerics-table"): lambda rows: numerics_table(latest(rows)),
+    ("docs/benchmarks.md", "step-bytes-table"): lambda rows: step_bytes_table(latest(rows)),
     ("docs/benchmarks.md", "plots"): lambda rows: plot_links(),
 }
 # the headline: one net's training step, GPU rows when there are any, else CPU rows
@@ -46,6 +47,7 @@ CELL_KEYS = {
     "kernels": ("op", "backend", "dtype", "shape"),
     "numerics": ("net", "backend", "dtype", "chained", "layout"),
     "overhead": ("model", "provider", "dtype", "batch", "image_size", "threads"),
+    "step_bytes": ("net", "path", "dtype", "batch", "resolution", "target"),
 }
 Row = Dict[str, object]
 
@@ -288,6 +290,33 @@ def numerics_table(rows: List[Row]) -> str:
     return "\n".join(out)
 
 
+def step_bytes_table(rows: List[Row]) -> str:
+    """The bytes one training step moves and its floor time at the copy bandwidth, fused (`triton_conv`'s sm_90
+    launches) next to eager PyTorch, per net (`benchmarks/step_bytes.py` rows: computed, not measured)."""
+    rs = [r for r in rows if r["bench"] == "step_bytes"]
+    if not rs:
+        return ""
+    cells = {(r["net"], r["path"]): r for r in rs}
+    body = []
+    for net in sorted({r["net"] for r in rs}, key=lambda n: (len(n), n)):
+        fused, eager = cells.get((net, "fused")), cells.get((net, "eager"))
+        if not (fused and eager):
+            continue
+        body.append([net, f"{fused['batch']}×{fused['resolution']}²", fused["dtype"],
+                     f"{fused['bytes'] / 1e9:.2f}", f"{fused['floor_ms']:.2f}",
+                     f"{fused['triton_launches']} + {fused['aten_kernels']}",
+                     f"{eager['bytes'] / 1e9:.2f}", f"{eager['floor_ms']:.2f}", eager["aten_kernels"],
+                     f"{eager['bytes'] / fused['bytes']:.2f}"])
+    head = rs[0]
+    return "\n".join([f"One training step's memory traffic (forward + backward, optimizer excluded) and its floor at "
+                      f"{head['hbm_bytes_per_s'] / 1e12:.1f} TB/s, {head['target']} launches computed on "
+                      f"{head['device']} (torch {head['torch']}, triton {head.get('triton')}, rev "
+                      f"{str(head.get('git_rev'))[:10]}, {str(head['date'])[:10]})", ""]
+                     + _table(["net", "batch×input", "dtype", "fused GB", "fused floor ms",
+                               "fused kernels (Triton + ATen)", "eager GB", "eager floor ms", "eager kernels",
+                               "eager÷fused bytes"], body))
+
+
 def render(rows: List[Row], plots: Sequence[Path] = ()) -> str:
     """The training-step and memory tables and links to the plots, as one markdown block."""
     text = "\n".join(t for t in (models_table(rows), memory_table(rows)) if t)
@@ -402,8 +431,8 @@ def main(argv=None) -> str:
             plots = plot(rows, args.plots_dir)
         except ImportError as e:  # e.g. the GPU machine, which has no package registry: tables still render
             print(f"no plots: {e} (install matplotlib, or pass --no-plots)")
-    text = "\n".join(t for t in (render(rows, plots), kernels_table(rows), numerics_table(rows), overhead_table(rows))
-                     if t)
+    text = "\n".join(t for t in (render(rows, plots), kernels_table(rows), numerics_table(rows), overhead_table(rows),
+                                  step_bytes_table(rows)) if t)
     print(text)
     if args.write_docs:
         for path in write_docs(all_rows):

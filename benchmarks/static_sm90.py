@@ -18,7 +18,7 @@ What it does, without running anything on a GPU:
 Each row: net, dtype, kernel, shape (the launch's constexprs and sizes), programs (grid size) against 132 SMs,
 registers, spill bytes, shared memory, blocks per SM (occupancy limit from registers, shared memory and warps),
 longest serial loop (trip count of the kernel's loops for this launch, nested loops multiplied; every loop bound is
-a constexpr), and for CIFAR nets the floor: max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak), bytes counting every tensor argument
+a launch argument: a constexpr, or a runtime trip count such as the batch-dependent T, ITERS, ROWS, ROW_BLOCKS), and for CIFAR nets the floor: max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak), bytes counting every tensor argument
 once (a lower bound: each byte read or written at least once), FLOPs 2·M·N·K for the conv GEMMs (0 otherwise);
 peak 790 TFLOP/s for bf16/fp16 dots, half that for fp32 (TF32, the PyTorch default for convs; its dense tensor-core
 rate is half of bf16's on H100/H200).
@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 # ---- the target: H100/H200 SXM (sm_90) -----------------------------------------------------------------------------
 SMS = 132
@@ -66,7 +66,13 @@ MAX_BLOCKS_PER_SM = 32
 HBM_BYTES_PER_S = 4.3e12       # measured copy bandwidth of an H200
 PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}  # measured bf16 dense; fp32 convs run TF32 (half)
 
-NETS = (("preact_resnet164", 128, 32), ("preact_resnet1001", 128, 32), ("preact_resnet50", 64, 224))
+# (row name, batch, resolution): every family the zoo launches. Basic units (preact_resnet56/110: 3×3 convs, the
+# 16→32→64 stage transitions with stride-2 3×3 convs and option-A shortcuts), bottlenecks with the stride on the 1×1
+# (the default) or on the 3×3 (`stride_on="3x3"`, VARIANTS), and the ImageNet bottleneck net.
+NETS = (("preact_resnet56", 128, 32), ("preact_resnet110", 128, 32), ("preact_resnet164", 128, 32),
+        ("preact_resnet164_3x3", 128, 32), ("preact_resnet1001", 128, 32), ("preact_resnet50", 64, 224))
+# row names that are a zoo model built with keywords: name -> (zoo model, keywords)
+VARIANTS = {"preact_resnet164_3x3": ("preact_resnet164", {"stride_on": "3x3"})}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUBSET = {"nets": ("preact_resnet164",), "dtypes": ("bf16", "fp32")}  # CI: CIFAR bf16 (the gated config) + fp32
 
@@ -101,35 +107,54 @@ def _describe(a):
 
 
 class _RecordOps(TorchDispatchMode):
-    """Records each distinct `fastresnet::` op call (op, argument descriptions) in order of first appearance."""
+    """Records every `fastresnet::` op call (op, argument descriptions) in order; other ops go to `other(func, args,
+    kwargs, result)` when given (the ops outside the fused ones: the stem, the head, the loss, autograd's sums)."""
 
-    def __init__(self):
+    def __init__(self, other=None):
         super().__init__()
-        self.calls: Dict[tuple, None] = {}
+        self.calls: List[tuple] = []
+        self.other = other
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if str(func).startswith("fastresnet."):
-            self.calls[(func._schema.name, tuple(_describe(a) for a in args))] = None
-        return func(*args, **(kwargs or {}))
+            self.calls.append((func._schema.name, tuple(_describe(a) for a in args)))
+        elif self.other is not None:
+            self.other(func, args, kwargs or {}, out)
+        return out
 
 
-def trace_calls(net: str, batch: int, res: int, dtype: torch.dtype) -> List[tuple]:
-    """Distinct fastresnet op calls of one training step (forward + backward) and one inference forward of `net`
-    on meta tensors."""
-    import fastresnet.functional as FF
+def meta_model(net: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`net` (a zoo model or a name of VARIANTS) on the meta device in dtype, channels_last."""
     from fastresnet.models.registry import create_model
-
+    name, kw = VARIANTS.get(net, (net, {}))
     with torch.device("meta"):
-        model = create_model(net).to(dtype).to(memory_format=torch.channels_last)
-    x = torch.empty(batch, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
-    rec = _RecordOps()
+        return create_model(name, **kw).to(dtype).to(memory_format=torch.channels_last)
+
+
+def meta_input(batch: int, res: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(batch, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def trace_calls(net: str, batch: int, res: int, dtype: torch.dtype, inference: bool = True,
+                rec: Optional[_RecordOps] = None, train: bool = True) -> List[tuple]:
+    """The fastresnet op calls of one training step (forward + backward; unless not `train`) and, with `inference`,
+    one inference forward of `net` (a zoo model or a name of VARIANTS) on meta tensors: the distinct ones in order of
+    first appearance, or, when `rec` is given, every call (rec.calls; rec.other sees the other ops)."""
+    import fastresnet.functional as FF
+
+    model = meta_model(net, dtype)
+    x = meta_input(batch, res, dtype)
+    mode = rec or _RecordOps()
     # the fused layers resolve their backend from the input's device; meta resolves to the tier-B backend here
-    with mock.patch.object(FF, "resolve", lambda t, backend=None: "triton_conv"), rec:
-        model(x).float().sum().backward()
-        model.eval()  # inference launches too (running statistics: convs without the statistics epilogue)
-        with torch.no_grad():
-            model(x)
-    return list(rec.calls)
+    with mock.patch.object(FF, "resolve", lambda t, backend=None: "triton_conv"), mode:
+        if train:
+            model(x).float().sum().backward()
+        if inference:
+            model.eval()  # inference launches too (running statistics: convs without the statistics epilogue)
+            with torch.no_grad():
+                model(x)
+    return mode.calls if rec else list(dict.fromkeys(mode.calls))
 
 
 def _nhwc(shape, dtype, stride):
@@ -168,7 +193,8 @@ class _PoseAsCuda(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in (torch.nn.functional.conv2d, torch.ops.aten.convolution_backward) and \
                 any(_channels_last(a) for a in args[:3]):  # (input, weight) / (grad_output, input, weight)
-            return _to_channels_last(out)
+            with _disable_current_modes():  # a layout the GPU gives directly: no op a dispatch mode should see
+                return _to_channels_last(out)
         return out
 
 
@@ -197,8 +223,9 @@ def _tensor_bytes(args: Iterable) -> int:
     return sum(seen.values())
 
 
-def record_launches(calls: List[tuple]) -> List[dict]:
-    """Every kernel launch the tier-B backend makes for the op calls, as the GPU would specialise it."""
+def record_launches(calls: List[tuple], inner: Optional[TorchDispatchMode] = None) -> List[dict]:
+    """Every kernel launch the tier-B backend makes for the op calls, as the GPU would specialise it; `inner`, a
+    dispatch mode, sees the ATen ops the launchers and the ops' Python composition run around the launches."""
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     from fastresnet.backends import get_backend_impl
@@ -220,10 +247,13 @@ def record_launches(calls: List[tuple]) -> List[dict]:
     with mock.patch.object(get_backend_impl("triton_conv"), "select", "always"), \
             mock.patch.object(JITFunction, "run", record), \
             mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: _Props()), \
-            mock.patch.object(torch.cuda, "current_device", lambda: 0), _PoseAsCuda():
+            mock.patch.object(torch.cuda, "current_device", lambda: 0), _PoseAsCuda(), \
+            inner or contextlib.nullcontext():
         for name, descs in calls:
             current["op"] = name.split("::")[-1]
-            ops[name](*[_materialise(d) for d in descs])
+            with _disable_current_modes():  # making the arguments is the replay's, not the op's: `inner` sees none
+                args = [_materialise(d) for d in descs]
+            ops[name](*args)
     return launches
 
 

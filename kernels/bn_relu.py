@@ -59,14 +59,14 @@ def _bn_relu_fwd_kernel(
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T", "ITERS", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
 def _bn_relu_bwd_partial_kernel(
     dy_ptr,     # [N, C, H, W] layout of x, any float dtype: dL/da
     x_ptr,      # [N, C, H, W] dense NHWC/NCHW: BN input
     scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # [C] each: s, t, μ, rstd
     part_ptr,   # [2, T, C] ACC out: per-tile (Σdz, Σdz·x̂)
     count_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,  # FINISH only: `BNFinish` (counters and step 2's outputs)
-    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr, GROUPS, ROWS,
+    M, C, HW, T, ITERS, GROUPS, ROWS,
     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     TRAINING: tl.constexpr, FINISH: tl.constexpr,
 ):
@@ -138,13 +138,13 @@ def store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_
         tl.store(coef_ptr + C + cols, -s * sum_dz / m, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M"])
 def _bn_relu_bwd_merge_kernel(
     part_ptr,   # [2, T, C] ACC: per-tile (Σdz, Σdz·x̂)
     scale_ptr, rstd_ptr,  # [C]: s, rstd
     sum_dz_ptr, sum_dz_xhat_ptr,  # [C] ACC out: Σdz, Σdz·x̂
     coef_ptr,   # [2, C] ACC out: (k1, k0) of dx = s·dz + k1·(x − μ) + k0 (zero in eval)
-    C, T: tl.constexpr, M,    # M = N·H·W, divided in ACC (a host 1/M would arrive as an fp32 scalar and cost fp64 accuracy)
+    C, T, M,    # M = N·H·W, divided in ACC (a host 1/M would arrive as an fp32 scalar and cost fp64 accuracy)
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -30,7 +30,10 @@ Indices are int32: tensors must have fewer than 2**31 elements (the launchers ch
 
 Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
 KH·KW taps (forward, stride-1 dgrad) or those reaching the launch's phase (stride-2 dgrad: 1, 2, 2, 4 for 3×3) —
-which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split.
+which Triton software-pipelines with the launch's num_stages; wgrad loops over ROW_BLOCKS row blocks of its split (a
+runtime trip count). The arguments that depend on the batch (row counts, trip counts, the merges' group sizes) are
+runtime arguments Triton does not specialise (`do_not_specialize`), so another batch size compiles nothing new where
+its tiles are the same.
 Tiles, warps and stages per launch: `gemm_tiles` / `wgrad_tiles` (a deterministic rule, see "launchers").
 
 Dot operands: `dot_dtype` is a launcher choice. GPU: the weight dtype (fp16/bf16 tensor cores; fp32 uses TF32 exactly
@@ -91,7 +94,7 @@ def _offsets(nb, h, w, ch, sn, sc, sh, sw):
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
 def _conv_fwd_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0)
@@ -145,7 +148,7 @@ def _conv_fwd_kernel(
                 release_counter(count_ptr + tl.program_id(1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tile0", "tiles", "M_BN", "GROUPS", "ROWS"])
 def _conv_dgrad_kernel(
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous
@@ -212,7 +215,7 @@ def _conv_dgrad_kernel(
             release_counter(count_ptr + tl.program_id(1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split", "GROUPS", "ROWS", "ROW_BLOCKS"])
 def _conv_wgrad_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
     scale_ptr, shift_ptr,       # [C_in] fp32
@@ -224,7 +227,7 @@ def _conv_wgrad_kernel(
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, ROW_BLOCKS,
     FINISH: tl.constexpr,
 ):
     # program (tap·ci-block, co-block, split): dW[co, kh, kw, ci] over rows [split·R, (split+1)·R) of M = N·Ho·Wo,
@@ -292,11 +295,12 @@ def _conv_wgrad_kernel(
 #   _SMEM_BUDGET, leaving room under the 227 KB per block for the dot's operand staging and the epilogue;
 # - registers: at most _REGS_PER_THREAD fp32 values of the accumulator plus the prologue's activation tile per
 #   thread (more warps for larger tiles), so nothing spills;
-# - SMs: tiles shrink (rows first, then columns) until the grid has at least one program per SM where the shape
-#   allows; wgrad splits its K (the N·Ho·Wo rows) instead, summed in split order.
+# - SMs: tiles shrink (rows to 64, then columns to 32, then rows to 32) until the grid has at least one program per
+#   SM where the shape allows; wgrad splits its K (the N·Ho·Wo rows) instead, summed in split order.
 _SMEM_BUDGET = 160 * 1024
 _REGS_PER_THREAD = 64
 _MAX_ROW_BLOCKS = 64       # wgrad: most row blocks one program walks (its serial loop)
+_PARTIAL_SHARE = 8         # wgrad: split-K partials at most 1/8 of the bytes read, where tiles down to 32 allow
 
 
 class Tiles(NamedTuple):
@@ -341,6 +345,8 @@ def gemm_tiles(m: int, n: int, k_channels: int, a_bytes: int, b_bytes: int, devi
             block_m //= 2
         elif block_n > 32:
             block_n //= 2
+        elif block_m > 32:  # 32-row tiles (mma.sync dots) where 64×32 ones leave SMs idle
+            block_m //= 2
         else:
             break
     # registers: fp32 operands take two 16-bit slots per element, and every stage in flight holds the activation
@@ -353,14 +359,20 @@ def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes
                 splits: Optional[int] = None) -> Tuple[Tiles, int, int]:
     """(tiles, rows per split, splits) of wgrad: a [block_n = C_out block, block_k = C_in block] tile of one tap per
     program, its K = the m = N·Ho·Wo rows split into chunks (`wgrad_split`: at least `splits`; default: one program
-    per SM, 2 under the interpreter, which exercises the split reduction), walked in steps of block_m rows. GPU:
-    C_out blocks halve (down to 32) while the grid has fewer programs than SMs; 128-row steps and warps by
-    `_warps` for C_out blocks of 64 or more whose two stages fit _SMEM_BUDGET, else 64-row steps (4 warps for
-    C_out blocks under 64)."""
+    per SM, 2 under the interpreter, which exercises the split reduction), walked in steps of block_m rows.
+
+    GPU: C_out blocks of _pow2(C_out) halved down to 32 are the candidates (smaller blocks: more programs per split,
+    so fewer splits fill the SMs); the first that fills the SMs with split-K partials (fp32, splits × dW elements,
+    written once and read once by the sum) of at most 1/_PARTIAL_SHARE of the bytes wgrad reads (dy and x at the
+    output rows) wins, else the one with the fewest splits among those that fill the SMs, else the smallest.
+    128-row steps and warps by `_warps` for C_out blocks of 64 or more whose two stages fit _SMEM_BUDGET, else
+    64-row steps (4 warps for C_out blocks under 64)."""
     block_co, block_ci = _pow2(c_out), _pow2(c_in, hi=64)
     if interpreting() or device.type != "cuda":
         return (Tiles(32, block_co, block_ci, 4, 1),) + wgrad_split(m, 32, splits or 2)
     sms = _sms(device)
+    partial_cap = m * (c_out * dy_bytes + c_in * x_bytes) // _PARTIAL_SHARE
+    candidates = []  # (fills the SMs, splits, tiles, rows per split) per C_out block
     while True:
         # 64-row K steps for C_out blocks under 64 (mma.sync tiles: 4 warps, few registers a step; triton 3.6 spills
         # 128-row steps there) and where two stages of 128-row steps would not fit _SMEM_BUDGET (fp32, wide blocks)
@@ -368,11 +380,18 @@ def wgrad_tiles(m: int, c_out: int, c_in: int, taps: int, dy_bytes: int, x_bytes
         block_m = 128 if block_co >= 64 and fits else 64
         base = taps * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
         rows, n_splits = wgrad_split(m, block_m, splits or triton.cdiv(sms, base))
-        if base * n_splits >= sms or block_co <= 32:
+        warps = _warps(block_co * block_ci + block_m * (block_co + block_ci)) if block_co >= 64 else 4
+        tiles = Tiles(block_m, block_co, block_ci, warps,
+                      _stages(block_m * (block_co * dy_bytes + block_ci * x_bytes)))
+        fills = base * n_splits >= sms
+        if fills and (n_splits == 1 or n_splits * taps * c_in * c_out * 4 <= partial_cap):
+            return tiles, rows, n_splits
+        candidates.append((fills, n_splits, tiles, rows))
+        if block_co <= 32:
             break
         block_co //= 2
-    warps = _warps(block_co * block_ci + block_m * (block_co + block_ci)) if block_co >= 64 else 4
-    tiles = Tiles(block_m, block_co, block_ci, warps, _stages(block_m * (block_co * dy_bytes + block_ci * x_bytes)))
+    filling = [c for c in candidates if c[0]]
+    _, n_splits, tiles, rows = min(filling, key=lambda c: c[1]) if filling else candidates[-1]
     return tiles, rows, n_splits
 
 

@@ -109,14 +109,14 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T", "ITERS", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
 def _stats_partial_kernel(
     x_ptr,     # [N, C, H, W] dense NHWC/NCHW, fp16/bf16/fp32/fp64: the input (ADD: first addend a)
     b_ptr,     # ADD only: [N, C, H, W], same layout as x: second addend
     y_ptr,     # ADD only: [N, C, H, W], same layout as x, x's dtype: y = x + b, rounded once
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K (ADD: of the rounded y − K), and K
     count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH only: `StatsFinish` (counters, [4, GROUPS, C], [C], [C])
-    M, C, HW, T: tl.constexpr, ITERS: tl.constexpr, GROUPS, ROWS,
+    M, C, HW, T, ITERS, GROUPS, ROWS,
     ACC: tl.constexpr, ADD: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FINISH: tl.constexpr,
 ):
@@ -219,12 +219,12 @@ def finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, co
     store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "ROWS"])
 def _stats_merge_kernel(
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K_t, and the tile's pivot K_t
     out_ptr,   # FINAL: [C] ACC mean; else [4, G, C] ACC: one partial per group of ROWS tiles, part's format
     var_ptr,   # FINAL: [C] ACC biased variance M2 / count; else unused
-    C, T: tl.constexpr, ROWS: tl.constexpr,
+    C, T, ROWS,
     FINAL: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # program (channel block, group g): tiles [g·ROWS, min((g+1)·ROWS, T)) folded in tile order (deterministic)
@@ -236,11 +236,11 @@ def _stats_merge_kernel(
         store_partial(out_ptr, tl.program_id(1), tl.num_programs(1), C, cols, count, mean, m2, k0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "ROWS"])
 def sum_groups_kernel(
     part_ptr,  # [P, S, L] partial sums (fp32 or fp64), contiguous
     out_ptr,   # [P, G, L] out: out[p, g] = Σ part[p, s] over s = g·ROWS, g·ROWS + 1, … < min((g+1)·ROWS, S)
-    S: tl.constexpr, L, ROWS: tl.constexpr,
+    S, L, ROWS,
     BLOCK: tl.constexpr,
 ):
     # summed in row order in part's dtype, one rounding to out's dtype at the store: deterministic

@@ -5,9 +5,10 @@ program (all kernels but the merges of partials).
 
 Cost: `test_gate_rules` is instant; `test_replay_is_channels_last` traces and replays preact_resnet164 at batch 8
 (no compile, a few seconds); `test_sm90_gate_cifar_subset` traces preact_resnet164 at batch 128 (bf16 and
-fp32) on the meta device and compiles its ~110 distinct launches for sm_90: about 1.5 minutes on 2 cores. The whole
-set (three nets × three dtypes, ~410 compiles, about 5–6 minutes on 2 cores) is `python benchmarks/static_sm90.py
---check`.
+fp32) on the meta device and compiles its ~110 distinct launches for sm_90: about 1.5 minutes on 2 cores;
+`test_another_batch_compiles_nothing_new` records preact_resnet20's launches at two batch sizes (no compile, about
+20 s). The whole set (six nets × three dtypes, ~520 compiles, about 10–12 minutes on 2 busy cores) is
+`python benchmarks/static_sm90.py --check`.
 """
 import json
 import os
@@ -115,3 +116,23 @@ def test_sm90_gate_cifar_subset(tmp_path):
     assert stage3 and all(r["programs"] >= gate.SMS for r in stage3)
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in rows)
     assert all(r["floor_us"] > 0 for r in rows)
+
+
+_NEW_BATCH = """
+import json
+from benchmarks import compilations
+print(json.dumps(compilations.count("preact_resnet20", "fp32", 8, (("train", 128, True, False),
+                                                                  ("train, last batch", 80, True, False)))))
+"""
+
+
+@pytest.mark.skipif(_offline_compiler_missing() is not None, reason=str(_offline_compiler_missing()))
+def test_another_batch_compiles_nothing_new():
+    """Row counts and trip counts that depend on the batch are runtime arguments Triton does not specialise: a
+    training step at another batch size (with the same tiles) needs no new compilation (benchmarks/compilations.py
+    counts the launches' compile keys; nothing is compiled)."""
+    run = subprocess.run([sys.executable, "-c", _NEW_BATCH], cwd=ROOT, env=_compiled_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    phases = json.loads(run.stdout.strip().splitlines()[-1])["phases"]
+    assert phases[0]["new"] > 10 and phases[1]["new"] == 0, phases

@@ -25,7 +25,7 @@ GPU = torch.device("cuda", 0)
 GPU_SMS = 132  # H100 / H200 SXM
 # The distinct (x shape, weight shape, stride, padding) of preact_resnet110 and preact_resnet1001 at batch 128 and
 # preact_resnet101 at batch 64 (benchmarks.bench_conv_shapes.conv_shapes): their classes are those of the whole zoo
-# (test_zoo_classes_are_covered).
+# (test_zoo_classes_are_covered); then the stride-2 3×3 convs of preact_resnet164 with stride_on="3x3".
 ZOO_SHAPES = [
     ((128, 16, 32, 32), (16, 16, 3, 3), 1, 1), ((128, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     ((128, 32, 16, 16), (32, 32, 3, 3), 1, 1), ((128, 32, 16, 16), (64, 32, 3, 3), 2, 1),
@@ -39,6 +39,7 @@ ZOO_SHAPES = [
     ((64, 256, 14, 14), (1024, 256, 1, 1), 1, 0), ((64, 1024, 14, 14), (256, 1024, 1, 1), 1, 0),
     ((64, 512, 7, 7), (512, 512, 3, 3), 1, 1), ((64, 512, 7, 7), (2048, 512, 1, 1), 1, 0),
     ((64, 2048, 7, 7), (512, 2048, 1, 1), 1, 0),
+    ((128, 32, 32, 32), (32, 32, 3, 3), 2, 1), ((128, 64, 16, 16), (64, 64, 3, 3), 2, 1),
 ]
 RULE_BYTES = (2, 4)  # bf16 / fp16 operands, fp32 operands
 
@@ -67,26 +68,28 @@ REPS = [
     (ZOO_SHAPES[0], 2, ((128, 4, 4, 4), (4, 4, 3, 3), 1, 1), 10),
     (ZOO_SHAPES[1], 2, ((128, 4, 8, 8), (32, 4, 3, 3), 2, 1), 10),
     (ZOO_SHAPES[2], 2, ((128, 32, 4, 4), (32, 32, 3, 3), 1, 1), 10),
-    (ZOO_SHAPES[3], 2, ((128, 32, 4, 4), (64, 32, 3, 3), 2, 1), 10),
-    (ZOO_SHAPES[4], 2, ((32, 64, 4, 4), (64, 64, 3, 3), 1, 1), 10),
+    (ZOO_SHAPES[3], 2, ((16, 32, 16, 16), (64, 32, 3, 3), 2, 1), 19),
+    (ZOO_SHAPES[4], 2, ((16, 64, 8, 8), (64, 64, 3, 3), 1, 1), 19),
     (ZOO_SHAPES[5], 2, ((32, 4, 4, 4), (64, 4, 1, 1), 1, 0), 2),
     (ZOO_SHAPES[6], 2, ((16, 64, 4, 4), (4, 64, 1, 1), 1, 0), 2),
-    (ZOO_SHAPES[7], 2, ((16, 32, 4, 4), (128, 32, 1, 1), 1, 0), 2),
+    (ZOO_SHAPES[7], 2, ((4, 32, 16, 16), (128, 32, 1, 1), 1, 0), 5),
+    (ZOO_SHAPES[7], 4, ((2, 32, 16, 16), (128, 32, 1, 1), 1, 0), 3),
     (ZOO_SHAPES[8], 2, ((32, 128, 4, 4), (32, 128, 1, 1), 1, 0), 3),
-    (ZOO_SHAPES[9], 2, ((16, 64, 4, 4), (256, 64, 1, 1), 1, 0), 5),
-    (ZOO_SHAPES[10], 2, ((16, 256, 4, 4), (64, 256, 1, 1), 1, 0), 5),
-    (ZOO_SHAPES[11], 2, ((8, 64, 14, 14), (64, 64, 3, 3), 1, 1), 10),
-    (ZOO_SHAPES[12], 2, ((2, 64, 14, 14), (128, 64, 1, 1), 1, 0), 2),
-    (ZOO_SHAPES[13], 2, ((2, 128, 14, 14), (64, 128, 1, 1), 1, 0), 3),
-    (ZOO_SHAPES[14], 2, ((16, 128, 14, 14), (128, 128, 3, 3), 1, 1), 19),
-    (ZOO_SHAPES[15], 2, ((2, 128, 14, 14), (128, 128, 1, 1), 1, 0), 3),
+    (ZOO_SHAPES[9], 2, ((8, 64, 8, 8), (256, 64, 1, 1), 1, 0), 9),
+    (ZOO_SHAPES[10], 2, ((8, 256, 8, 8), (64, 256, 1, 1), 1, 0), 9),
+    (ZOO_SHAPES[11], 2, ((2, 64, 36, 36), (64, 64, 3, 3), 1, 1), 19),
+    (ZOO_SHAPES[12], 2, ((1, 64, 56, 56), (128, 64, 1, 1), 1, 0), 2),
+    (ZOO_SHAPES[12], 4, ((2, 64, 28, 28), (128, 64, 1, 1), 1, 0), 2),
+    (ZOO_SHAPES[13], 2, ((1, 128, 56, 56), (64, 128, 1, 1), 1, 0), 3),
+    (ZOO_SHAPES[14], 2, ((33, 128, 12, 12), (128, 128, 3, 3), 1, 1), 37),
+    (ZOO_SHAPES[15], 2, ((4, 128, 28, 28), (128, 128, 1, 1), 1, 0), 3),
+    (ZOO_SHAPES[17], 2, ((57, 128, 12, 12), (128, 128, 3, 3), 1, 1), 1),
     (ZOO_SHAPES[20], 2, ((4, 128, 7, 7), (128, 128, 3, 3), 1, 1), 3),
+    (ZOO_SHAPES[20], 4, ((2, 128, 7, 7), (128, 128, 3, 3), 1, 1), 2),
     (ZOO_SHAPES[21], 2, ((8, 128, 7, 7), (256, 128, 1, 1), 1, 0), 5),
     (ZOO_SHAPES[22], 2, ((8, 256, 7, 7), (128, 256, 1, 1), 1, 0), 5),
-    (ZOO_SHAPES[9], 4, ((8, 64, 4, 4), (256, 64, 1, 1), 1, 0), 3),
-    (ZOO_SHAPES[12], 4, ((1, 64, 14, 14), (128, 64, 1, 1), 1, 0), 2),
-    (ZOO_SHAPES[14], 4, ((16, 128, 14, 14), (128, 128, 3, 3), 1, 1), 19),
-    (ZOO_SHAPES[20], 4, ((2, 128, 7, 7), (128, 128, 3, 3), 1, 1), 2),
+    (ZOO_SHAPES[23], 2, ((16, 32, 18, 18), (32, 32, 3, 3), 2, 1), 10),
+    (ZOO_SHAPES[24], 2, ((16, 64, 14, 14), (64, 64, 3, 3), 2, 1), 19),
 ]
 
 
@@ -151,8 +154,9 @@ TOL = 2e-6
 
 
 def _params():
-    """REPS as pytest params; problems of more than 1e8 multiply-adds (the two 16×128×14×14 3×3 convs, over a minute
-    each under the interpreter) are `slow`."""
+    """REPS as pytest params; problems of more than 1e8 multiply-adds (the two 128→128 3×3 convs at 12×12 of 33 and
+    57 images, whose wgrad walks 128-row blocks of 128×64 and 128×128 tiles over several splits, and the 64→64 3×3
+    stride-2 conv of 16 images at 14×14; a minute or more each under the interpreter) are `slow`."""
     for shape, el, problem, sms in REPS:
         (n, ci, h, w), (co, _, k, _), _, _ = problem
         slow = n * ci * h * w * co * k * k > 1e8
@@ -174,11 +178,10 @@ def test_gpu_tile_class(monkeypatch, shape, el, problem, sms):
 
 
 def test_classes_counted():
-    """The classes the GPU rule produces over ZOO_SHAPES: each has a representative, and the count is what the
-    module docstring's table reports."""
+    """The classes the GPU rule produces over ZOO_SHAPES: each has a representative, and their count."""
     classes = {c for el in RULE_BYTES for s in ZOO_SHAPES for c in gpu_classes(s, el, GPU_SMS)}
     assert classes == {c for shape, el, _, _ in REPS for c in gpu_classes(shape, el, GPU_SMS)}
-    assert len(classes) == 54
+    assert len(classes) == 57
 
 
 @pytest.mark.slow  # walks every zoo model's layers (about 2 minutes on the meta device)
