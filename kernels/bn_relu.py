@@ -3,7 +3,9 @@
 Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), batch mean μ and rstd.
 
 Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = relu(x·s + t) in fp32 (fp64 for
-fp64 x; NaN propagates as in `torch.relu`), one rounding to out_dtype at the store.
+fp64 x; NaN propagates as in `torch.relu`), one rounding to out_dtype at the store. Given a `kernels.stats.BNAffine`
+instead of (s, t), every program forms s and t from the batch statistics and program (0, 0) keeps them with rstd
+and makes the running update (`kernels.stats.finalize_bn`).
 
 Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_partials`, shared with the tier-B conv):
 1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = 0 where x·s + t ≤ 0, else dy (`relu_grad`: a NaN
@@ -55,6 +57,9 @@ def _bn_relu_fwd_kernel(
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = tile_offsets(rows, cols, C, HW, NHWC)
     if AFFINE:  # BN's affine map from the batch statistics, in every program; program (0, 0) keeps it (finalize_bn)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt, C,
+                        HAS_W, HAS_B, UPDATE, BLOCK_C, C_BLOCKS)
         _, _, s, t = bn_scale_shift(bn_mean, bn_var, bn_w, bn_b, bn_consts, cols, cmask, HAS_W, HAS_B)
         s = s.to(ACC)
         t = t.to(ACC)
@@ -64,10 +69,6 @@ def _bn_relu_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     a = relu(x * s[None, :] + t[None, :])
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
-    if AFFINE:
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt, C,
-                        HAS_W, HAS_B, UPDATE, BLOCK_C, C_BLOCKS)
 
 
 @triton.jit

@@ -17,7 +17,9 @@ GEMM views (M = rows, "N" = columns, K = reduction):
                              s = 2 one launch per phase (h mod 2, w mod 2) takes only the taps with kh ≡ h + p,
                              kw ≡ w + p (mod 2), so no term of the first kind is computed (`dgrad_phases`)
   wgrad    dw[co, ci,kh,kw]= Σ_{m=(n,ho,wo)} dy[m, co] · a[n, ci, ho·s−p+kh, wo·s−p+kw]
-with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
+with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a. Given a
+`kernels.stats.BNAffine`, the forward forms scale and shift from the batch statistics in its prologue and its
+program (0, 0) keeps them with rstd and makes the running update (`kernels.stats.finalize_bn`).
 
 Reductions are deterministic: every program writes its partial result to its own row of a [tiles, ...] buffer, and
 the rows are merged in tile order (in two levels for many rows, `kernels.stats.merge_rows`). The output statistics

@@ -18,6 +18,10 @@ tile's first row), so chunk means are O(std) rather than O(|mean|). The merge re
 pivot (adds K_t − K_0, a difference of two values of the channel, so O(std); exactly 0 when every tile shares K),
 so the Chan cross terms (differences of chunk means) keep full precision; mean = K_0 + shifted mean.
 
+BN's affine map from these statistics (`BNAffine`, docs/kernels.md): the kernel that consumes a BN's statistics first
+forms rstd, scale and shift in every program (`bn_scale_shift`) and one program stores them and updates the running
+statistics (`finalize_bn`); `_bn_affine_kernel` does that alone where no kernel consumes them.
+
 dtype rules: loads are upcast to the accumulation dtype right after loading (float32; float64 for float64 input),
 which also avoids the Triton interpreter's bf16 bug (docs/architecture.md §6). Statistics come in that dtype.
 """
