@@ -576,7 +576,8 @@ _CONSTS: Dict[tuple, Tensor] = {}
 def _bn_consts(eps: float, momentum: Optional[float], count: int, dtype: torch.dtype,
                device: torch.device) -> Tensor:
     """[eps, 1 − m, m, M/(M − 1)] in dtype (each a Python float rounded to dtype, as ATen rounds a scalar operand),
-    made once per value and kept."""
+    made once per value and kept: a CUDA-graph capture finds the ones its warm-up step made (a copy from the host
+    cannot be captured)."""
     key = (eps, momentum, count, dtype, device)
     t = _CONSTS.get(key)
     if t is None:
