@@ -565,6 +565,11 @@ class BNAffine(NamedTuple):
     def constexprs(self) -> dict:
         return dict(HAS_W=self.weight is not None, HAS_B=self.bias is not None, UPDATE=self.update)
 
+    @property
+    def updates_running(self) -> bool:
+        """Whether the kernels make the running update (else the caller makes it)."""
+        return self.update != RUN_NONE.value
+
     def finalize(self) -> "BNAffine":
         """`finalize_affine(self)`: the affine map and running update in a launch of their own."""
         return finalize_affine(self)
@@ -592,8 +597,9 @@ def bn_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], b
               running: Optional[tuple] = None) -> Optional[BNAffine]:
     """A `BNAffine` of a BN with batch statistics (mean, var) [C] (fp32, or fp64 for fp64 input), eps, γ, β, and
     `running` = (running_mean, running_var, num_batches_tracked, M = N·H·W, momentum) to update, or None; None where
-    the kernels cannot take this BN (statistics of another dtype or not dense; running buffers not dense in the
-    statistics' dtype, or no num_batches_tracked): the caller then runs the reference composition."""
+    the kernels cannot take this BN (statistics of another dtype or not dense): the caller then runs the reference
+    composition. Running buffers the kernels cannot update (not dense in the statistics' dtype — a bf16 or fp16
+    model's —, no num_batches_tracked) are left to the caller: `updates_running` is then False."""
     dtype = mean.dtype
     if (dtype not in (torch.float32, torch.float64) or var.dtype != dtype or mean.dim() != 1
             or var.shape != mean.shape or not (mean.is_contiguous() and var.is_contiguous())):
@@ -607,8 +613,9 @@ def bn_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], b
         if (nbt is None or nbt.dtype != torch.int64 or nbt.numel() != 1 or rm.dtype != dtype or rv.dtype != dtype
                 or rm.shape != mean.shape or rv.shape != mean.shape or not (rm.is_contiguous() and rv.is_contiguous())
                 or not isinstance(count, int)):
-            return None
-        update = (RUN_COUNT if count == 0 else RUN_CUMULATIVE if momentum is None else RUN_MOMENTUM).value
+            rm, rv, nbt, count, momentum = None, None, None, 2, None  # the caller's reference update
+        else:
+            update = (RUN_COUNT if count == 0 else RUN_CUMULATIVE if momentum is None else RUN_MOMENTUM).value
     out = functools.partial(torch.empty_like, mean)
     return BNAffine(mean, var, weight, bias, _bn_consts(float(eps), momentum, count, dtype, mean.device), out(), out(),
                     out(), rm, rv, nbt, update)

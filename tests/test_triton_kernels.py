@@ -351,6 +351,18 @@ def test_affine_and_running_update_in_kernel_match_reference(dtype, momentum, n,
             torch.testing.assert_close(g, e, rtol=8 * eps_d, atol=80 * eps_d, msg=name)
 
 
+def test_affine_leaves_running_buffers_of_another_dtype_to_the_caller():
+    # a bf16 model's running buffers: the kernel forms the affine map and leaves the buffers (and the counter) alone
+    mean, var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    buffers = [torch.zeros(4, dtype=torch.bfloat16, device=DEVICE), torch.ones(4, dtype=torch.bfloat16, device=DEVICE),
+               torch.tensor(0, device=DEVICE)]
+    spec = BACKEND.bn_affine(mean, var, 1e-5, None, None, (*buffers, 8, 0.1))
+    assert not spec.updates_running
+    BACKEND.bn_relu(torch.randn(2, 4, 2, 2, device=DEVICE), None, None, torch.float32, affine=spec)
+    assert torch.equal(spec.scale, torch.rsqrt(var + 1e-5)) and torch.equal(spec.shift, -(mean * spec.scale))
+    assert torch.equal(buffers[0], torch.zeros_like(buffers[0])) and int(buffers[2]) == 0
+
+
 def test_scale_shift_rejects_bad_inputs():
     from fastresnet.kernels.bn_relu import scale_shift
     mean = torch.zeros(4, device=DEVICE)

@@ -72,7 +72,8 @@ class Backend:
     # bn_affine(mean, var, eps, bn_weight, bn_bias, running) -> an affine spec, or None: a backend whose forward kernels
     # form BN's affine map themselves from the batch statistics (mean, var) and make the running update (running:
     # (running_mean, running_var, num_batches_tracked, N·H·W, momentum) or None) returns a spec (the Triton backends:
-    # `kernels.stats.BNAffine`, whose rstd, scale and shift the first kernel given it fills); bn_relu, bn_relu_conv and
+    # `kernels.stats.BNAffine`, whose rstd, scale and shift the first kernel given it fills; `spec.updates_running`:
+    # whether that kernel makes the running update, else the caller does); bn_relu, bn_relu_conv and
     # bn_relu_conv_stats then take it as `affine=` in place of (scale, shift), which are None. None (the attribute, or
     # the result for a BN it cannot take): the caller computes rstd, scale, shift and the running update itself.
     bn_affine = None

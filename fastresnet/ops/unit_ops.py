@@ -146,7 +146,7 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
             return scale, shift, {}
         rstds.append(spec.rstd)
         if affines is not None:
-            affines.append((spec.scale, spec.shift, r is not None))
+            affines.append((spec.scale, spec.shift, spec.updates_running))
         return None, None, {"affine": spec}
 
     y, mean, var, first = x, x_mean, x_var, 0
