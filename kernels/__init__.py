@@ -6,7 +6,8 @@ semantics of the same-named function in `fastresnet.reference`:
 - `stats.batch_stats`: per-channel (mean, biased var), per-tile Chan partials + fixed-order merge (deterministic);
 - `bn_relu.bn_relu_forward`: a = max(x·scale + shift, 0);
 - `bn_relu.bn_relu_backward`: ReLU mask from x, Σdz and Σdz·x̂, dx (+ optional fused shortcut gradient);
-- `add_stats.add_stats`: y = a + b with the statistics of y.
+- `add_stats.add_stats`: y = a + b with the statistics of y;
+- `stats.bn_affine`: a BN's rstd, affine map and running update, made by the kernel that consumes its statistics.
 Tensors are dense NHWC (channels_last, the fast path) or dense NCHW; statistics are fp32 (fp64 for fp64 input).
 
 Tier B (`fastresnet.backends.triton_conv_backend.TritonConvBackend`): `conv.conv_forward` / `conv.conv_backward`,

@@ -3,7 +3,9 @@
 Per channel c: scale s, shift t (BN folded: s = γ·rstd, t = β − μ·s), batch mean μ and rstd.
 
 Forward (`_bn_relu_fwd_kernel`, grid [cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)]): a = relu(x·s + t) in fp32 (fp64 for
-fp64 x; NaN propagates as in `torch.relu`), one rounding to out_dtype at the store.
+fp64 x; NaN propagates as in `torch.relu`), one rounding to out_dtype at the store. Given a `kernels.stats.BNAffine`
+instead of (s, t), every program forms s and t from the batch statistics and program (0, 0) keeps them with rstd
+and makes the running update (`kernels.stats.finalize_bn`).
 
 Backward, given dy = dL/da, in three launches (2–3 are `bn_backward_from_partials`, shared with the tier-B conv):
 1. `_bn_relu_bwd_partial_kernel` (grid [T, cdiv(C, BLOCK_C)]): dz = 0 where x·s + t ≤ 0, else dy (`relu_grad`: a NaN
@@ -33,9 +35,9 @@ from torch import Tensor
 
 from fastresnet.kernels import last_program_merge
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, FLOAT_DTYPES, acc_dtype, check_channel_vector, check_tensor, last_program, launch_counters,
-    memory_format, merge_rows, release_counter, relu, relu_grad, sum_groups, tile_config, tile_indices, tile_offsets,
-    tl_dtype,
+    FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, bn_scale_shift, check_channel_vector, check_tensor,
+    finalize_affine, finalize_bn, last_program, launch_counters, memory_format, merge_rows, release_counter, relu,
+    relu_grad, sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype,
 )
 
 
@@ -43,17 +45,27 @@ from fastresnet.kernels.stats import (
 def _bn_relu_fwd_kernel(
     x_ptr,      # [N, C, H, W] dense NHWC/NCHW, any float dtype: BN input
     a_ptr,      # [N, C, H, W] same layout, out dtype: activation
-    scale_ptr,  # [C]: s
-    shift_ptr,  # [C]: t
+    scale_ptr,  # [C]: s (read unless AFFINE)
+    shift_ptr,  # [C]: t (read unless AFFINE)
+    bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,  # AFFINE: BNAffine
     M, C, HW,
     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, C_BLOCKS: tl.constexpr,
 ):
     rows, cols = tile_indices(tl.program_id(0), tl.program_id(1), 0, 1, BLOCK_M, BLOCK_C, INT64)
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = tile_offsets(rows, cols, C, HW, NHWC)
-    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    if AFFINE:  # BN's affine map from the batch statistics, in every program; program (0, 0) keeps it (finalize_bn)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt, C,
+                        HAS_W, HAS_B, UPDATE, BLOCK_C, C_BLOCKS)
+        _, _, s, t = bn_scale_shift(bn_mean, bn_var, bn_w, bn_b, bn_consts, cols, cmask, HAS_W, HAS_B)
+        s = s.to(ACC)
+        t = t.to(ACC)
+    else:
+        s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     a = relu(x * s[None, :] + t[None, :])
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -210,22 +222,34 @@ def _elementwise_grid(cfg: dict) -> Tuple[int, int]:
     return triton.cdiv(cfg["M"], cfg["BLOCK_M"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"])
 
 
-def bn_relu_forward(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def bn_relu_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                    out_dtype: Optional[torch.dtype] = None, affine: Optional[BNAffine] = None) -> Tensor:
     """a = max(x·scale + shift, 0) [N, C, H, W] in out_dtype (default x.dtype) and x's layout (dense NCHW or
-    channels_last); scale, shift [C]. Semantics of `fastresnet.reference.bn_relu`."""
+    channels_last); scale, shift [C]. Semantics of `fastresnet.reference.bn_relu`. affine: a `kernels.stats.BNAffine`
+    instead of (scale, shift) (both None): the kernel forms the affine map from the batch statistics and fills
+    affine's rstd, scale and shift and running buffers."""
     nhwc = check_tensor(x, "x")
-    check_channel_vector(scale, "scale", x)
-    check_channel_vector(shift, "shift", x)
+    if affine is None:
+        check_channel_vector(scale, "scale", x)
+        check_channel_vector(shift, "shift", x)
+    else:
+        check_channel_vector(affine.mean, "affine.mean", x)
     out_dtype = out_dtype or x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
     a = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
     if x.numel() == 0:
+        if affine is not None:
+            finalize_affine(affine)
         return a
     cfg = tile_config(x)
+    bn = affine.kernel_args() if affine is not None else (scale,) * 11
+    flags = affine.constexprs() if affine is not None else dict(HAS_W=False, HAS_B=False, UPDATE=0)
     _bn_relu_fwd_kernel[_elementwise_grid(cfg)](
-        x, a, scale, shift, cfg["M"], cfg["C"], cfg["HW"], ACC=tl_dtype(acc_dtype(x.dtype)), NHWC=nhwc,
-        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["NUM_WARPS"])
+        x, a, scale if affine is None else affine.scale, shift if affine is None else affine.shift, *bn, cfg["M"],
+        cfg["C"], cfg["HW"], ACC=tl_dtype(acc_dtype(x.dtype)), NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_C=cfg["BLOCK_C"], AFFINE=affine is not None, C_BLOCKS=triton.cdiv(cfg["C"], cfg["BLOCK_C"]) if affine is not None else 1,
+        num_warps=cfg["NUM_WARPS"], **flags)
     return a
 
 

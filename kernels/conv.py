@@ -17,7 +17,9 @@ GEMM views (M = rows, "N" = columns, K = reduction):
                              s = 2 one launch per phase (h mod 2, w mod 2) takes only the taps with kh ≡ h + p,
                              kw ≡ w + p (mod 2), so no term of the first kind is computed (`dgrad_phases`)
   wgrad    dw[co, ci,kh,kw]= Σ_{m=(n,ho,wo)} dy[m, co] · a[n, ci, ho·s−p+kh, wo·s−p+kw]
-with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a.
+with a = max(x·scale + shift, 0) recomputed from x in every prologue; the conv's zero padding applies to a. Given a
+`kernels.stats.BNAffine`, the forward forms scale and shift from the batch statistics in its prologue and its
+program (0, 0) keeps them with rstd and makes the running update (`kernels.stats.finalize_bn`).
 
 Reductions are deterministic: every program writes its partial result to its own row of a [tiles, ...] buffer, and
 the rows are merged in tile order (in two levels for many rows, `kernels.stats.merge_rows`). The output statistics
@@ -54,9 +56,9 @@ from fastresnet.kernels.bn_relu import (
     bn_backward_from_partials, bn_finish, empty_backward, store_bn_backward, sum_partials,
 )
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, _sm_count, chunk_summary, finish_stats, last_program, launch_counters, memory_format,
-    merge_partials, merge_rows, no_value_stats, release_counter, relu, relu_grad, stats_finish, store_partial,
-    sum_rows,
+    FINISH_MAX_ROWS, BNAffine, _sm_count, bn_scale_shift, chunk_summary, finalize_affine, finalize_bn, finish_stats,
+    last_program, launch_counters, memory_format, merge_partials, merge_rows, no_value_stats, release_counter, relu,
+    relu_grad, stats_finish, store_partial, sum_rows,
 )
 
 
@@ -97,7 +99,8 @@ def _offsets(nb, h, w, ch, sn, sc, sh, sw):
 @triton.jit(do_not_specialize=["M", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
 def _conv_fwd_kernel(
     x_ptr,                      # [N, C_in, H, W] BN input, strides sxn, sxc, sxh, sxw
-    scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0)
+    scale_ptr, shift_ptr,       # [C_in] fp32: a = max(x·scale + shift, 0) (read unless AFFINE)
+    bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,  # AFFINE: BNAffine
     w_ptr,                      # [C_out, KH, KW, C_in] weight, contiguous: row co is K = (kh, kw, ci)
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
@@ -109,6 +112,7 @@ def _conv_fwd_kernel(
     HAS_RES: tl.constexpr, STATS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
     K_ITERS: tl.constexpr, FINISH: tl.constexpr,
+    AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
 ):
     # rows m = (n, ho, wo) of y × output channels co
     m_ok, nb, ho, wo, rn, n_ok, acc = _gemm_tile(M, Ho, Wo, C_out, BLOCK_M, BLOCK_N)
@@ -119,8 +123,11 @@ def _conv_fwd_kernel(
         wi = wo * STRIDE - PAD + kw
         a_mask = (m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & k_ok[None, :]
         xv = tl.load(x_ptr + _offsets(nb, hi, wi, rk, sxn, sxc, sxh, sxw), mask=a_mask, other=0.0)
-        s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
-        t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
+        if AFFINE:  # BN's affine map formed from the batch statistics (program (0, 0) keeps it: finalize_bn)
+            _, _, s, t = bn_scale_shift(bn_mean, bn_var, bn_w, bn_b, bn_consts, rk, k_ok, HAS_W, HAS_B)
+        else:
+            s = tl.load(scale_ptr + rk, mask=k_ok, other=0.0)
+            t = tl.load(shift_ptr + rk, mask=k_ok, other=0.0)
         # prologue: BN-apply + ReLU, then zero padding in the activated space (relu(t) != 0 at borders)
         a = tl.where(a_mask, relu(xv.to(tl.float32) * s[None, :] + t[None, :]), 0.0)
         # weight tile [BLOCK_K, BLOCK_N]: ci contiguous
@@ -146,6 +153,10 @@ def _conv_fwd_kernel(
             if last_program(count_ptr + tl.program_id(1), tl.num_programs(0)):
                 finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C_out, tl.num_programs(0), GROUPS, ROWS, rn)
                 release_counter(count_ptr + tl.program_id(1))
+    if AFFINE:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,
+                        C_in, HAS_W, HAS_B, UPDATE, BLOCK_K, K_BLOCKS)
 
 
 @triton.jit(do_not_specialize=["M", "tile0", "tiles", "M_BN", "GROUPS", "ROWS"])
@@ -455,8 +466,8 @@ def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> Tuple[int, int
 
 
 def conv_forward(
-    x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int, padding: int,
-    residual: Optional[Tensor] = None, stats: bool = False,
+    x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor, stride: int, padding: int,
+    residual: Optional[Tensor] = None, stats: bool = False, affine: Optional[BNAffine] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """y = conv2d(relu(x·scale + shift), weight, stride, padding) (+ residual), and optionally y's batch statistics.
 
@@ -465,6 +476,8 @@ def conv_forward(
     with the residual's (PyTorch's `conv + residual`).
     Returns (y, mean, var): y in x's memory format; mean and biased var fp32 [C_out] of the stored (rounded) y when
     stats=True (merged from per-tile partials in tile order: deterministic), else None.
+    affine: a `kernels.stats.BNAffine` instead of (scale, shift) (both None): the prologue forms BN's affine map from
+    the batch statistics, and the launch fills affine's rstd, scale and shift and running buffers.
     """
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
@@ -475,6 +488,8 @@ def conv_forward(
     y = torch.empty((n, c_out, ho, wo), dtype=out_dtype, device=x.device, memory_format=fmt)
     _check_numel(x=x, y=y)
     if m == 0:  # no output rows (N = 0): nothing to compute; the statistics of no values
+        if affine is not None:
+            finalize_affine(affine)
         return (y,) + (no_value_stats(c_out, torch.float32, x.device) if stats else (None, None))
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)
@@ -486,13 +501,15 @@ def conv_forward(
     n_blocks = triton.cdiv(c_out, cfg.block_n)
     fin = stats_finish(tiles, c_out, n_blocks, torch.float32, x.device) if stats else None
     _conv_fwd_kernel[(tiles, n_blocks)](
-        x, scale, shift, _weight_ohwi(weight), residual if residual is not None else y, y, part,
+        x, *((scale, shift) + (scale,) * 11 if affine is None else (affine.scale, affine.shift) + affine.kernel_args()),
+        _weight_ohwi(weight), residual if residual is not None else y, y, part,
         *(fin[:4] if fin else (part,) * 4), m, c_in, h, w, c_out, ho, wo, fin.groups if fin else 1,
         fin.rows if fin else 1, *x.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         K_BLOCKS=k_blocks, K_ITERS=k * k * k_blocks, FINISH=fin is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, AFFINE=affine is not None,
+        **(affine.constexprs() if affine is not None else dict(HAS_W=False, HAS_B=False, UPDATE=0)),
     )
     if not stats:
         return y, None, None

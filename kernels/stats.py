@@ -18,6 +18,10 @@ tile's first row), so chunk means are O(std) rather than O(|mean|). The merge re
 pivot (adds K_t − K_0, a difference of two values of the channel, so O(std); exactly 0 when every tile shares K),
 so the Chan cross terms (differences of chunk means) keep full precision; mean = K_0 + shifted mean.
 
+BN's affine map from these statistics (`BNAffine`, docs/kernels.md): the kernel that consumes a BN's statistics first
+forms rstd, scale and shift in every program (`bn_scale_shift`) and one program stores them and updates the running
+statistics (`finalize_bn`); `_bn_affine_kernel` does that alone where no kernel consumes them.
+
 dtype rules: loads are upcast to the accumulation dtype right after loading (float32; float64 for float64 input),
 which also avoids the Triton interpreter's bf16 bug (docs/architecture.md §6). Statistics come in that dtype.
 """
@@ -106,6 +110,87 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     w_b = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
     return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+# running-statistics updates of `finalize_bn` (`BNAffine.update`)
+RUN_NONE = tl.constexpr(0)        # none (no buffers, or a recomputation's replay)
+RUN_MOMENTUM = tl.constexpr(1)    # running = (1 − m)·running + m·batch
+RUN_CUMULATIVE = tl.constexpr(2)  # momentum=None: m = 1/num_batches_tracked
+RUN_COUNT = tl.constexpr(3)       # an empty batch: num_batches_tracked += 1 only
+
+
+@triton.jit
+def reciprocal_rn(v):
+    """1/v correctly rounded (fp32: `div_rn`, where `/` may be approximate on a GPU; fp64 division is IEEE)."""
+    if v.dtype == tl.float32:
+        return tl.math.div_rn(tl.zeros_like(v) + 1.0, v)
+    else:
+        return 1.0 / v
+
+
+@triton.jit
+def rsqrt_rn(v):
+    """1/√v with both steps correctly rounded (IEEE square root, then IEEE division): `torch.rsqrt`'s CPU bits."""
+    if v.dtype == tl.float32:
+        return reciprocal_rn(tl.sqrt_rn(v))
+    else:
+        return reciprocal_rn(tl.sqrt(v))  # fp64 sqrt is IEEE
+
+
+@triton.jit
+def bn_scale_shift(mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, cols, cmask, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr):
+    """BN's affine map for the channels cols from the batch statistics (`BNAffine`): (mean, rstd, scale, shift)
+    [len(cols)] in the statistics' dtype, rstd = 1/√(var + eps), scale = γ·rstd, shift = β − mean·scale with
+    `reference.scale_shift`'s operations in its order (γ = 1, β = 0 without HAS_W / HAS_B)."""
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    rstd = rsqrt_rn(tl.load(var_ptr + cols, mask=cmask, other=1.0) + tl.load(consts_ptr))
+    s = rstd
+    if HAS_W:
+        s = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(rstd.dtype) * rstd
+    if HAS_B:
+        t = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(rstd.dtype) - mean * s
+    else:
+        t = -(mean * s)
+    return mean, rstd, s, t
+
+
+@triton.jit
+def finalize_bn(mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, rstd_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCKS: tl.constexpr):
+    """Run by one program of the launch that first consumes a BN's statistics (`BNAffine`): stores rstd, scale and
+    shift of all C channels (BLOCKS blocks of BLOCK) for the backward, and updates the running statistics as
+    `reference.update_running_stats` (UPDATE: `RUN_*`): num_batches_tracked += 1; running = (1 − m)·running +
+    m·batch with the unbiased var·M/(M − 1) — momentum m (the multiply, then ATen's add with alpha, a fused
+    multiply-add), or m = 1/num_batches_tracked (the cumulative average, each operation rounded); an empty batch
+    only counts. consts: [eps, 1 − m, m, M/(M − 1)] in the statistics' dtype."""
+    if UPDATE == RUN_CUMULATIVE:
+        factor = reciprocal_rn((tl.load(nbt_ptr) + 1).to(rm_ptr.dtype.element_ty))  # 1/num_batches_tracked
+    for cb in range(BLOCKS):
+        cols = cb * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < C
+        mean, rstd, s, t = bn_scale_shift(mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, cols, cmask, HAS_W, HAS_B)
+        tl.store(rstd_ptr + cols, rstd, mask=cmask)
+        tl.store(scale_ptr + cols, s, mask=cmask)
+        tl.store(shift_ptr + cols, t, mask=cmask)
+        if UPDATE == RUN_MOMENTUM or UPDATE == RUN_CUMULATIVE:
+            unbiased = tl.load(var_ptr + cols, mask=cmask, other=0.0) * tl.load(consts_ptr + 3)
+            rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
+            rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
+            if UPDATE == RUN_MOMENTUM:
+                keep = tl.load(consts_ptr + 1)
+                momentum = tl.load(consts_ptr + 2)
+                rm = tl.fma(mean, momentum, rm * keep)
+                rv = tl.fma(unbiased, momentum, rv * keep)
+            else:
+                keep = 1.0 - factor
+                rm = rm * keep + mean * factor
+                rv = rv * keep + unbiased * factor
+            tl.store(rm_ptr + cols, rm, mask=cmask)
+            tl.store(rv_ptr + cols, rv, mask=cmask)
+    if UPDATE != RUN_NONE:
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 # ---- kernels -------------------------------------------------------------------------------------------------------
@@ -234,6 +319,16 @@ def _stats_merge_kernel(
         store_stats(out_ptr, var_ptr, C, cols, count, mean, m2, k0)
     else:
         store_partial(out_ptr, tl.program_id(1), tl.num_programs(1), C, cols, count, mean, m2, k0)
+
+
+@triton.jit
+def _bn_affine_kernel(
+    mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, rstd_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,  # BNAffine
+    C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    # one program: `finalize_bn` where no kernel consumes the statistics (an empty batch, a replay's last BN)
+    finalize_bn(mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, rstd_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                C, HAS_W, HAS_B, UPDATE, BLOCK, BLOCKS)
 
 
 @triton.jit(do_not_specialize=["S", "ROWS"])
@@ -439,6 +534,101 @@ def stats_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype,
     groups = triton.cdiv(t, rows)
     new = functools.partial(torch.empty, dtype=dtype, device=device)
     return StatsFinish(launch_counters(channel_blocks, device), new((4, groups, c)), new(c), new(c), groups, rows)
+
+
+class BNAffine(NamedTuple):
+    """A BN whose affine map the kernel that first consumes its statistics forms itself (`bn_scale_shift` in every
+    program, `finalize_bn` in one): the inputs — batch statistics, γ, β (None: 1, 0), the constants [eps, 1 − m, m,
+    M/(M − 1)] — and the outputs that kernel fills for the backward: rstd, scale, shift [C]; and the running
+    buffers it updates (`update`: a `RUN_*` value; buffers None with RUN_NONE)."""
+    mean: Tensor
+    var: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    consts: Tensor
+    rstd: Tensor
+    scale: Tensor
+    shift: Tensor
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    update: int
+
+    def kernel_args(self) -> tuple:
+        """The 11 pointer arguments of `finalize_bn` / `bn_scale_shift` (absent tensors: mean, never read)."""
+        m = self.mean
+        return (m, self.var, m if self.weight is None else self.weight, m if self.bias is None else self.bias,
+                self.consts, self.rstd, self.scale, self.shift, m if self.running_mean is None else self.running_mean,
+                m if self.running_var is None else self.running_var,
+                m if self.num_batches_tracked is None else self.num_batches_tracked)
+
+    def constexprs(self) -> dict:
+        return dict(HAS_W=self.weight is not None, HAS_B=self.bias is not None, UPDATE=self.update)
+
+    @property
+    def updates_running(self) -> bool:
+        """Whether the kernels make the running update (else the caller makes it)."""
+        return self.update != RUN_NONE.value
+
+    def finalize(self) -> "BNAffine":
+        """`finalize_affine(self)`: the affine map and running update in a launch of their own."""
+        return finalize_affine(self)
+
+
+_CONSTS: Dict[tuple, Tensor] = {}
+
+
+def _bn_consts(eps: float, momentum: Optional[float], count: int, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """[eps, 1 − m, m, M/(M − 1)] in dtype (each a Python float rounded to dtype, as ATen rounds a scalar operand),
+    made once per value and kept: a CUDA-graph capture finds the ones its warm-up step made (a copy from the host
+    cannot be captured)."""
+    key = (eps, momentum, count, dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        m = 0.0 if momentum is None else momentum
+        t = torch.tensor([eps, 1 - m, m, count / (count - 1) if count > 1 else 0.0], dtype=dtype, device=device)
+        if not t.is_meta:  # a meta tensor posing as a CUDA one (benchmarks/static_sm90.py) is not kept
+            _CONSTS[key] = t
+    return t
+
+
+def bn_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
+              running: Optional[tuple] = None) -> Optional[BNAffine]:
+    """A `BNAffine` of a BN with batch statistics (mean, var) [C] (fp32, or fp64 for fp64 input), eps, γ, β, and
+    `running` = (running_mean, running_var, num_batches_tracked, M = N·H·W, momentum) to update, or None; None where
+    the kernels cannot take this BN (statistics of another dtype or not dense): the caller then runs the reference
+    composition. Running buffers the kernels cannot update (not dense in the statistics' dtype — a bf16 or fp16
+    model's —, no num_batches_tracked) are left to the caller: `updates_running` is then False."""
+    dtype = mean.dtype
+    if (dtype not in (torch.float32, torch.float64) or var.dtype != dtype or mean.dim() != 1
+            or var.shape != mean.shape or not (mean.is_contiguous() and var.is_contiguous())):
+        return None
+    if any(v is not None and (v.shape != mean.shape or not v.is_contiguous() or not v.is_floating_point())
+           for v in (weight, bias)):
+        return None
+    update, rm, rv, nbt, count, momentum = RUN_NONE.value, None, None, None, 2, None
+    if running is not None:
+        rm, rv, nbt, count, momentum = running
+        if (nbt is None or nbt.dtype != torch.int64 or nbt.numel() != 1 or rm.dtype != dtype or rv.dtype != dtype
+                or rm.shape != mean.shape or rv.shape != mean.shape or not (rm.is_contiguous() and rv.is_contiguous())
+                or not isinstance(count, int)):
+            rm, rv, nbt, count, momentum = None, None, None, 2, None  # the caller's reference update
+        else:
+            update = (RUN_COUNT if count == 0 else RUN_CUMULATIVE if momentum is None else RUN_MOMENTUM).value
+    out = functools.partial(torch.empty_like, mean)
+    return BNAffine(mean, var, weight, bias, _bn_consts(float(eps), momentum, count, dtype, mean.device), out(), out(),
+                    out(), rm, rv, nbt, update)
+
+
+def finalize_affine(affine: BNAffine) -> BNAffine:
+    """`finalize_bn` in a launch of its own, for statistics no kernel consumes (an empty batch, a recomputation's last
+    BN): fills affine's rstd, scale and shift and makes its running update."""
+    c = affine.mean.shape[0]
+    block = min(1024, triton.next_power_of_2(max(c, 1)))
+    _bn_affine_kernel[(1,)](*affine.kernel_args(), c, BLOCK=block, BLOCKS=triton.cdiv(c, block),
+                            **affine.constexprs())
+    return affine
 
 
 def sum_groups(part: Tensor, rows: int, out: Optional[Tensor] = None) -> Tensor:

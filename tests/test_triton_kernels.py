@@ -315,6 +315,54 @@ def test_scale_shift_bitwise_reference(dtype, affine):
         assert g.dtype == e.dtype and torch.equal(g, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("n", [2, 0], ids=["batch", "empty"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_affine_and_running_update_in_kernel_match_reference(dtype, momentum, n, affine):
+    # BN's affine map formed by the consuming kernel (every program) and kept, with the running update, by one program
+    # (`kernels.stats.BNAffine`), against rsqrt + `reference.scale_shift` + `reference.update_running_stats`; 70
+    # channels: two channel blocks. An empty batch (n = 0) runs the launch of its own and only counts.
+    c, eps = 70, 1e-5
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, c, 1, 3, generator=gen, dtype=dtype) * 2).to(DEVICE)
+    mean = torch.randn(c, generator=gen, dtype=dtype).to(DEVICE)
+    var = (torch.rand(c, generator=gen, dtype=dtype) + 0.5).to(DEVICE)
+    w = (torch.randn(c, generator=gen, dtype=dtype) if affine else None)
+    b = (torch.randn(c, generator=gen, dtype=dtype) if affine else None)
+    w, b = (None if t is None else t.to(DEVICE) for t in (w, b))
+    buffers = [torch.randn(c, generator=gen, dtype=dtype).to(DEVICE), (torch.rand(c, generator=gen, dtype=dtype)
+                                                                        + 0.5).to(DEVICE),
+               torch.tensor(3, device=DEVICE)]
+    ref_buffers = [t.clone() for t in buffers]
+    spec = BACKEND.bn_affine(mean, var, eps, w, b, (*buffers, n * 3, momentum))
+    a = BACKEND.bn_relu(x, None, None, x.dtype, affine=spec)
+    rstd = torch.rsqrt(var + eps)
+    scale, shift = reference.scale_shift(mean, rstd, w, b)
+    reference.update_running_stats(*ref_buffers, mean, var, n * 3, momentum)
+    want = [reference.bn_relu(x, scale, shift), rstd, scale, shift] + ref_buffers
+    got = [a, spec.rstd, spec.scale, spec.shift] + buffers
+    for name, g, e in zip(["a", "rstd", "scale", "shift", "running_mean", "running_var", "nbt"], got, want):
+        if INTERPRET:  # the interpreter rounds every operation, as the reference's ATen ops do: the same bits
+            assert torch.equal(g, e), name
+        else:  # a GPU's rsqrt is approximate and the compiler may contract μ·scale into the shift: a few ulps of
+            # values of magnitude up to about 10 (a = x·s + t can cancel, hence the absolute part)
+            eps_d = torch.finfo(dtype).eps
+            torch.testing.assert_close(g, e, rtol=8 * eps_d, atol=80 * eps_d, msg=name)
+
+
+def test_affine_leaves_running_buffers_of_another_dtype_to_the_caller():
+    # a bf16 model's running buffers: the kernel forms the affine map and leaves the buffers (and the counter) alone
+    mean, var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    buffers = [torch.zeros(4, dtype=torch.bfloat16, device=DEVICE), torch.ones(4, dtype=torch.bfloat16, device=DEVICE),
+               torch.tensor(0, device=DEVICE)]
+    spec = BACKEND.bn_affine(mean, var, 1e-5, None, None, (*buffers, 8, 0.1))
+    assert not spec.updates_running
+    BACKEND.bn_relu(torch.randn(2, 4, 2, 2, device=DEVICE), None, None, torch.float32, affine=spec)
+    assert torch.equal(spec.scale, torch.rsqrt(var + 1e-5)) and torch.equal(spec.shift, -(mean * spec.scale))
+    assert torch.equal(buffers[0], torch.zeros_like(buffers[0])) and int(buffers[2]) == 0
+
+
 def test_scale_shift_rejects_bad_inputs():
     from fastresnet.kernels.bn_relu import scale_shift
     mean = torch.zeros(4, device=DEVICE)

@@ -69,6 +69,15 @@ class Backend:
     # numeric momentum, or None (`fastresnet.ops.update_running_stats` then runs the reference).
     update_running_stats = None
 
+    # bn_affine(mean, var, eps, bn_weight, bn_bias, running) -> an affine spec, or None: a backend whose forward kernels
+    # form BN's affine map themselves from the batch statistics (mean, var) and make the running update (running:
+    # (running_mean, running_var, num_batches_tracked, N·H·W, momentum) or None) returns a spec (the Triton backends:
+    # `kernels.stats.BNAffine`, whose rstd, scale and shift the first kernel given it fills; `spec.updates_running`:
+    # whether that kernel makes the running update, else the caller does); bn_relu, bn_relu_conv and
+    # bn_relu_conv_stats then take it as `affine=` in place of (scale, shift), which are None. None (the attribute, or
+    # the result for a BN it cannot take): the caller computes rstd, scale, shift and the running update itself.
+    bn_affine = None
+
     # -- whole units ------------------------------------------------------------------------------------------------
     # unit_plan / units_train: a full pre-activation unit's training call as one autograd node of the backend's own,
     # bitwise the composition of this class's ops in `fastresnet.ops.unit_ops`, or None (that composition runs) —
@@ -88,14 +97,17 @@ class Backend:
     layer_train = None
 
     # -- conv level (tier A by default) ----------------------------------------------------------------------------
-    def bn_relu_conv(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding) -> Tensor:
-        """y = conv2d(relu(x·scale + shift), weight); the activation is a temporary, never saved."""
-        a = self.bn_relu(x, scale, shift, weight.dtype)
+    def bn_relu_conv(self, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor, stride,
+                     padding, affine=None) -> Tensor:
+        """y = conv2d(relu(x·scale + shift), weight); the activation is a temporary, never saved. affine: a
+        `bn_affine` spec in place of (scale, shift)."""
+        a = (self.bn_relu(x, scale, shift, weight.dtype) if affine is None else
+             self.bn_relu(x, scale, shift, weight.dtype, affine=affine))
         return torch.nn.functional.conv2d(a, weight, None, stride, padding)
 
     def bn_relu_conv_stats(
-        self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
-        residual: Optional[Tensor] = None,
+        self, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor, stride, padding,
+        residual: Optional[Tensor] = None, affine=None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """(y, mean, var): y = bn_relu_conv(...) (+ residual) and y's batch statistics for the next BN.
 
@@ -103,7 +115,7 @@ class Backend:
         y is read once more; a tier-B backend computes them in the conv epilogue instead. Without a residual y is in
         the conv's dtype (weight.dtype); with one, the sum is in the promoted dtype (as `add_stats`).
         """
-        y = self.bn_relu_conv(x, scale, shift, weight, stride, padding)
+        y = self.bn_relu_conv(x, scale, shift, weight, stride, padding, affine)
         if residual is None:
             return (y,) + tuple(self.batch_stats(y))
         return self.add_stats(y, residual)

@@ -68,9 +68,9 @@ class TritonBackend(Backend):
         from fastresnet.kernels.stats import batch_stats
         return batch_stats(_dense(x, x))
 
-    def bn_relu(self, x, scale, shift, out_dtype):
+    def bn_relu(self, x, scale, shift, out_dtype, affine=None):
         from fastresnet.kernels.bn_relu import bn_relu_forward
-        return bn_relu_forward(_dense(x, x), scale, shift, out_dtype)
+        return bn_relu_forward(_dense(x, x), scale, shift, out_dtype, affine)
 
     def bn_relu_backward(self, dy, x, scale, shift, mean, rstd, training, dres=None):
         from fastresnet.kernels.bn_relu import bn_relu_backward
@@ -85,3 +85,9 @@ class TritonBackend(Backend):
         ops."""
         from fastresnet.kernels.bn_relu import scale_shift
         return scale_shift(mean, rstd, bn_weight, bn_bias)
+
+    def bn_affine(self, mean, var, eps, bn_weight, bn_bias, running=None):
+        """`kernels.stats.bn_affine`: BN's rstd, affine map and running update made by the kernel that consumes the
+        statistics (its prologue and one program's `finalize_bn`), no launch of their own."""
+        from fastresnet.kernels.stats import bn_affine
+        return bn_affine(mean, var, eps, bn_weight, bn_bias, running)

@@ -124,23 +124,24 @@ class TritonConvBackend(TritonBackend):
             times[name] = statistics.median(samples)
         return min(times, key=times.get)
 
-    def bn_relu_conv(self, x, scale, shift, weight, stride, padding):
+    def bn_relu_conv(self, x, scale, shift, weight, stride, padding, affine=None):
         if not self.uses_own_conv(x, weight, stride, padding):
-            return super().bn_relu_conv(x, scale, shift, weight, stride, padding)
+            return super().bn_relu_conv(x, scale, shift, weight, stride, padding, affine)
         from fastresnet.kernels.conv import conv_forward
-        y, _, _ = conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]))
+        y, _, _ = conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), affine=affine)
         return y
 
     def bn_relu_conv_stats(
         self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
-        residual: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None, affine=None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """(y, mean, var): `bn_relu_conv` plus the per-channel batch statistics (fp32, biased var) of the stored y,
         from the conv epilogue (own kernels) or the tier-A conv + add/statistics kernels."""
         if not self.uses_own_conv(x, weight, stride, padding):
-            return super().bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual)
+            return super().bn_relu_conv_stats(x, scale, shift, weight, stride, padding, residual, affine)
         from fastresnet.kernels.conv import conv_forward
-        return conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual, stats=True)
+        return conv_forward(x, scale, shift, weight, int(stride[0]), int(padding[0]), residual, stats=True,
+                            affine=affine)
 
     def bn_relu_conv_backward(self, dy, x, scale, shift, mean, rstd, weight, stride, padding, training,
                               need_weight_grad=True, dres: Optional[Tensor] = None):

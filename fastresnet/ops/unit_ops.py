@@ -18,8 +18,8 @@ from torch import Tensor
 from fastresnet import reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import layout
-from fastresnet.ops.bn_ops import (FusedOp, affine_grads, _bn_relu_conv_backward, _empty_as, _stats_fake,
-                                   conv_out_shape, traced)
+from fastresnet.ops.bn_ops import (FusedOp, affine_grads, _bn_relu_conv_backward, _empty_as, _profiler_range,
+                                   _stats_fake, conv_out_shape, traced)
 
 
 def _bn_relu_conv_stats_body(
@@ -114,23 +114,42 @@ def _plain_conv_backward(dy: Tensor, a: Tensor, weight: Tensor, stride, padding)
 
 def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
                   bn_biases: List[Optional[Tensor]], eps: List[float], strides: List[int], paddings: List[int],
-                  shortcut: str, shortcut_stride: int, backend: str, through_last: bool = True) -> List[Tensor]:
+                  shortcut: str, shortcut_stride: int, backend: str, through_last: bool = True,
+                  running: Optional[List[Optional[tuple]]] = None,
+                  affines: Optional[List[Tuple[Tensor, Tensor, bool]]] = None) -> List[Tensor]:
     """[x_{l+1}, its mean, its var, y_1 … y_{k−1}, rstd_1 … rstd_k, mean_2, var_2, …, mean_k, var_k]; without
     `through_last` the last conv (and the shortcut add) is not run and the first three are left out: what a
-    recomputation needs for the backward alone."""
+    recomputation needs for the backward alone.
+
+    On a backend with `Backend.bn_affine` the kernel that consumes a BN's statistics forms its rstd and affine map
+    itself and makes the running update of its `running` entry (`preact_unit`'s format; None: no update, the op
+    then mutates nothing). affines: None, or a list to which each BN's (scale, shift, whether its running statistics
+    were updated) is appended."""
     impl = get_backend_impl(backend)
     k = len(bn_weights)
     ys: List[Tensor] = []
     rstds: List[Tensor] = []
     stats: List[Tensor] = []
 
-    def affine(i: int, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
-        rstds.append(torch.rsqrt(var + eps[i]))
-        return impl.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
+    def affine(i: int, mean: Tensor, var: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], dict]:
+        """(scale, shift, {}) of BN i, or (None, None, {"affine": spec}) for its consumer to form them."""
+        r = running[i] if running else None
+        spec = None if impl.bn_affine is None else impl.bn_affine(mean, var, eps[i], bn_weights[i], bn_biases[i], r)
+        if spec is None:
+            rstds.append(torch.rsqrt(var + eps[i]))
+            scale, shift = impl.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
+            if affines is not None:
+                affines.append((scale, shift, False))
+            return scale, shift, {}
+        rstds.append(spec.rstd)
+        if affines is not None:
+            affines.append((spec.scale, spec.shift, spec.updates_running))
+        return None, None, {"affine": spec}
 
     y, mean, var, first = x, x_mean, x_var, 0
     if shortcut.startswith("shared"):  # one activation feeds conv1 and the shortcut: plain convs on it
-        a = impl.bn_relu(x, *affine(0, mean, var), x.dtype)
+        scale, shift, kw = affine(0, mean, var)
+        a = impl.bn_relu(x, scale, shift, x.dtype, **kw)
         h = a if shortcut == "shared_identity" else _plain_conv(a, weights[k], shortcut_stride, 0)
         y = _plain_conv(a, weights[0], _pair(strides, 0), _pair(paddings, 0))
         if k == 1:
@@ -141,11 +160,13 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
         h = x if shortcut == "identity" else _zero_pad(x, shortcut_stride, weights[k - 1].shape[0])
     for i in range(first, k):
         last = i == k - 1
-        scale, shift = affine(i, mean, var)
+        scale, shift, kw = affine(i, mean, var)
         if last and not through_last:
+            if kw:  # no kernel consumes these statistics here: the affine map in a launch of its own
+                kw["affine"].finalize()
             return ys + rstds + stats
         y, mean, var = impl.bn_relu_conv_stats(y, scale, shift, weights[i], _pair(strides, i), _pair(paddings, i),
-                                               h if last else None)
+                                               h if last else None, **kw)
         if not last:
             ys.append(y)
             stats += [mean, var]
@@ -154,10 +175,11 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
 
 def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], means: List[Tensor],
                    rstds: List[Tensor], bn_weights: List[Optional[Tensor]], bn_biases: List[Optional[Tensor]],
-                   strides: List[int], paddings: List[int], shortcut: str, shortcut_stride: int, backend: str
-                   ) -> List[Tensor]:
+                   strides: List[int], paddings: List[int], shortcut: str, shortcut_stride: int, backend: str,
+                   affines: Optional[List[Tuple[Tensor, Tensor, bool]]] = None) -> List[Tensor]:
     """[dx, dW_1 … dW_k (dW_shortcut), Σdz·x̂ per BN (dγ), Σdz per BN (dβ)]: the layers in reverse; the shortcut
-    gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation)."""
+    gradient joins dx inside the BN backward kernel (a shared activation: the gradient of that activation).
+    affines: the forward's (scale, shift, _) per BN (`_unit_forward`), or None / empty to compute them again."""
     impl = get_backend_impl(backend)
     k = len(means)
     dweights: List[Optional[Tensor]] = [None] * len(weights)  # every entry is filled below
@@ -167,7 +189,8 @@ def _unit_backward(dout: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tens
     dy = dout
     for i in reversed(range(k)):
         xi = inputs[i]
-        scale, shift = impl.scale_shift(means[i], rstds[i], bn_weights[i], bn_biases[i])
+        scale, shift = (affines[i][:2] if affines else
+                        impl.scale_shift(means[i], rstds[i], bn_weights[i], bn_biases[i]))
         stride, padding = _pair(strides, i), _pair(paddings, i)
         dy = dy.contiguous(memory_format=layout(xi))
         if i == 0 and shortcut.startswith("shared"):
@@ -230,39 +253,70 @@ def _preact_unit_backward_fake(dout, x, ys, weights, means, rstds, bn_weights, b
 _preact_unit_backward_op = FusedOp("preact_unit_backward", _preact_unit_backward_body, _preact_unit_backward_fake)
 
 
+def _running_in_kernels(backend: str) -> bool:
+    """Whether a unit's kernels make its BNs' running updates (`Backend.bn_affine`): eager calls outside tracing and
+    functorch transforms (the registered ops mutate nothing)."""
+    return (get_backend_impl(backend).bn_affine is not None and not traced()
+            and not torch._C._are_functorch_transforms_active())
+
+
 class _PreactUnit(torch.autograd.Function):
     """The unit as one autograd node around the two ops above. Eager calls their Python bodies directly (a custom
     op's own dispatch costs more host time than the unit's kernels at small sizes); under torch.compile or a
-    dispatch mode (`traced`) the registered ops run, opaque, with their fake implementations and FLOP formulas."""
+    dispatch mode (`traced`) the registered ops run, opaque, with their fake implementations and FLOP formulas.
+    Where `_running_in_kernels`, the caller passes `running` and a list `pending`: the kernels make the running
+    updates they can, `pending` receives the entries left for the caller, and each BN's scale and shift are saved
+    for the backward; otherwise both are None and the caller updates the running statistics after the op.
+    Gradients are not materialised: the statistics outputs get none, and no zeros are made for them."""
 
     @staticmethod
-    def forward(ctx, config: tuple, x: Tensor, x_mean: Tensor, x_var: Tensor, *params: Optional[Tensor]):
+    def forward(ctx, config: tuple, running: Optional[List[Optional[tuple]]], pending: list, x: Tensor,
+                x_mean: Tensor, x_var: Tensor, *params: Optional[Tensor]):
         eps, strides, paddings, shortcut, shortcut_stride, backend = config
         k = len(eps)
         weights, bn_weights, bn_biases = list(params[:-2 * k]), list(params[-2 * k:-k]), list(params[-k:])
         args = (x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut, shortcut_stride,
                 backend)
-        res = _preact_unit_op(*args)
+        affines = None if pending is None else []  # the caller's `_running_in_kernels`: the body, running handed on
+        if affines is None:
+            res = _preact_unit_op(*args)
+        else:
+            with _profiler_range(_preact_unit_op.qualname):
+                res = _unit_forward(*args, running=running, affines=affines)
         ys, rstds, stats = res[3:2 + k], res[2 + k:2 + 2 * k], res[2 + 2 * k:]
-        ctx.save_for_backward(x, *ys, *weights, x_mean, *stats[0::2], *rstds, *bn_weights, *bn_biases)
+        if running and affines is not None:
+            pending.extend((*r[:3], mean, var, *r[3:]) for r, mean, var, (_, _, done) in
+                           zip(running, [x_mean] + stats[0::2], [x_var] + stats[1::2], affines)
+                           if r is not None and not done)
+        scales_shifts = [t for a in affines for t in a[:2]] if affines is not None else []
+        ctx.save_for_backward(x, *ys, *weights, x_mean, *stats[0::2], *rstds, *bn_weights, *bn_biases,
+                              *scales_shifts)
         ctx.config, ctx.num_weights = config, len(weights)
+        ctx.set_materialize_grads(False)
         outs = (res[0], res[1], res[2], *stats)
         ctx.mark_non_differentiable(*outs[1:])
         return outs
 
     @staticmethod
-    def backward(ctx, dout: Tensor, *_):
+    def backward(ctx, dout: Optional[Tensor], *_):
         _, strides, paddings, shortcut, shortcut_stride, backend = ctx.config
         k, n = len(ctx.config[0]), ctx.num_weights
+        if dout is None:  # the unit's output reaches no loss: no gradient for any input
+            return (None,) * (6 + n + 2 * k)
         saved = ctx.saved_tensors
         x, ys, weights = saved[0], list(saved[1:k]), list(saved[k:k + n])
         means, rstds, gammas, betas = (list(saved[k + n + j * k:2 * k + n + j * k]) for j in range(4))
         args = (dout, x, ys, weights, means, rstds, gammas, betas, strides, paddings, shortcut, shortcut_stride,
                 backend)
-        grads = _preact_unit_backward_op(*args)
+        saved_affine = saved[5 * k + n:]
+        if saved_affine and not traced():
+            with _profiler_range(_preact_unit_backward_op.qualname):
+                grads = _unit_backward(*args, affines=list(zip(saved_affine[0::2], saved_affine[1::2])))
+        else:
+            grads = _preact_unit_backward_op(*args)
         dx, dweights, dgammas, dbetas = grads[0], grads[1:1 + n], grads[1 + n:1 + n + k], grads[1 + n + k:]
         affine = [affine_grads(g, b, dg, db) for g, b, dg, db in zip(gammas, betas, dgammas, dbetas)]
-        return (None, dx, None, None, *dweights, *(a[0] for a in affine), *(a[1] for a in affine))
+        return (None, None, None, dx, None, None, *dweights, *(a[0] for a in affine), *(a[1] for a in affine))
 
 
 def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor], bn_weights: List[Optional[Tensor]],
@@ -275,8 +329,9 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
 
     strides/paddings: flattened (h, w) pairs per layer. running: per BN its (running_mean, running_var,
     num_batches_tracked, N·H·W of its input, momentum), or None for a BN without buffers; they are updated with the
-    batch statistics (`reference.update_running_stats_many`). None: no update (a recomputation's replay). Returns
-    (x_{l+1}, its mean, its var). Saved for backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics.
+    batch statistics (`reference.update_running_stats_many`, or by the kernels on a backend with
+    `Backend.bn_affine`). None: no update (a recomputation's replay). Returns (x_{l+1}, its mean, its var). Saved for
+    backward: x, the inner BN inputs y_1 … y_{k−1} and the statistics.
 
     A backend with a native unit (`Backend.unit_plan`: the "ext" backend's C++ autograd node, whose backward runs
     without Python) takes the whole call in eager mode when `native_plan` allows; otherwise, and under
@@ -290,11 +345,18 @@ def preact_unit(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor],
         if plan is not None:
             return tuple(get_backend_impl(backend).units_train(x, x_mean, x_var, [plan]))
     config = (tuple(eps), tuple(strides), tuple(paddings), shortcut, shortcut_stride, backend)
-    out, out_mean, out_var, *stats = _PreactUnit.apply(config, x, x_mean, x_var, *weights, *bn_weights, *bn_biases)
-    if running:
-        reference.update_running_stats_many([  # entries (rm, rv, nbt, mean, var, count, momentum)
-            (*r[:3], mean, var, *r[3:]) for r, mean, var in zip(running, [x_mean] + stats[0::2], [x_var] + stats[1::2])
-            if r is not None])
+    pending: List[tuple] = []  # entries (rm, rv, nbt, mean, var, count, momentum) left to update here
+    if _running_in_kernels(backend):
+        out, out_mean, out_var, *_ = _PreactUnit.apply(config, running, pending, x, x_mean, x_var, *weights,
+                                                       *bn_weights, *bn_biases)
+    else:  # the running update after the op, from its statistics outputs
+        out, out_mean, out_var, *stats = _PreactUnit.apply(config, None, None, x, x_mean, x_var, *weights,
+                                                           *bn_weights, *bn_biases)
+        if running:
+            pending = [(*r[:3], mean, var, *r[3:]) for r, mean, var in
+                       zip(running, [x_mean] + stats[0::2], [x_var] + stats[1::2]) if r is not None]
+    if pending:
+        reference.update_running_stats_many(pending)
     return out, out_mean, out_var
 
 
@@ -327,11 +389,12 @@ def preact_unit_gradients(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: Lis
     backward; bitwise what the autograd node computes. Runs without recording a graph (a recomputation's replay)."""
     with torch.no_grad():
         k = len(bn_weights)
+        affines: List[Tuple[Tensor, Tensor, bool]] = []
         res = _unit_forward(x, x_mean, x_var, weights, bn_weights, bn_biases, eps, strides, paddings, shortcut,
-                            shortcut_stride, backend, through_last=False)
+                            shortcut_stride, backend, through_last=False, affines=affines)
         ys, rstds, stats = res[:k - 1], res[k - 1:2 * k - 1], res[2 * k - 1:]
         grads = _unit_backward(dout, x, ys, weights, [x_mean] + stats[0::2], rstds, bn_weights, bn_biases, strides,
-                               paddings, shortcut, shortcut_stride, backend)
+                               paddings, shortcut, shortcut_stride, backend, affines)
     n = len(weights)
     affine = [affine_grads(g, b, dg, db) for g, b, dg, db in zip(bn_weights, bn_biases, grads[1 + n:1 + n + k],
                                                                    grads[1 + n + k:])]
