@@ -21,6 +21,13 @@ SLOW_MODULES = {
     "test_cpp_source.py": "C++17 compiles of the extension's sources against the torch headers",
     "test_convert_timm.py": "converts real timm models",
     "test_distributed.py": "spawns processes (torch.multiprocessing, torchrun)",
+    "test_cuda_emulated.py": "builds the CUDA emulator and runs every CUDA kernel under it with sanitizers",
+    "test_triton_gpu_tiles.py": "the conv kernels with a GPU's tiles under the interpreter",
+    "test_gpu_session.py": "runs the GPU script's stages as processes",
+    "test_kill_safety.py": "kills training processes at random moments",
+    "test_convert_cold_start.py": "compiles a converted model in a fresh process",
+    "test_export.py": "ONNX export and onnxruntime sessions",
+    "test_compile.py": "torch.compile of whole models",
 }
 
 

@@ -90,6 +90,7 @@ def test_bad_input_is_one_line_exit_2(case_id, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left behind
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_the_console_script_prints_one_line_and_exits_2(tmp_path):
     """The process a user starts: the error line on stderr and exit status 2 (the cases above run its code in this
     process)."""
@@ -152,6 +153,7 @@ def test_resume_auto_skips_newer_folders_without_a_checkpoint(tmp_path, monkeypa
     assert out.out.strip().splitlines()[-1] == "outputs in runs/digits-preact_resnet20"
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     # Ctrl-C while the data loads (before the trainer's own SIGINT handler exists), simulated by the loader raising
     code = ("import sys, fastresnet.data as d\n"
@@ -166,6 +168,7 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path):
     assert not (tmp_path / "runs").exists()    # the folder claimed for the run, and runs/, are gone again
 
 
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.parametrize("delay", [0.3, 1.0])
 @pytest.mark.parametrize("entry", ["console script", "python -m"])
 def test_ctrl_c_while_importing_is_one_line_exit_130(tmp_path, entry, delay):
@@ -182,6 +185,7 @@ def test_ctrl_c_while_importing_is_one_line_exit_130(tmp_path, entry, delay):
     assert out == "" and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_profile_into_head_ends_quietly(tmp_path):
     proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -m fastresnet.profile | head -3; '
                            'echo "status ${PIPESTATUS[0]}" >&2'],
@@ -190,6 +194,7 @@ def test_profile_into_head_ends_quietly(tmp_path):
     assert proc.stderr.strip() == "status 141", proc.stderr   # 128 + SIGPIPE, no traceback
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_profile_help_names_the_command_and_sorts_naturally(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["profile", "--help"])

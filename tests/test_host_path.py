@@ -509,6 +509,7 @@ def test_layer_path_edge_cases_equal_the_ops(monkeypatch):
     _assert_same(native, run())
 
 
+@pytest.mark.slow  # compiles the backward with compiled autograd
 def test_compiled_autograd_runs_the_registered_ops():
     """With compiled autograd on, layers and units record the registered ops' nodes (which it can trace), not the C++
     nodes, and the gradients are bitwise those of plain eager mode."""

@@ -30,6 +30,14 @@ MACS = {
     "resnet1202": 2.83e9, "preact_resnet164": 244.5e6, "preact_resnet1001": 1.488e9,
 }
 
+# nets of 101 layers and more take seconds each to build and profile: the quick tier leaves them to the full suite
+DEEP = {f"{p}resnet{d}" for p in ("", "preact_") for d in (101, 152, 200, 1001, 1202)}
+
+
+def _depth_marked(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in names]
+
+
 REQUIRED = (
     [f"{p}resnet{d}" for p in ("", "preact_") for d in (20, 32, 44, 56, 110, 1202, 18, 34, 50, 101, 152, 200)]
     + ["resnet164", "resnet1001", "preact_resnet164", "preact_resnet1001", "resnet110_1layer",
@@ -47,24 +55,25 @@ def test_registry_covers_the_paper():
         n for n in fastresnet.list_models() if n.startswith("preact_resnet1"))
 
 
-@pytest.mark.parametrize("name", sorted(PARAMS))
+@pytest.mark.parametrize("name", _depth_marked(sorted(PARAMS)))
 def test_param_counts_match_paper(name):
     pr = profile(name)
     assert (pr.params_weights, pr.params_with_bn) == PARAMS[name]
 
 
-@pytest.mark.parametrize("name", sorted(PARAMS_C100))
+@pytest.mark.parametrize("name", _depth_marked(sorted(PARAMS_C100)))
 def test_param_counts_cifar100(name):
     pr = profile(name, num_classes=100)
     assert (pr.params_weights, pr.params_with_bn) == PARAMS_C100[name]
 
 
-@pytest.mark.parametrize("name", sorted(MACS))
+@pytest.mark.parametrize("name", _depth_marked(sorted(MACS)))
 def test_macs_match_paper(name):
     macs = profile(name).macs
     assert abs(macs - MACS[name]) / MACS[name] < 2e-3, f"{name}: {macs} MACs vs paper {MACS[name]}"
 
 
+@pytest.mark.slow  # profiles preact_resnet164 and preact_resnet1001
 def test_macs_stride_on_3x3_variant():
     # docs/paper.md §6: stride on the 3×3 gives 247.6M (ResNet-164) and 1.491G (ResNet-1001).
     assert abs(profile("preact_resnet164", stride_on="3x3").macs / 247.6e6 - 1) < 2e-3
@@ -77,7 +86,7 @@ def test_profile_counts_real_model_like_meta():
     assert count_macs(m) == profile("preact_resnet20").macs
 
 
-@pytest.mark.parametrize("name", fastresnet.list_models())
+@pytest.mark.parametrize("name", _depth_marked(fastresnet.list_models()))
 def test_forward_backward_every_model(name):
     model = fastresnet.create_model(name)
     model.train()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import common, report
@@ -67,6 +68,7 @@ print(json.dumps([fused, eager]))
 """
 
 
+@pytest.mark.slow  # traces a training step in a fresh process
 def test_small_net_step():
     """Both paths count a step of preact_resnet20 (19 BN-ReLU-conv layers): every layer's conv forward, dgrad and
     wgrad are Triton launches on the fused path and ATen convs (one backward op each) on the eager one."""

@@ -47,9 +47,18 @@ def _available(backend):
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("kind", list(NETS))
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def _one_op_cases():
+    """(kind, backend, dtype) for every net form, backend and dtype; triton_conv's interpreted basic and bottleneck
+    nets are `slow` (the single-conv net keeps one of its cases in the quick tier)."""
+    for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
+        for backend in BACKENDS:
+            for kind in NETS:
+                slow = backend == "triton_conv" and kind != "single_A"
+                yield pytest.param(kind, backend, dtype, id=f"{name}-{backend}-{kind}",
+                                   marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("kind,backend,dtype", list(_one_op_cases()))
 def test_one_op_equals_per_layer_path(kind, backend, dtype):
     """Bitwise: same kernels in the same order. In fp32 too, because the in-kernel dx + dres is an fp32 add of the
     same two fp32 values that autograd would add after the kernel (one rounding either way)."""
