@@ -6,7 +6,7 @@
 //
 // Layout rule of every output tensor: channels_last if x (a for add_stats) is channels_last and not also
 // NCHW-contiguous, else contiguous. Statistics are float32 ([C]); float64 for float64 inputs.
-#include <torch/extension.h>
+#include <torch/python.h>
 #include <torch/library.h>
 
 #include "unit.h"
