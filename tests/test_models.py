@@ -1,4 +1,5 @@
 """The model zoo: every registered model builds, runs forward and backward, and matches the paper's sizes."""
+import functools
 import math
 
 import pytest
@@ -34,6 +35,12 @@ MACS = {
 DEEP = {f"{p}resnet{d}" for p in ("", "preact_") for d in (101, 152, 200, 1001, 1202)}
 
 
+@functools.lru_cache(maxsize=None)
+def _profile(name, **kwargs):
+    """`profile` once per model and options: the parameter and MAC tests of a deep net share one build."""
+    return profile(name, **kwargs)
+
+
 def _depth_marked(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in names]
 
@@ -56,20 +63,23 @@ def test_registry_covers_the_paper():
 
 
 @pytest.mark.parametrize("name", _depth_marked(sorted(PARAMS)))
+@pytest.mark.xdist_group("zoo_profiles")  # one worker, so _profile's cache is shared
 def test_param_counts_match_paper(name):
-    pr = profile(name)
+    pr = _profile(name)
     assert (pr.params_weights, pr.params_with_bn) == PARAMS[name]
 
 
 @pytest.mark.parametrize("name", _depth_marked(sorted(PARAMS_C100)))
+@pytest.mark.xdist_group("zoo_profiles")  # one worker, so _profile's cache is shared
 def test_param_counts_cifar100(name):
-    pr = profile(name, num_classes=100)
+    pr = _profile(name, num_classes=100)
     assert (pr.params_weights, pr.params_with_bn) == PARAMS_C100[name]
 
 
 @pytest.mark.parametrize("name", _depth_marked(sorted(MACS)))
+@pytest.mark.xdist_group("zoo_profiles")  # one worker, so _profile's cache is shared
 def test_macs_match_paper(name):
-    macs = profile(name).macs
+    macs = _profile(name).macs
     assert abs(macs - MACS[name]) / MACS[name] < 2e-3, f"{name}: {macs} MACs vs paper {MACS[name]}"
 
 
