@@ -39,10 +39,16 @@ else
     # setup.py imports torch to build the C++/CUDA extension (csrc/), so install without build isolation; the build
     # tools it needs (setuptools, wheel, ninja) must be present first.
     python -m pip install -q setuptools wheel ninja 2>/dev/null || python -c "import setuptools" # offline GPU machines
-    python -m pip install -q --no-build-isolation -e ".[test]"
-    # setup.py turns a failed extension build into a warning (users still get the Python backends); the tests must not
-    python -c "import fastresnet._C" || { echo "the C++ extension fastresnet._C did not build" >&2; exit 1; }
+    # the extension builds in place (fastresnet/_C*.so, found in the source tree by the editable install) while pip
+    # installs the package, without building it, and the test dependencies: the two overlap on a fresh machine
+    FASTRESNET_SKIP_EXT=1 python -m pip install -q --no-build-isolation -e ".[test]" &
+    pip_pid=$!
     mkdir -p build
+    python setup.py -q build_ext --inplace >build/ext-build.log 2>&1 || true # judged by the import below
+    wait "$pip_pid"
+    # setup.py turns a failed extension build into a warning (users still get the Python backends); the tests must not
+    python -c "import fastresnet._C" || {
+        tail -n 40 build/ext-build.log >&2; echo "the C++ extension fastresnet._C did not build" >&2; exit 1; }
     install_hash > "$stamp.tmp.$$" && mv "$stamp.tmp.$$" "$stamp"
 fi
 
