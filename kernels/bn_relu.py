@@ -401,12 +401,12 @@ def launch_persistent(kernel, cfg: dict, *args, **meta) -> None:
 
 
 def stats_bn_relu_forward(x: Tensor, affine: BNAffine, out_dtype: Optional[torch.dtype] = None, *,
-                          programs: Optional[int] = None) -> Tensor:
+                          block_m: Optional[int] = None, programs: Optional[int] = None) -> Tensor:
     """`kernels.stats.batch_stats` of x and `bn_relu_forward` with them in one launch (`_stats_bn_relu_fwd_kernel`):
     returns a = relu(BN(x)) in out_dtype (default x.dtype) and x's layout, and fills affine's mean and var (x's batch
     statistics, bitwise `batch_stats(x, tiles=P)`'s), rstd, scale and shift, and makes its running update.
-    affine: a `BNAffine` with `from_input`, mean and var [C] in x's statistics dtype. programs: P (tests; default
-    `persistent_config`'s)."""
+    affine: a `BNAffine` with `from_input`, mean and var [C] in x's statistics dtype. block_m, programs: BLOCK_M and
+    P (tests; default `persistent_config`'s)."""
     nhwc = check_tensor(x, "x")
     check_channel_vector(affine.mean, "affine.mean", x)
     if affine.mean.dtype != acc_dtype(x.dtype):
@@ -419,7 +419,7 @@ def stats_bn_relu_forward(x: Tensor, affine: BNAffine, out_dtype: Optional[torch
         affine.var.copy_(var)
         finalize_affine(affine)
         return a
-    cfg = persistent_config(x, programs=programs)
+    cfg = persistent_config(x, block_m, programs)
     p, c = cfg["T"], cfg["C"]
     rows = merge_rows(p)
     part = torch.empty((4, p, c), dtype=affine.mean.dtype, device=x.device)
