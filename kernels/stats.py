@@ -339,27 +339,33 @@ def merge_stats(part_ptr, C, T, cols, GROUPS, ROWS):
 
 
 @triton.jit
-def grid_barrier(sync_ptr, programs):
-    """Wait until all `programs` programs of the launch have arrived (sync_ptr: the [arrive, depart] int32 counters,
-    zero before the launch; `grid_depart` leaves them zero). Every program must be resident at once (a cooperative
-    launch of at most one program per SM); never called by the interpreter with more than one program. Memory
-    ordering (docs/kernels.md): the block barrier puts every thread's stores before the arrival, the acq_rel atomic
-    releases them, the acquire reads of the spin take the others' released stores, the second block barrier puts them
-    before every thread's loads (which bypass L1)."""
+def grid_barrier(arrive_ptr, programs):
+    """Wait until `programs` programs have arrived at the int32 counter arrive_ptr (zero before the launch;
+    `grid_depart` zeroes it again). They must all be resident at once (a cooperative launch); never called by the
+    interpreter with more than one program. Memory ordering (docs/kernels.md): the block barrier puts every thread's
+    stores before the arrival, the acq_rel atomic releases them, the acquire read of the spin that sees all arrivals
+    takes the others' released stores, the second block barrier puts them before every thread's loads (which bypass
+    L1)."""
     tl.debug_barrier()
-    tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < programs:
+    tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
+    while tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu") < programs:
         pass
     tl.debug_barrier()
 
 
 @triton.jit
-def grid_depart(sync_ptr, programs):
-    """After `grid_barrier`: the last of `programs` programs to depart (all have left the spin) zeroes both counters
-    for the next launch or CUDA-graph replay on the stream."""
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == programs - 1:
+def grid_depart(sync_ptr, programs, ARRIVALS: tl.constexpr):
+    """After phase 2 of a launch of `programs` programs with `grid_barrier`s on the counters sync_ptr[1 … ARRIVALS]:
+    counts the program out on sync_ptr[0] and returns whether it is the last — then every program has finished and
+    left its spin, their stores are acquired (acq_rel), and it zeroes all the counters for the next launch or
+    CUDA-graph replay on the stream."""
+    tl.debug_barrier()
+    last = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == programs - 1
+    if last:
+        for i in range(ARRIVALS):
+            tl.atomic_xchg(sync_ptr + 1 + i, 0, sem="relaxed", scope="gpu")
         tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+    return last
 
 
 @triton.jit(do_not_specialize=["T", "ROWS"])

@@ -70,7 +70,7 @@ def same(a, b):
 
 
 def counters_zero():
-    assert int(kstats.launch_counters(2, torch.device(DEVICE))[:2].abs().sum()) == 0
+    assert int(kstats.launch_counters(1, torch.device(DEVICE)).abs().sum()) == 0
 
 
 # (N, C, H, W), programs: one program (the barrier launch), 3 (one merge level), 7 (two levels: groups of 3)
@@ -95,12 +95,12 @@ def test_forward_equals_separate_launches(shape, programs, nhwc):
 
 def test_barrier_launch_equals_split_launches(monkeypatch):
     # P = 1: the one launch through the barrier and the two phase launches give the same bits
-    x = make((2, 5, 4, 3))
+    x = make((2, 70, 4, 3))  # two channel blocks
     a, spec, _, _ = fused(x, 1)
 
     def split(kernel, cfg, *args, **meta):
         for phase in (1, 2):
-            kernel[(cfg["T"],)](*args, PHASE=phase, **meta)
+            kernel[(cfg["T"], -(-cfg["C"] // cfg["BLOCK_C"]))](*args, PHASE=phase, **meta)
 
     monkeypatch.setattr(kbn, "launch_persistent", split)
     a2, spec2, _, _ = fused(x, 1)
