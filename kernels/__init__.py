@@ -7,7 +7,9 @@ semantics of the same-named function in `fastresnet.reference`:
 - `bn_relu.bn_relu_forward`: a = max(x·scale + shift, 0);
 - `bn_relu.bn_relu_backward`: ReLU mask from x, Σdz and Σdz·x̂, dx (+ optional fused shortcut gradient);
 - `add_stats.add_stats`: y = a + b with the statistics of y;
-- `stats.bn_affine`: a BN's rstd, affine map and running update, made by the kernel that consumes its statistics.
+- `stats.bn_affine`: a BN's rstd, affine map and running update, made by the kernel that consumes its statistics;
+- `bn_relu.stats_bn_relu_forward`: x's batch statistics and the BN-ReLU forward with them in one launch with a grid
+  barrier (as is `bn_relu_backward` unless FASTRESNET_GRID_BARRIER=0).
 Tensors are dense NHWC (channels_last, the fast path) or dense NCHW; statistics are fp32 (fp64 for fp64 input).
 
 Tier B (`fastresnet.backends.triton_conv_backend.TritonConvBackend`): `conv.conv_forward` / `conv.conv_backward`,
