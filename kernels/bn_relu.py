@@ -378,17 +378,19 @@ def _activation(x: Tensor, nhwc: bool, out_dtype: Optional[torch.dtype]) -> Tens
 
 def persistent_config(x: Tensor, block_m: Optional[int] = None, programs: Optional[int] = None) -> Optional[dict]:
     """`tile_config` of a launch with a grid barrier (grid [P, channel blocks], program (p, cb) owning row tile p of
-    channel block cb; T = P), or None where the GPU cannot hold one program per channel block at once (more channel
-    blocks than SMs: the separate launches run). On a GPU P ≤ SMs ÷ channel blocks, so that all programs are
-    resident at once, and P ≤ `FINISH_MAX_ROWS` = 64, so that every program's merge of all P partial rows stays a
-    short serial walk (the last-program merges' bound); `programs` (default that cap) is capped there. Under the
-    interpreter P = 1 by default."""
+    channel block cb; T = P), or None where the separate launches run on a GPU: more channel blocks than SMs (one
+    program per channel block could not be resident at once), or more than 64 chunks a program would walk. On a GPU
+    P ≤ SMs ÷ channel blocks, so that all programs are resident at once, and P ≤ `FINISH_MAX_ROWS` = 64, so that
+    every program's merge of all P partial rows stays a short serial walk (the last-program merges' bound; the same
+    bound for its ITERS chunks); `programs` (default that cap) is capped there. Under the interpreter P = 1 by
+    default."""
     sms = _device_sms(x)
     c_blocks = triton.cdiv(x.shape[1], channel_block(x.shape[1]))
     if x.is_cuda and c_blocks > sms:
         return None
     cap = min(sms // c_blocks if x.is_cuda else 1, FINISH_MAX_ROWS)
-    return tile_config(x, block_m, cap if programs is None else min(programs, cap) if x.is_cuda else programs)
+    cfg = tile_config(x, block_m, cap if programs is None else min(programs, cap) if x.is_cuda else programs)
+    return None if x.is_cuda and cfg["ITERS"] > FINISH_MAX_ROWS else cfg
 
 
 def launch_persistent(kernel, cfg: dict, *args, **meta) -> None:

@@ -57,7 +57,7 @@ def separate(x, programs, wb, momentum=0.1):
     """batch_stats then bn_relu_forward, with the partition of `fused` (T = P row tiles of BLOCK_M-row chunks)."""
     c = x.shape[1]
     buffers = running(c, kstats.acc_dtype(x.dtype))
-    tiles = kbn.persistent_config(x, BLOCK_M, programs)["T"] if x.numel() else None
+    tiles = kbn.persistent_config(x, BLOCK_M, programs)["T"] if x.numel() and programs else None
     mean, var = kstats.batch_stats(x, block_m=BLOCK_M, tiles=tiles)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     spec = kstats.bn_affine(mean, var, 1e-5, *wb, buffers + (count, momentum))
@@ -185,3 +185,23 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("FASTRESNET_GRID_BARRIER", "maybe")
     with pytest.raises(ValueError, match="FASTRESNET_GRID_BARRIER"):
         backend.stats_in_bn_relu
+
+
+def test_separate_launches_where_no_barrier_launch_fits(monkeypatch):
+    # `persistent_config` refuses (on a GPU: more channel blocks than SMs, or too long a walk): the forward runs the
+    # statistics pass and the BN-ReLU forward (the default tiling), the backward its separate launches
+    x = make((2, 5, 4, 6), seed=7)
+    a_ref, ref, ref_buffers = separate(x, None, fused(x, 1)[3])
+    monkeypatch.setattr(kbn, "persistent_config", lambda *args: None)
+    a, spec, buffers, _ = fused(x, None)
+    same(a, a_ref)
+    same(spec.mean, ref.mean)
+    same(spec.var, ref.var)
+    for got, want in zip(buffers, ref_buffers):
+        same(got, want)
+    dy = make((2, 5, 4, 6), seed=8)
+    args = (dy, x, spec.scale, spec.shift, spec.mean, spec.rstd, True)
+    got = kbn.bn_relu_backward(*args)
+    monkeypatch.setenv("FASTRESNET_GRID_BARRIER", "0")
+    for g, w in zip(got, kbn.bn_relu_backward(*args)):
+        same(g, w)
