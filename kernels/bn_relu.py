@@ -37,8 +37,8 @@ from fastresnet.kernels import grid_barrier as grid_barrier_on, interpreting, la
 from fastresnet.kernels.stats import (
     FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, affine_map, bn_scale_shift, check_channel_vector,
     channel_block, check_tensor, finalize_affine, finalize_bn, grid_barrier, grid_depart, last_program,
-    launch_counters, launch_stats, memory_format, merge_rows, merge_stats, no_value_stats, release_counter, relu, relu_grad, store_partial,
-    sum_groups, tile_config, tile_indices, tile_offsets, tile_partial, tl_dtype, _device_sms,
+    launch_counters, launch_stats, memory_format, merge_rows, merge_stats, no_value_stats, release_counter, relu,
+    relu_grad, store_partial, sum_groups, tile_config, tile_indices, tile_offsets, tile_partial, tl_dtype, _device_sms,
 )
 
 
@@ -236,7 +236,8 @@ def _stats_bn_relu_fwd_kernel(
     x_ptr,      # [N, C, H, W] dense NHWC/NCHW, any float dtype: BN input
     a_ptr,      # [N, C, H, W] same layout, out dtype: activation
     part_ptr,   # [4, P, C] ACC: per-program statistics partials (`kernels.stats.store_partial`'s format)
-    bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,  # BNAffine; mean, var out
+    # BNAffine (its mean and var are outputs here)
+    bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,
     sync_ptr,   # [1 + C_BLOCKS] int32, zero: the depart counter, then one arrive counter per channel block
     M, C, HW, P, ITERS, GROUPS, ROWS,
     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
