@@ -7,7 +7,9 @@ semantics of the same-named function in `fastresnet.reference`:
 - `bn_relu.bn_relu_forward`: a = max(x·scale + shift, 0);
 - `bn_relu.bn_relu_backward`: ReLU mask from x, Σdz and Σdz·x̂, dx (+ optional fused shortcut gradient);
 - `add_stats.add_stats`: y = a + b with the statistics of y;
-- `stats.bn_affine`: a BN's rstd, affine map and running update, made by the kernel that consumes its statistics.
+- `stats.bn_affine`: a BN's rstd, affine map and running update, made by the kernel that consumes its statistics;
+- `bn_relu.stats_bn_relu_forward`: x's batch statistics and the BN-ReLU forward with them in one launch with a grid
+  barrier (as is `bn_relu_backward` unless FASTRESNET_GRID_BARRIER=0).
 Tensors are dense NHWC (channels_last, the fast path) or dense NCHW; statistics are fp32 (fp64 for fp64 input).
 
 Tier B (`fastresnet.backends.triton_conv_backend.TritonConvBackend`): `conv.conv_forward` / `conv.conv_backward`,
@@ -35,14 +37,27 @@ def conv_fp32_precision() -> str:
     return "ieee"
 
 
+def _switch(name: str) -> bool:
+    """The on/off environment switch `name` (default on)."""
+    value = os.environ.get(name, "1").lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"{name}: expected 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes", "on")
+
+
 def last_program_merge() -> bool:
     """Whether reductions over per-program partials are finished by the last program of the launch that writes them
     (docs/kernels.md, "Merges finished by the last program"; the default) or by a separate merge launch
     (FASTRESNET_LAST_PROGRAM_MERGE=0: the fallback, and the baseline a GPU run compares against)."""
-    value = os.environ.get("FASTRESNET_LAST_PROGRAM_MERGE", "1").lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-        raise ValueError(f"FASTRESNET_LAST_PROGRAM_MERGE: expected 0 or 1, got {value!r}")
-    return value in ("1", "true", "yes", "on")
+    return _switch("FASTRESNET_LAST_PROGRAM_MERGE")
+
+
+def grid_barrier() -> bool:
+    """Whether tier A runs a statistics pass and the BN-ReLU forward that consumes it, and the BN backward's sums and
+    its dx pass, as one persistent launch each with a grid-wide barrier between the two (docs/kernels.md, "Pairs
+    joined by a grid barrier"; the default) or as two launches each (FASTRESNET_GRID_BARRIER=0: the fallback, and
+    the baseline a GPU run compares against)."""
+    return _switch("FASTRESNET_GRID_BARRIER")
 
 
 def interpreting() -> bool:

@@ -33,11 +33,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastresnet.kernels import last_program_merge
+from fastresnet.kernels import grid_barrier as grid_barrier_on, interpreting, last_program_merge
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, bn_scale_shift, check_channel_vector, check_tensor,
-    finalize_affine, finalize_bn, last_program, launch_counters, memory_format, merge_rows, release_counter, relu,
-    relu_grad, sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype,
+    FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, affine_map, bn_scale_shift, check_channel_vector,
+    channel_block, check_tensor, finalize_affine, finalize_bn, grid_barrier, grid_depart, last_program,
+    launch_counters, launch_stats, memory_format, merge_rows, merge_stats, no_value_stats, release_counter, relu,
+    relu_grad, store_partial, sum_groups, tile_config, tile_indices, tile_offsets, tile_partial, tl_dtype, _device_sms,
 )
 
 
@@ -86,6 +87,27 @@ def _bn_relu_bwd_partial_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    sum_dz, sum_dz_xhat = bwd_tile_partial(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, pid_t, pid_c, M,
+                                           C, HW, ITERS, ACC, NHWC, INT64, BLOCK_M, BLOCK_C)
+    tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
+    tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
+    if FINISH:  # the channel block's last program runs step 2 (docs/kernels.md)
+        if last_program(count_ptr + pid_c, T):
+            tl.debug_barrier()
+            sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
+                              cols, TRAINING)
+            release_counter(count_ptr + pid_c)
+
+
+@triton.jit
+def bwd_tile_partial(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, pid_t, pid_c, M, C, HW, ITERS,
+                     ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """Step 1 of the backward (module docstring) for row tile pid_t (ITERS chunks) of channel block pid_c: its
+    partial (Σdz, Σdz·x̂) [BLOCK_C]."""
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
     s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
     t = tl.load(shift_ptr + cols, mask=cmask, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -101,15 +123,7 @@ def _bn_relu_bwd_partial_kernel(
         dz = relu_grad(x * s[None, :] + t[None, :], dy)  # dy is 0 where ~mask
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * ((x - mu[None, :]) * r[None, :]), axis=0)
-    tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
-    tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
-    if FINISH:  # the channel block's last program runs step 2 (docs/kernels.md)
-        if last_program(count_ptr + pid_c, T):
-            tl.debug_barrier()
-            sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
-            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
-                              cols, TRAINING)
-            release_counter(count_ptr + pid_c)
+    return sum_dz, sum_dz_xhat
 
 
 @triton.jit
@@ -143,11 +157,19 @@ def store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_
     tl.store(sum_dz_ptr + cols, sum_dz, mask=cmask)
     tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cmask)
     if TRAINING:
-        s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
-        r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
-        m = M.to(sum_dz.dtype)
-        tl.store(coef_ptr + cols, -s * r * sum_dz_xhat / m, mask=cmask)
-        tl.store(coef_ptr + C + cols, -s * sum_dz / m, mask=cmask)
+        k1, k0 = dx_coefficients(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, C, M, cols)
+        tl.store(coef_ptr + cols, k1, mask=cmask)
+        tl.store(coef_ptr + C + cols, k0, mask=cmask)
+
+
+@triton.jit
+def dx_coefficients(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, C, M, cols):
+    """Training's dx coefficients (k1, k0) [len(cols)] from the sums (module docstring, step 2)."""
+    cmask = cols < C
+    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
+    r = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(sum_dz.dtype)
+    m = M.to(sum_dz.dtype)
+    return -s * r * sum_dz_xhat / m, -s * sum_dz / m
 
 
 @triton.jit(do_not_specialize=["T", "M"])
@@ -178,6 +200,21 @@ def _bn_relu_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows, cols = tile_indices(tl.program_id(0), tl.program_id(1), 0, 1, BLOCK_M, BLOCK_C, INT64)
+    if TRAINING:
+        k1 = tl.load(coef_ptr + cols, mask=cols < C, other=0.0)
+        k0 = tl.load(coef_ptr + C + cols, mask=cols < C, other=0.0)
+    else:  # unused
+        k1 = tl.zeros([BLOCK_C], dtype=ACC)
+        k0 = k1
+    dx_tile(dy_ptr, x_ptr, dres_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k1, k0, rows, cols, M, C, HW, ACC,
+            TRAINING, HAS_RES, NHWC)
+
+
+@triton.jit
+def dx_tile(dy_ptr, x_ptr, dres_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k1, k0, rows, cols, M, C, HW,
+            ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, NHWC: tl.constexpr):
+    """Step 3 of the backward (module docstring) for the rows × cols of a tile; k1, k0 [len(cols)]: the training
+    coefficients (unused in eval)."""
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = tile_offsets(rows, cols, C, HW, NHWC)
@@ -188,12 +225,92 @@ def _bn_relu_bwd_dx_kernel(
     dx = s * relu_grad(x * s + t, dy)  # s·dz: an infinite s makes the 0 of a dropped gradient NaN, as in PyTorch
     if TRAINING:
         mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-        k1 = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
-        k0 = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
-        dx += k1 * (x - mu) + k0
+        dx += k1[None, :] * (x - mu) + k0[None, :]
     if HAS_RES:
         dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "P", "ITERS", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
+def _stats_bn_relu_fwd_kernel(
+    x_ptr,      # [N, C, H, W] dense NHWC/NCHW, any float dtype: BN input
+    a_ptr,      # [N, C, H, W] same layout, out dtype: activation
+    part_ptr,   # [4, P, C] ACC: per-program statistics partials (`kernels.stats.store_partial`'s format)
+    # BNAffine (its mean and var are outputs here)
+    bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,
+    sync_ptr,   # [1 + C_BLOCKS] int32, zero: the depart counter, then one arrive counter per channel block
+    M, C, HW, P, ITERS, GROUPS, ROWS,
+    ACC: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_BLOCKS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, PHASE: tl.constexpr,
+):
+    # grid [P, C_BLOCKS]: program (p, cb) owns row tile p (ITERS chunks of BLOCK_M rows) of channel block cb; the P
+    # programs of a channel block meet at its barrier. PHASE 0: both phases with the barrier between them; 1 / 2:
+    # phase 1 / phase 2 alone (two launches, no barrier).
+    pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if PHASE != 2:  # phase 1: the statistics partial of the program's tile (`_stats_partial_kernel`'s arithmetic)
+        count, mean, m2, k = tile_partial(x_ptr, x_ptr, x_ptr, pid, cb, M, C, HW, ITERS, ACC, False, NHWC, INT64,
+                                          BLOCK_M, BLOCK_C)
+        store_partial(part_ptr, pid, P, C, cols, count, mean, m2, k)
+    if PHASE == 0:
+        grid_barrier(sync_ptr + 1 + cb, P)
+    if PHASE != 1:  # phase 2: every program merges all P partials in one order, then normalizes its tile
+        mean, var = merge_stats(part_ptr, C, P, cols, GROUPS, ROWS)
+        if pid == 0:
+            tl.store(bn_mean + cols, mean, mask=cmask)
+            tl.store(bn_var + cols, var, mask=cmask)
+        _, _, s, t = affine_map(mean, var, bn_w, bn_b, bn_consts, cols, cmask, HAS_W, HAS_B)
+        s = s.to(ACC)[None, :]
+        t = t.to(ACC)[None, :]
+        for it in range(ITERS):
+            rows, cols_i = tile_indices(pid, cb, it, ITERS, BLOCK_M, BLOCK_C, INT64)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            offs = tile_offsets(rows, cols_i, C, HW, NHWC)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            tl.store(a_ptr + offs, relu(x * s + t).to(a_ptr.dtype.element_ty), mask=mask)
+        # the last program to finish keeps rstd, scale, shift and makes the running update from the statistics the
+        # channel blocks' programs 0 stored
+        if grid_depart(sync_ptr, P * C_BLOCKS, C_BLOCKS):
+            tl.debug_barrier()
+            finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt, C,
+                        HAS_W, HAS_B, UPDATE, BLOCK_C, C_BLOCKS)
+
+
+@triton.jit(do_not_specialize=["M", "P", "ITERS", "GROUPS", "ROWS"])  # batch-dependent: one compile for all
+def _bn_relu_bwd_fused_kernel(
+    dy_ptr, x_ptr, dres_ptr, dx_ptr,  # as `_bn_relu_bwd_dx_kernel`
+    scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # [C] each: s, t, μ, rstd
+    part_ptr,   # [2, P, C] ACC: per-program (Σdz, Σdz·x̂)
+    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] ACC out
+    sync_ptr,   # [1 + C_BLOCKS] int32, zero: the depart counter, then one arrive counter per channel block
+    M, C, HW, P, ITERS, GROUPS, ROWS,
+    ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr, PHASE: tl.constexpr,
+):
+    # grid and PHASE as `_stats_bn_relu_fwd_kernel`'s
+    pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    if PHASE != 2:  # phase 1: step 1's partial of the program's tile
+        sum_dz, sum_dz_xhat = bwd_tile_partial(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, pid, cb, M, C,
+                                               HW, ITERS, ACC, NHWC, INT64, BLOCK_M, BLOCK_C)
+        tl.store(part_ptr + pid * C + cols, sum_dz, mask=cols < C)
+        tl.store(part_ptr + (P + pid) * C + cols, sum_dz_xhat, mask=cols < C)
+    if PHASE == 0:
+        grid_barrier(sync_ptr + 1 + cb, P)
+    if PHASE != 1:  # phase 2: every program sums all P partials in one order (step 2), then dx of its tile
+        sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, P, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
+        if pid == 0:
+            tl.store(sum_dz_ptr + cols, sum_dz, mask=cols < C)
+            tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cols < C)
+        k1, k0 = dx_coefficients(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, C, M, cols)
+        for it in range(ITERS):
+            rows, cols_i = tile_indices(pid, cb, it, ITERS, BLOCK_M, BLOCK_C, INT64)
+            dx_tile(dy_ptr, x_ptr, dres_ptr, dx_ptr, scale_ptr, shift_ptr, mean_ptr, k1, k0, rows, cols_i, M, C, HW,
+                    ACC, TRAINING, HAS_RES, NHWC)
+        grid_depart(sync_ptr, P * C_BLOCKS, C_BLOCKS)
 
 
 @triton.jit
@@ -228,16 +345,15 @@ def bn_relu_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     channels_last); scale, shift [C]. Semantics of `fastresnet.reference.bn_relu`. affine: a `kernels.stats.BNAffine`
     instead of (scale, shift) (both None): the kernel forms the affine map from the batch statistics and fills
     affine's rstd, scale and shift and running buffers."""
+    if affine is not None and affine.from_input:
+        return stats_bn_relu_forward(x, affine, out_dtype)
     nhwc = check_tensor(x, "x")
     if affine is None:
         check_channel_vector(scale, "scale", x)
         check_channel_vector(shift, "shift", x)
     else:
         check_channel_vector(affine.mean, "affine.mean", x)
-    out_dtype = out_dtype or x.dtype
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
-    a = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
+    a = _activation(x, nhwc, out_dtype)
     if x.numel() == 0:
         if affine is not None:
             finalize_affine(affine)
@@ -250,6 +366,84 @@ def bn_relu_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
         cfg["C"], cfg["HW"], ACC=tl_dtype(acc_dtype(x.dtype)), NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_C=cfg["BLOCK_C"], AFFINE=affine is not None, C_BLOCKS=triton.cdiv(cfg["C"], cfg["BLOCK_C"]) if affine is not None else 1,
         num_warps=cfg["NUM_WARPS"], **flags)
+    return a
+
+
+def _activation(x: Tensor, nhwc: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
+    """An empty activation of x's shape and layout in out_dtype (default x.dtype)."""
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
+
+
+def persistent_config(x: Tensor, block_m: Optional[int] = None, programs: Optional[int] = None) -> Optional[dict]:
+    """`tile_config` of a launch with a grid barrier (grid [P, channel blocks], program (p, cb) owning row tile p of
+    channel block cb; T = P), or None where the separate launches run on a GPU: more channel blocks than SMs (one
+    program per channel block could not be resident at once), or more than 64 chunks a program would walk. On a GPU
+    P ≤ SMs ÷ channel blocks, so that all programs are resident at once, and P ≤ `FINISH_MAX_ROWS` = 64, so that
+    every program's merge of all P partial rows stays a short serial walk (the last-program merges' bound; the same
+    bound for its ITERS chunks); `programs` (default that cap) is capped there. Under the interpreter P = 1 by
+    default."""
+    sms = _device_sms(x)
+    c_blocks = triton.cdiv(x.shape[1], channel_block(x.shape[1]))
+    if x.is_cuda and c_blocks > sms:
+        return None
+    cap = min(sms // c_blocks if x.is_cuda else 1, FINISH_MAX_ROWS)
+    cfg = tile_config(x, block_m, cap if programs is None else min(programs, cap) if x.is_cuda else programs)
+    return None if x.is_cuda and cfg["ITERS"] > FINISH_MAX_ROWS else cfg
+
+
+def launch_persistent(kernel, cfg: dict, *args, **meta) -> None:
+    """Launch a kernel with grid barriers (`kernels.stats.grid_barrier`; a `PHASE` constexpr) over cfg's T programs
+    per channel block: on a GPU one cooperative launch (the driver refuses a grid whose programs cannot all be
+    resident, where a spin would never end); under the interpreter, which runs programs one after another, one
+    launch where T = 1 (the barrier passes at once), else phase 1 and phase 2 as two launches (the same arithmetic,
+    no spin)."""
+    grid = (cfg["T"], triton.cdiv(cfg["C"], cfg["BLOCK_C"]))
+    if not interpreting():
+        kernel[grid](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+        return
+    for phase in ((0,) if cfg["T"] == 1 else (1, 2)):
+        kernel[grid](*args, PHASE=phase, **meta)
+
+
+def stats_bn_relu_forward(x: Tensor, affine: BNAffine, out_dtype: Optional[torch.dtype] = None, *,
+                          block_m: Optional[int] = None, programs: Optional[int] = None) -> Tensor:
+    """`kernels.stats.batch_stats` of x and `bn_relu_forward` with them in one launch (`_stats_bn_relu_fwd_kernel`):
+    returns a = relu(BN(x)) in out_dtype (default x.dtype) and x's layout, and fills affine's mean and var (x's batch
+    statistics, bitwise `batch_stats(x, tiles=P)`'s), rstd, scale and shift, and makes its running update.
+    affine: a `BNAffine` with `from_input`, mean and var [C] in x's statistics dtype. block_m, programs: BLOCK_M and
+    P (tests; default `persistent_config`'s). Where `persistent_config` refuses x, the statistics pass and the
+    BN-ReLU forward run as two launches (and two copies into affine's mean and var)."""
+    nhwc = check_tensor(x, "x")
+    check_channel_vector(affine.mean, "affine.mean", x)
+    if affine.mean.dtype != acc_dtype(x.dtype):
+        raise TypeError(f"affine.mean: expected {acc_dtype(x.dtype)} statistics of a {x.dtype} x, got "
+                        f"{affine.mean.dtype}")
+    a = _activation(x, nhwc, out_dtype)
+    if x.numel() == 0:
+        mean, var = no_value_stats(x.shape[1], affine.mean.dtype, x.device)
+        affine.mean.copy_(mean)
+        affine.var.copy_(var)
+        finalize_affine(affine)
+        return a
+    cfg = persistent_config(x, block_m, programs)
+    if cfg is None:
+        mean, var = launch_stats(x, None, None, nhwc, block_m)
+        affine.mean.copy_(mean)
+        affine.var.copy_(var)
+        return bn_relu_forward(x, None, None, out_dtype, affine._replace(from_input=False))
+    p, c = cfg["T"], cfg["C"]
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    rows = merge_rows(p)
+    part = torch.empty((4, p, c), dtype=affine.mean.dtype, device=x.device)
+    # 16-bit x: 4 warps, with which the kernel compiles for sm_90 without spills (benchmarks/static_sm90.py)
+    launch_persistent(
+        _stats_bn_relu_fwd_kernel, cfg, x, a, part, *affine.kernel_args(), launch_counters(1 + c_blocks, x.device),
+        cfg["M"], c, cfg["HW"], p, cfg["ITERS"], triton.cdiv(p, rows), rows, ACC=tl_dtype(part.dtype), NHWC=nhwc,
+        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], C_BLOCKS=c_blocks,
+        num_warps=4 if x.element_size() < 4 else cfg["NUM_WARPS"], **affine.constexprs())
     return a
 
 
@@ -268,6 +462,9 @@ def bn_relu_backward(
         check_channel_vector(v, name, x)
     if x.numel() == 0:
         return empty_backward(x, nhwc)
+    cfg = persistent_config(x, block_m, tiles) if grid_barrier_on() else None
+    if cfg is not None:
+        return _bn_relu_backward_fused(dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg)
     cfg = tile_config(x, block_m, tiles)
     c, t = cfg["C"], cfg["T"]
     part = torch.empty((2, t, c), dtype=acc_dtype(x.dtype), device=x.device)
@@ -279,6 +476,27 @@ def bn_relu_backward(
         INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], TRAINING=training,
         FINISH=fin is not None, num_warps=cfg["NUM_WARPS"])
     return bn_backward_from_partials(part, dy, x, nhwc, scale, shift, mean, rstd, training, dres, cfg, fin)
+
+
+def _bn_relu_backward_fused(dy: Tensor, x: Tensor, nhwc: bool, scale: Tensor, shift: Tensor, mean: Tensor,
+                            rstd: Tensor, training: bool, dres: Optional[Tensor],
+                            cfg: dict) -> Tuple[Tensor, Tensor, Tensor]:
+    """`bn_relu_backward` in one launch with a grid barrier (`_bn_relu_bwd_fused_kernel`) over cfg's P programs per
+    channel block (`persistent_config`): the same sums and dx as the separate launches with T = P tiles."""
+    p, c = cfg["T"], cfg["C"]
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    rows = merge_rows(p)
+    part = torch.empty((2, p, c), dtype=acc_dtype(x.dtype), device=x.device)
+    sum_dz = torch.empty(c, dtype=part.dtype, device=x.device)
+    sum_dz_xhat = torch.empty(c, dtype=part.dtype, device=x.device)
+    dx = torch.empty_like(x, memory_format=memory_format(nhwc))
+    launch_persistent(
+        _bn_relu_bwd_fused_kernel, cfg, dy, x, x if dres is None else dres, dx, scale, shift, mean, rstd, part, sum_dz,
+        sum_dz_xhat, launch_counters(1 + c_blocks, x.device), cfg["M"], c, cfg["HW"], p, cfg["ITERS"],
+        triton.cdiv(p, rows), rows, ACC=tl_dtype(part.dtype), TRAINING=training, HAS_RES=dres is not None, NHWC=nhwc,
+        INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], C_BLOCKS=c_blocks,
+        num_warps=cfg["NUM_WARPS"])
+    return dx, sum_dz, sum_dz_xhat
 
 
 class BNFinish(NamedTuple):

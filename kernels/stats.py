@@ -144,7 +144,14 @@ def bn_scale_shift(mean_ptr, var_ptr, w_ptr, b_ptr, consts_ptr, cols, cmask, HAS
     [len(cols)] in the statistics' dtype, rstd = 1/√(var + eps), scale = γ·rstd, shift = β − mean·scale with
     `reference.scale_shift`'s operations in its order (γ = 1, β = 0 without HAS_W / HAS_B)."""
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    rstd = rsqrt_rn(tl.load(var_ptr + cols, mask=cmask, other=1.0) + tl.load(consts_ptr))
+    return affine_map(mean, tl.load(var_ptr + cols, mask=cmask, other=1.0), w_ptr, b_ptr, consts_ptr, cols, cmask,
+                      HAS_W, HAS_B)
+
+
+@triton.jit
+def affine_map(mean, var, w_ptr, b_ptr, consts_ptr, cols, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """`bn_scale_shift` of batch statistics (mean, var) [len(cols)] held in registers."""
+    rstd = rsqrt_rn(var + tl.load(consts_ptr))
     s = rstd
     if HAS_W:
         s = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(rstd.dtype) * rstd
@@ -207,6 +214,21 @@ def _stats_partial_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
+    count, mean, m2, k = tile_partial(x_ptr, b_ptr, y_ptr, pid_t, pid_c, M, C, HW, ITERS, ACC, ADD, NHWC, INT64,
+                                      BLOCK_M, BLOCK_C)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    store_partial(part_ptr, pid_t, T, C, cols, count, mean, m2, k)
+    if FINISH:  # the channel block's last program merges its T partials (docs/kernels.md)
+        if last_program(count_ptr + pid_c, T):
+            finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols)
+            release_counter(count_ptr + pid_c)
+
+
+@triton.jit
+def tile_partial(x_ptr, b_ptr, y_ptr, pid_t, pid_c, M, C, HW, ITERS, ACC: tl.constexpr, ADD: tl.constexpr,
+                 NHWC: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tile pid_t's partial (count, mean, M2 of x − K, K) [BLOCK_C] of channel block pid_c (ADD: of the rounded
+    y = x + b, which it stores): ITERS chunks of BLOCK_M rows, each reduced two-pass, folded with Chan's formula."""
     # shift K [1, BLOCK_C]: the value at row 0 of each channel (of the rounded y = a + b when ADD)
     _, cols = tile_indices(pid_t, pid_c, 0, ITERS, BLOCK_M, BLOCK_C, INT64)
     offs0 = tile_offsets(tl.zeros([1], dtype=tl.int32), cols, C, HW, NHWC)
@@ -232,12 +254,7 @@ def _stats_partial_kernel(
         # this chunk's (count, mean, centred M2); masked lanes contribute nothing
         n_b, mean_b, m2_b = chunk_summary(tl.where(mask, v - k, 0.0), rmask, mask)
         count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    store_partial(part_ptr, pid_t, T, C, cols, count, mean, m2, tl.sum(k, axis=0))
-    if FINISH:  # the channel block's last program merges its T partials (docs/kernels.md)
-        if last_program(count_ptr + pid_c, T):
-            finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols)
-            release_counter(count_ptr + pid_c)
+    return count, mean, m2, tl.sum(k, axis=0)
 
 
 @triton.jit
@@ -302,6 +319,53 @@ def finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, co
     else:
         count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T)
     store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0)
+
+
+@triton.jit
+def merge_stats(part_ptr, C, T, cols, GROUPS, ROWS):
+    """(mean, biased var) [len(cols)] of the T partial rows of part [4, T, C], `finish_stats`' merges in its order
+    (the same bits) held in registers: every program of a launch that calls it gets the same values."""
+    if GROUPS > 1:
+        k0 = tl.load(part_ptr + 3 * T * C + cols, mask=cols < C, other=0.0, cache_modifier=".cg")
+        count = tl.zeros_like(k0)
+        mean = tl.zeros_like(k0)
+        m2 = tl.zeros_like(k0)
+        for g in range(GROUPS):  # `merge_tiles` over the group results, in registers
+            n_b, mean_b, m2_b, k_b = merge_tiles(part_ptr, C, T, cols, g * ROWS, ROWS)
+            count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b + (k_b - k0), m2_b)
+    else:
+        count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T)
+    return k0 + mean, m2 / tl.maximum(count, 1.0)
+
+
+@triton.jit
+def grid_barrier(arrive_ptr, programs):
+    """Wait until `programs` programs have arrived at the int32 counter arrive_ptr (zero before the launch;
+    `grid_depart` zeroes it again). They must all be resident at once (a cooperative launch); never called by the
+    interpreter with more than one program. Memory ordering (docs/kernels.md): the block barrier puts every thread's
+    stores before the arrival, the acq_rel atomic releases them, the acquire read of the spin that sees all arrivals
+    takes the others' released stores, the second block barrier puts them before every thread's loads (which bypass
+    L1)."""
+    tl.debug_barrier()
+    tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
+    while tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu") < programs:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def grid_depart(sync_ptr, programs, ARRIVALS: tl.constexpr):
+    """After phase 2 of a launch of `programs` programs with `grid_barrier`s on the counters sync_ptr[1 … ARRIVALS]:
+    counts the program out on sync_ptr[0] and returns whether it is the last — then every program has finished and
+    left its spin, their stores are acquired (acq_rel), and it zeroes all the counters for the next launch or
+    CUDA-graph replay on the stream."""
+    tl.debug_barrier()
+    last = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") == programs - 1
+    if last:
+        for i in range(ARRIVALS):
+            tl.atomic_xchg(sync_ptr + 1 + i, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+    return last
 
 
 @triton.jit(do_not_specialize=["T", "ROWS"])
@@ -553,6 +617,7 @@ class BNAffine(NamedTuple):
     running_var: Optional[Tensor]
     num_batches_tracked: Optional[Tensor]
     update: int
+    from_input: bool = False  # mean and var are outputs: the consuming kernel computes its input's batch statistics
 
     def kernel_args(self) -> tuple:
         """The 11 pointer arguments of `finalize_bn` / `bn_scale_shift` (absent tensors: mean, never read)."""
@@ -594,12 +659,13 @@ def _bn_consts(eps: float, momentum: Optional[float], count: int, dtype: torch.d
 
 
 def bn_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
-              running: Optional[tuple] = None) -> Optional[BNAffine]:
+              running: Optional[tuple] = None, from_input: bool = False) -> Optional[BNAffine]:
     """A `BNAffine` of a BN with batch statistics (mean, var) [C] (fp32, or fp64 for fp64 input), eps, γ, β, and
     `running` = (running_mean, running_var, num_batches_tracked, M = N·H·W, momentum) to update, or None; None where
     the kernels cannot take this BN (statistics of another dtype or not dense): the caller then runs the reference
     composition. Running buffers the kernels cannot update (not dense in the statistics' dtype — a bf16 or fp16
-    model's —, no num_batches_tracked) are left to the caller: `updates_running` is then False."""
+    model's —, no num_batches_tracked) are left to the caller: `updates_running` is then False. from_input: mean and
+    var are empty, filled by the BN-ReLU forward given the spec (`kernels.bn_relu.stats_bn_relu_forward`)."""
     dtype = mean.dtype
     if (dtype not in (torch.float32, torch.float64) or var.dtype != dtype or mean.dim() != 1
             or var.shape != mean.shape or not (mean.is_contiguous() and var.is_contiguous())):
@@ -618,7 +684,7 @@ def bn_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], b
             update = (RUN_COUNT if count == 0 else RUN_CUMULATIVE if momentum is None else RUN_MOMENTUM).value
     out = functools.partial(torch.empty_like, mean)
     return BNAffine(mean, var, weight, bias, _bn_consts(float(eps), momentum, count, dtype, mean.device), out(), out(),
-                    out(), rm, rv, nbt, update)
+                    out(), rm, rv, nbt, update, from_input)
 
 
 def finalize_affine(affine: BNAffine) -> BNAffine:

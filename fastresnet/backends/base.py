@@ -78,6 +78,12 @@ class Backend:
     # the result for a BN it cannot take): the caller computes rstd, scale, shift and the running update itself.
     bn_affine = None
 
+    # stats_in_bn_relu: whether bn_relu, given a spec made by `bn_affine(..., from_input=True)` (mean and var empty),
+    # computes x's batch statistics into the spec's mean and var in the same launch as the activation (tier A with a
+    # grid barrier: `kernels.bn_relu.stats_bn_relu_forward`); a unit's composition then leaves out the statistics pass
+    # of a conv output that only its next BN reads.
+    stats_in_bn_relu = False
+
     # -- whole units ------------------------------------------------------------------------------------------------
     # unit_plan / units_train: a full pre-activation unit's training call as one autograd node of the backend's own,
     # bitwise the composition of this class's ops in `fastresnet.ops.unit_ops`, or None (that composition runs) —

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastresnet.backends.base import Backend, layout
-from fastresnet.kernels import interpreting
+from fastresnet.kernels import grid_barrier, interpreting
 
 try:
     import triton  # noqa: F401  (capability flag only; the kernels import lazily)
@@ -86,8 +86,14 @@ class TritonBackend(Backend):
         from fastresnet.kernels.bn_relu import scale_shift
         return scale_shift(mean, rstd, bn_weight, bn_bias)
 
-    def bn_affine(self, mean, var, eps, bn_weight, bn_bias, running=None):
+    def bn_affine(self, mean, var, eps, bn_weight, bn_bias, running=None, from_input=False):
         """`kernels.stats.bn_affine`: BN's rstd, affine map and running update made by the kernel that consumes the
         statistics (its prologue and one program's `finalize_bn`), no launch of their own."""
         from fastresnet.kernels.stats import bn_affine
-        return bn_affine(mean, var, eps, bn_weight, bn_bias, running)
+        return bn_affine(mean, var, eps, bn_weight, bn_bias, running, from_input)
+
+    @property
+    def stats_in_bn_relu(self) -> bool:
+        """The statistics pass and the BN-ReLU forward in one launch with a grid barrier, unless
+        FASTRESNET_GRID_BARRIER=0 (`fastresnet.kernels.grid_barrier`)."""
+        return grid_barrier()

@@ -41,6 +41,7 @@ class TritonConvBackend(TritonBackend):
 
     name = "triton_conv"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)  # no fp64 `tl.dot`
+    stats_in_bn_relu = False  # the conv epilogue makes its output's statistics
 
     def __init__(self, select: Optional[str] = None):
         self.select = select or os.environ.get("FASTRESNET_TRITON_CONV", "measure")

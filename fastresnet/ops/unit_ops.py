@@ -123,18 +123,32 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
 
     On a backend with `Backend.bn_affine` the kernel that consumes a BN's statistics forms its rstd and affine map
     itself and makes the running update of its `running` entry (`preact_unit`'s format; None: no update, the op
-    then mutates nothing). affines: None, or a list to which each BN's (scale, shift, whether its running statistics
-    were updated) is appended."""
+    then mutates nothing); on one with `Backend.stats_in_bn_relu` the statistics of a conv output that only the next
+    BN reads are made in that BN-ReLU's launch. affines: None, or a list to which each BN's (scale, shift, whether
+    its running statistics were updated) is appended."""
     impl = get_backend_impl(backend)
     k = len(bn_weights)
     ys: List[Tensor] = []
     rstds: List[Tensor] = []
     stats: List[Tensor] = []
+    pending = impl.bn_affine is not None and impl.stats_in_bn_relu  # inner statistics left to the next BN-ReLU
 
-    def affine(i: int, mean: Tensor, var: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], dict]:
-        """(scale, shift, {}) of BN i, or (None, None, {"affine": spec}) for its consumer to form them."""
+    def affine(i: int, x: Tensor, mean: Optional[Tensor],
+               var: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], dict]:
+        """(scale, shift, {}) of BN i on x, or (None, None, {"affine": spec}) for its consumer to form them; mean and
+        var None: x's statistics are not made yet — the consumer makes them where it can, else a statistics pass."""
         r = running[i] if running else None
-        spec = None if impl.bn_affine is None else impl.bn_affine(mean, var, eps[i], bn_weights[i], bn_biases[i], r)
+        spec = None
+        if mean is None:
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            mean, var = (torch.empty(x.shape[1], dtype=dtype, device=x.device) for _ in range(2))
+            spec = impl.bn_affine(mean, var, eps[i], bn_weights[i], bn_biases[i], r, from_input=True)
+            if spec is None:
+                mean, var = impl.batch_stats(x)
+        if spec is None and impl.bn_affine is not None:
+            spec = impl.bn_affine(mean, var, eps[i], bn_weights[i], bn_biases[i], r)
+        if i > 0:
+            stats.extend((mean, var))
         if spec is None:
             rstds.append(torch.rsqrt(var + eps[i]))
             scale, shift = impl.scale_shift(mean, rstds[-1], bn_weights[i], bn_biases[i])
@@ -148,28 +162,34 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
 
     y, mean, var, first = x, x_mean, x_var, 0
     if shortcut.startswith("shared"):  # one activation feeds conv1 and the shortcut: plain convs on it
-        scale, shift, kw = affine(0, mean, var)
+        scale, shift, kw = affine(0, x, mean, var)
         a = impl.bn_relu(x, scale, shift, x.dtype, **kw)
         h = a if shortcut == "shared_identity" else _plain_conv(a, weights[k], shortcut_stride, 0)
         y = _plain_conv(a, weights[0], _pair(strides, 0), _pair(paddings, 0))
         if k == 1:
             return ([*impl.add_stats(y, h)] if through_last else []) + rstds
-        mean, var = impl.batch_stats(y)
-        ys, stats, first = [y], [mean, var], 1
+        mean, var = (None, None) if pending else impl.batch_stats(y)
+        ys, first = [y], 1
     else:
         h = x if shortcut == "identity" else _zero_pad(x, shortcut_stride, weights[k - 1].shape[0])
     for i in range(first, k):
         last = i == k - 1
-        scale, shift, kw = affine(i, mean, var)
         if last and not through_last:
+            if mean is None:  # no kernel consumes these statistics here
+                mean, var = impl.batch_stats(y)
+            scale, shift, kw = affine(i, y, mean, var)
             if kw:  # no kernel consumes these statistics here: the affine map in a launch of its own
                 kw["affine"].finalize()
             return ys + rstds + stats
-        y, mean, var = impl.bn_relu_conv_stats(y, scale, shift, weights[i], _pair(strides, i), _pair(paddings, i),
-                                               h if last else None, **kw)
+        scale, shift, kw = affine(i, y, mean, var)
+        stride, padding = _pair(strides, i), _pair(paddings, i)
+        if last or not pending:
+            y, mean, var = impl.bn_relu_conv_stats(y, scale, shift, weights[i], stride, padding, h if last else None,
+                                                   **kw)
+        else:
+            y, mean, var = impl.bn_relu_conv(y, scale, shift, weights[i], stride, padding, **kw), None, None
         if not last:
             ys.append(y)
-            stats += [mean, var]
     return [y, mean, var] + ys + rstds + stats
 
 
