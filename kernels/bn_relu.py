@@ -35,9 +35,9 @@ from torch import Tensor
 
 from fastresnet.kernels import last_program_merge
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, bn_scale_shift, check_channel_vector, check_tensor,
-    finalize_affine, finalize_bn, last_program, launch_counters, memory_format, merge_rows, release_counter, relu,
-    relu_grad, sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype,
+    FLOAT_DTYPES, BNAffine, acc_dtype, bn_scale_shift, check_channel_vector, check_tensor, finalize_affine,
+    finalize_bn, finish_counters, group_counter, group_size, last_program, memory_format, merge_rows, release_counter,
+    relu, relu_grad, sum_groups, tile_config, tile_indices, tile_offsets, tl_dtype, top_counter,
 )
 
 
@@ -103,36 +103,58 @@ def _bn_relu_bwd_partial_kernel(
         sum_dz_xhat += tl.sum(dz * ((x - mu[None, :]) * r[None, :]), axis=0)
     tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
     tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
-    if FINISH:  # the channel block's last program runs step 2 (docs/kernels.md)
-        if last_program(count_ptr + pid_c, T):
-            tl.debug_barrier()
-            sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
-            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
-                              cols, TRAINING)
-            release_counter(count_ptr + pid_c)
+    if FINISH:  # step 2 run by the last programs of the channel block's groups (docs/kernels.md)
+        finish_bn_backward(part_ptr, count_ptr, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, T, M,
+                           pid_t, pid_c, tl.num_programs(1), GROUPS, ROWS, cols, tl.zeros([BLOCK_C], dtype=ACC),
+                           TRAINING)
 
 
 @triton.jit
-def sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, zero):
-    """(Σdz, Σdz·x̂) [len(cols)] of the partials part [2, T, C]: groups of ROWS rows, each summed in row order, then
-    the group sums in order — `bn_backward_from_partials`' order (first level `sum_groups`), so the same bits.
-    zero: a zero vector of the sums' dtype and length. Loads bypass L1 (.cg): a finishing program reads what
-    other programs wrote (docs/kernels.md)."""
+def sum_partials(part_ptr, C, T, cols, first, ROWS, step, zero):
+    """(Σdz, Σdz·x̂) [len(cols)] of the partial rows first, first + step, … (ROWS of them, those < T) of part
+    [2, T, C], each summed in row order onto zero (a zero vector of the sums' dtype and length). Loads bypass L1
+    (.cg): a finishing program reads what other programs wrote (docs/kernels.md)."""
     cmask = cols < C
     left = tl.zeros_like(cols) + T  # a vector: the interpreter's masks
     sum_dz = zero
     sum_dz_xhat = zero
-    for g in range(GROUPS):
-        group_dz = zero
-        group_dz_xhat = zero
-        for i in range(ROWS):
-            row = g * ROWS + i
-            ok = cmask & (left > row)
-            group_dz += tl.load(part_ptr + row * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
-            group_dz_xhat += tl.load(part_ptr + (T + row) * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
-        sum_dz += group_dz
-        sum_dz_xhat += group_dz_xhat
+    for i in range(ROWS):
+        row = first + i * step
+        ok = cmask & (left > row)
+        sum_dz += tl.load(part_ptr + row * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        sum_dz_xhat += tl.load(part_ptr + (T + row) * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
     return sum_dz, sum_dz_xhat
+
+
+@triton.jit
+def finish_bn_backward(part_ptr, count_ptr, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, T, M,
+                       row, block, blocks, GROUPS, ROWS, cols, zero, TRAINING: tl.constexpr):
+    """Step 2 finished inside the launch, for the channels cols of column block `block` by the program that wrote
+    partial row `row` of part [2, T, C]: `bn_backward_from_partials`' sums in its order (groups of ROWS rows, each
+    in row order, then the group sums in order: the same bits). Level 1: the last program of each group sums it and
+    stores the sums over the group's first row; level 2: the last group sums the GROUPS group sums and runs
+    `store_bn_backward`. One group: its last program does both. Counters: `kernels.stats.group_counter` and
+    `top_counter`, left at zero (docs/kernels.md)."""
+    counter = group_counter(count_ptr, row, block, GROUPS, ROWS)
+    if last_program(counter, group_size(row, T, ROWS)):
+        tl.debug_barrier()
+        first = (row // ROWS) * ROWS
+        sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, first, ROWS, 1, zero)
+        release_counter(counter)
+        if GROUPS == 1:
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
+                              cols, TRAINING)
+        else:
+            cmask = cols < C
+            tl.store(part_ptr + first * C + cols, sum_dz, mask=cmask)
+            tl.store(part_ptr + (T + first) * C + cols, sum_dz_xhat, mask=cmask)
+            top = top_counter(count_ptr, block, blocks, GROUPS)
+            if last_program(top, GROUPS):
+                tl.debug_barrier()
+                sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 0, GROUPS, ROWS, zero)
+                store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,
+                                  C, M, cols, TRAINING)
+                release_counter(top)
 
 
 @triton.jit
@@ -160,7 +182,7 @@ def _bn_relu_bwd_merge_kernel(
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 1, T, tl.zeros([BLOCK_C], dtype=ACC))
+    sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 0, T, 1, tl.zeros([BLOCK_C], dtype=ACC))
     store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M, cols,
                       TRAINING)
 
@@ -282,8 +304,8 @@ def bn_relu_backward(
 
 
 class BNFinish(NamedTuple):
-    """What a BN-backward partial launch whose last program per channel block runs step 2 needs (`sum_partials`,
-    `store_bn_backward`): the counters (one per channel block), step 2's outputs, the merge shape."""
+    """What a BN-backward partial launch whose last programs run step 2 needs (`finish_bn_backward`): the counters
+    (`kernels.stats.finish_counters`), step 2's outputs, the merge shape."""
     counters: Tensor
     sum_dz: Tensor
     sum_dz_xhat: Tensor
@@ -295,13 +317,12 @@ class BNFinish(NamedTuple):
 def bn_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> Optional[BNFinish]:
     """A `BNFinish` for partials [2, t, c] of dtype from t programs per channel block, or None where the separate
-    merge runs (FASTRESNET_LAST_PROGRAM_MERGE=0, or more than `kernels.stats.FINISH_MAX_ROWS` rows)."""
-    if t > FINISH_MAX_ROWS or not last_program_merge():
+    merge runs (FASTRESNET_LAST_PROGRAM_MERGE=0)."""
+    if not last_program_merge():
         return None
-    rows = merge_rows(t)
+    counters, groups, rows = finish_counters(t, channel_blocks, device)
     new = functools.partial(torch.empty, dtype=dtype, device=device)
-    return BNFinish(launch_counters(channel_blocks, device), new(c), new(c), new((2, c)) if training else new(0),
-                    triton.cdiv(t, rows), rows)
+    return BNFinish(counters, new(c), new(c), new((2, c)) if training else new(0), groups, rows)
 
 
 def empty_backward(x: Tensor, nhwc: bool) -> Tuple[Tensor, Tensor, Tensor]:
