@@ -58,6 +58,14 @@ def count_step(net: str, dtype: str, batch: int = BATCH, res: int = RES) -> Dict
                 by_op=dict(by_op.most_common()))
 
 
+def eager_marginal(shallow: Dict[str, object], deep: Dict[str, object]) -> Dict[str, object]:
+    """`bench_kernel_count.marginal` of two `count_step`s, with `eager_per_layer`: the eager step's launches per
+    added layer."""
+    m = marginal(shallow, deep)
+    m["eager_per_layer"] = (deep["eager_launches"] - shallow["eager_launches"]) / (deep["layers"] - shallow["layers"])
+    return m
+
+
 def run(pairs, dtypes, batch: int, res: int, progress=print) -> List[dict]:
     """Rows: one per (model, dtype) counted, one per (pair, dtype) with the marginal launches per layer."""
     rows, counts = [], {}
@@ -70,9 +78,7 @@ def run(pairs, dtypes, batch: int, res: int, progress=print) -> List[dict]:
                     progress(f"{name} {dtype}: {c['kernels']} Triton launches over {c['layers']} layers, "
                              f"{time.time() - t0:.0f} s")
                     rows.append(dict(kind="step", model=name, backend="triton_conv", dtype=dtype, **c))
-            m = marginal(counts[shallow, dtype], counts[deep, dtype])
-            m["eager_per_layer"] = ((counts[deep, dtype]["eager_launches"] - counts[shallow, dtype]["eager_launches"])
-                                    / (counts[deep, dtype]["layers"] - counts[shallow, dtype]["layers"]))
+            m = eager_marginal(counts[shallow, dtype], counts[deep, dtype])
             progress(f"{shallow}→{deep} {dtype}: {m['eager_per_layer']:.2f} Triton launches per layer in the eager "
                      f"step, {m['triton_per_layer']:.2f} through the registered ops")
             rows.append(dict(kind="marginal", model=f"{shallow},{deep}", backend="triton_conv", dtype=dtype, **m))
