@@ -35,10 +35,11 @@ from torch import Tensor
 
 from fastresnet.kernels import grid_barrier as grid_barrier_on, interpreting, last_program_merge
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, FLOAT_DTYPES, BNAffine, acc_dtype, affine_map, bn_scale_shift, check_channel_vector,
-    channel_block, check_tensor, finalize_affine, finalize_bn, grid_barrier, grid_depart, last_program,
+    FLOAT_DTYPES, BNAffine, acc_dtype, affine_map, bn_scale_shift, check_channel_vector, channel_block, check_tensor,
+    finalize_affine, finalize_bn, finish_counters, grid_barrier, grid_depart, group_counter, group_size, last_program,
     launch_counters, launch_stats, memory_format, merge_rows, merge_stats, no_value_stats, release_counter, relu,
-    relu_grad, store_partial, sum_groups, tile_config, tile_indices, tile_offsets, tile_partial, tl_dtype, _device_sms,
+    relu_grad, store_partial, sum_groups, tile_config, tile_indices, tile_offsets, tile_partial, tl_dtype,
+    top_counter, _device_sms,
 )
 
 
@@ -91,13 +92,10 @@ def _bn_relu_bwd_partial_kernel(
                                            C, HW, ITERS, ACC, NHWC, INT64, BLOCK_M, BLOCK_C)
     tl.store(part_ptr + pid_t * C + cols, sum_dz, mask=cmask)
     tl.store(part_ptr + (T + pid_t) * C + cols, sum_dz_xhat, mask=cmask)
-    if FINISH:  # the channel block's last program runs step 2 (docs/kernels.md)
-        if last_program(count_ptr + pid_c, T):
-            tl.debug_barrier()
-            sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
-            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
-                              cols, TRAINING)
-            release_counter(count_ptr + pid_c)
+    if FINISH:  # step 2 run by the last programs of the channel block's groups (docs/kernels.md)
+        finish_bn_backward(part_ptr, count_ptr, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, T, M,
+                           pid_t, pid_c, tl.num_programs(1), GROUPS, ROWS, cols, tl.zeros([BLOCK_C], dtype=ACC),
+                           TRAINING)
 
 
 @triton.jit
@@ -127,26 +125,65 @@ def bwd_tile_partial(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, pi
 
 
 @triton.jit
-def sum_partials(part_ptr, C, T, cols, GROUPS, ROWS, zero):
-    """(Σdz, Σdz·x̂) [len(cols)] of the partials part [2, T, C]: groups of ROWS rows, each summed in row order, then
-    the group sums in order — `bn_backward_from_partials`' order (first level `sum_groups`), so the same bits.
-    zero: a zero vector of the sums' dtype and length. Loads bypass L1 (.cg): a finishing program reads what
-    other programs wrote (docs/kernels.md)."""
+def sum_partials(part_ptr, C, T, cols, first, ROWS, step, zero):
+    """(Σdz, Σdz·x̂) [len(cols)] of the partial rows first, first + step, … (ROWS of them, those < T) of part
+    [2, T, C], each summed in row order onto zero (a zero vector of the sums' dtype and length). Loads bypass L1
+    (.cg): a finishing program reads what other programs wrote (docs/kernels.md)."""
     cmask = cols < C
     left = tl.zeros_like(cols) + T  # a vector: the interpreter's masks
     sum_dz = zero
     sum_dz_xhat = zero
+    for i in range(ROWS):
+        row = first + i * step
+        ok = cmask & (left > row)
+        sum_dz += tl.load(part_ptr + row * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        sum_dz_xhat += tl.load(part_ptr + (T + row) * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+    return sum_dz, sum_dz_xhat
+
+
+@triton.jit
+def sum_grouped_partials(part_ptr, C, T, cols, GROUPS, ROWS, zero):
+    """(Σdz, Σdz·x̂) [len(cols)] of all T partial rows of part [2, T, C] in `bn_backward_from_partials`' order (groups
+    of ROWS rows, each in row order, then the group sums in order: the same bits), held in registers: every program
+    of a launch that calls it gets the same values."""
+    sum_dz = zero
+    sum_dz_xhat = zero
     for g in range(GROUPS):
-        group_dz = zero
-        group_dz_xhat = zero
-        for i in range(ROWS):
-            row = g * ROWS + i
-            ok = cmask & (left > row)
-            group_dz += tl.load(part_ptr + row * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
-            group_dz_xhat += tl.load(part_ptr + (T + row) * C + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        group_dz, group_dz_xhat = sum_partials(part_ptr, C, T, cols, g * ROWS, ROWS, 1, zero)
         sum_dz += group_dz
         sum_dz_xhat += group_dz_xhat
     return sum_dz, sum_dz_xhat
+
+
+@triton.jit
+def finish_bn_backward(part_ptr, count_ptr, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, T, M,
+                       row, block, blocks, GROUPS, ROWS, cols, zero, TRAINING: tl.constexpr):
+    """Step 2 finished inside the launch, for the channels cols of column block `block` by the program that wrote
+    partial row `row` of part [2, T, C]: `bn_backward_from_partials`' sums in its order (groups of ROWS rows, each
+    in row order, then the group sums in order: the same bits). Level 1: the last program of each group sums it and
+    stores the sums over the group's first row; level 2: the last group sums the GROUPS group sums and runs
+    `store_bn_backward`. One group: its last program does both. Counters: `kernels.stats.group_counter` and
+    `top_counter`, left at zero (docs/kernels.md)."""
+    counter = group_counter(count_ptr, row, block, GROUPS, ROWS)
+    if last_program(counter, group_size(row, T, ROWS)):
+        tl.debug_barrier()
+        first = (row // ROWS) * ROWS
+        sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, first, ROWS, 1, zero)
+        release_counter(counter)
+        if GROUPS == 1:
+            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M,
+                              cols, TRAINING)
+        else:
+            cmask = cols < C
+            tl.store(part_ptr + first * C + cols, sum_dz, mask=cmask)
+            tl.store(part_ptr + (T + first) * C + cols, sum_dz_xhat, mask=cmask)
+            top = top_counter(count_ptr, block, blocks, GROUPS)
+            if last_program(top, GROUPS):
+                tl.debug_barrier()
+                sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 0, GROUPS, ROWS, zero)
+                store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr,
+                                  C, M, cols, TRAINING)
+                release_counter(top)
 
 
 @triton.jit
@@ -182,7 +219,7 @@ def _bn_relu_bwd_merge_kernel(
     ACC: tl.constexpr, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 1, T, tl.zeros([BLOCK_C], dtype=ACC))
+    sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, T, cols, 0, T, 1, tl.zeros([BLOCK_C], dtype=ACC))
     store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C, M, cols,
                       TRAINING)
 
@@ -301,7 +338,7 @@ def _bn_relu_bwd_fused_kernel(
     if PHASE == 0:
         grid_barrier(sync_ptr + 1 + cb, P)
     if PHASE != 1:  # phase 2: every program sums all P partials in one order (step 2), then dx of its tile
-        sum_dz, sum_dz_xhat = sum_partials(part_ptr, C, P, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
+        sum_dz, sum_dz_xhat = sum_grouped_partials(part_ptr, C, P, cols, GROUPS, ROWS, tl.zeros([BLOCK_C], dtype=ACC))
         if pid == 0:
             tl.store(sum_dz_ptr + cols, sum_dz, mask=cols < C)
             tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cols < C)
@@ -377,11 +414,15 @@ def _activation(x: Tensor, nhwc: bool, out_dtype: Optional[torch.dtype]) -> Tens
     return torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
 
 
+# the most programs per channel block of a launch with a grid barrier, and the most chunks one of them walks
+BARRIER_MAX_PROGRAMS = 64
+
+
 def persistent_config(x: Tensor, block_m: Optional[int] = None, programs: Optional[int] = None) -> Optional[dict]:
     """`tile_config` of a launch with a grid barrier (grid [P, channel blocks], program (p, cb) owning row tile p of
     channel block cb; T = P), or None where the separate launches run on a GPU: more channel blocks than SMs (one
     program per channel block could not be resident at once), or more than 64 chunks a program would walk. On a GPU
-    P ≤ SMs ÷ channel blocks, so that all programs are resident at once, and P ≤ `FINISH_MAX_ROWS` = 64, so that
+    P ≤ SMs ÷ channel blocks, so that all programs are resident at once, and P ≤ `BARRIER_MAX_PROGRAMS` = 64, so that
     every program's merge of all P partial rows stays a short serial walk (the last-program merges' bound; the same
     bound for its ITERS chunks); `programs` (default that cap) is capped there. Under the interpreter P = 1 by
     default."""
@@ -389,9 +430,9 @@ def persistent_config(x: Tensor, block_m: Optional[int] = None, programs: Option
     c_blocks = triton.cdiv(x.shape[1], channel_block(x.shape[1]))
     if x.is_cuda and c_blocks > sms:
         return None
-    cap = min(sms // c_blocks if x.is_cuda else 1, FINISH_MAX_ROWS)
+    cap = min(sms // c_blocks if x.is_cuda else 1, BARRIER_MAX_PROGRAMS)
     cfg = tile_config(x, block_m, cap if programs is None else min(programs, cap) if x.is_cuda else programs)
-    return None if x.is_cuda and cfg["ITERS"] > FINISH_MAX_ROWS else cfg
+    return None if x.is_cuda and cfg["ITERS"] > BARRIER_MAX_PROGRAMS else cfg
 
 
 def launch_persistent(kernel, cfg: dict, *args, **meta) -> None:
@@ -500,8 +541,8 @@ def _bn_relu_backward_fused(dy: Tensor, x: Tensor, nhwc: bool, scale: Tensor, sh
 
 
 class BNFinish(NamedTuple):
-    """What a BN-backward partial launch whose last program per channel block runs step 2 needs (`sum_partials`,
-    `store_bn_backward`): the counters (one per channel block), step 2's outputs, the merge shape."""
+    """What a BN-backward partial launch whose last programs run step 2 needs (`finish_bn_backward`): the counters
+    (`kernels.stats.finish_counters`), step 2's outputs, the merge shape."""
     counters: Tensor
     sum_dz: Tensor
     sum_dz_xhat: Tensor
@@ -513,13 +554,12 @@ class BNFinish(NamedTuple):
 def bn_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> Optional[BNFinish]:
     """A `BNFinish` for partials [2, t, c] of dtype from t programs per channel block, or None where the separate
-    merge runs (FASTRESNET_LAST_PROGRAM_MERGE=0, or more than `kernels.stats.FINISH_MAX_ROWS` rows)."""
-    if t > FINISH_MAX_ROWS or not last_program_merge():
+    merge runs (FASTRESNET_LAST_PROGRAM_MERGE=0)."""
+    if not last_program_merge():
         return None
-    rows = merge_rows(t)
+    counters, groups, rows = finish_counters(t, channel_blocks, device)
     new = functools.partial(torch.empty, dtype=dtype, device=device)
-    return BNFinish(launch_counters(channel_blocks, device), new(c), new(c), new((2, c)) if training else new(0),
-                    triton.cdiv(t, rows), rows)
+    return BNFinish(counters, new(c), new(c), new((2, c)) if training else new(0), groups, rows)
 
 
 def empty_backward(x: Tensor, nhwc: bool) -> Tuple[Tensor, Tensor, Tensor]:

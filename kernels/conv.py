@@ -26,8 +26,8 @@ the rows are merged in tile order (in two levels for many rows, `kernels.stats.m
 use tier A's partial format and merge (`kernels.stats`: [4, tiles, C_out] (count, mean, M2, pivot), each tile
 shifted by its first row's value, Chan merge); dgrad's Σdz, Σdz·x̂ partials [2, tiles, C_in] and the dx pass are
 tier A's BN-ReLU backward steps 2–3 (`kernels.bn_relu.bn_backward_from_partials`); wgrad's splits are summed in
-`kernels.stats.sum_rows`' order by the last program of each dW tile to finish (a per-launch counter, docs/kernels.md;
-`FASTRESNET_LAST_PROGRAM_MERGE=0`: by `sum_rows` itself, bitwise the same).
+`kernels.stats.sum_rows`' order by the last programs of each dW tile's groups of splits (per-launch counters,
+docs/kernels.md; `FASTRESNET_LAST_PROGRAM_MERGE=0`: by `sum_rows` itself, bitwise the same).
 Indices are int32: tensors must have fewer than 2**31 elements (the launchers check).
 
 Loops: forward and dgrad run one K loop over (tap, channel block) — K_ITERS = taps·K_BLOCKS steps, a constexpr, with
@@ -52,13 +52,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fastresnet.kernels import conv_fp32_precision, interpreting, last_program_merge
-from fastresnet.kernels.bn_relu import (
-    bn_backward_from_partials, bn_finish, empty_backward, store_bn_backward, sum_partials,
-)
+from fastresnet.kernels.bn_relu import bn_backward_from_partials, bn_finish, empty_backward, finish_bn_backward
 from fastresnet.kernels.stats import (
-    FINISH_MAX_ROWS, BNAffine, _sm_count, bn_scale_shift, chunk_summary, finalize_affine, finalize_bn, finish_stats,
-    last_program, launch_counters, memory_format, merge_partials, merge_rows, no_value_stats, release_counter, relu,
-    relu_grad, stats_finish, store_partial, sum_rows,
+    BNAffine, _sm_count, bn_scale_shift, chunk_summary, finalize_affine, finalize_bn, finish_counters, finish_stats,
+    group_counter, group_size, last_program, memory_format, merge_partials, no_value_stats, release_counter, relu,
+    relu_grad, stats_finish, store_partial, sum_rows, top_counter,
 )
 
 
@@ -105,7 +103,7 @@ def _conv_fwd_kernel(
     res_ptr,                    # [N, C_out, Ho, Wo] residual added in fp32 (read only if HAS_RES), strides as y
     y_ptr,                      # [N, C_out, Ho, Wo] output, strides syn, syc, syh, syw
     part_ptr,                   # [4, tiles_m, C_out] fp32 per-tile partials of the stored y (STATS; kernels.stats)
-    count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH: `kernels.stats.StatsFinish` of the partials
+    count_ptr, mean_ptr, var_ptr,  # FINISH: `kernels.stats.StatsFinish` of the partials
     M, C_in, H, W, C_out, Ho, Wo, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -149,10 +147,9 @@ def _conv_fwd_kernel(
         k = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
         count, mean, m2 = chunk_summary(tl.where(mask, v - k[None, :], 0.0), m_ok, mask)
         store_partial(part_ptr, tl.program_id(0), tl.num_programs(0), C_out, rn, count, mean, m2, k)
-        if FINISH:  # the column block's last row tile merges its partials (docs/kernels.md)
-            if last_program(count_ptr + tl.program_id(1), tl.num_programs(0)):
-                finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C_out, tl.num_programs(0), GROUPS, ROWS, rn)
-                release_counter(count_ptr + tl.program_id(1))
+        if FINISH:  # the column block's partials merged by the last row tiles of its groups (docs/kernels.md)
+            finish_stats(part_ptr, count_ptr, mean_ptr, var_ptr, C_out, tl.num_programs(0), tl.program_id(0),
+                         tl.program_id(1), tl.num_programs(1), GROUPS, ROWS, rn)
     if AFFINE:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             finalize_bn(bn_mean, bn_var, bn_w, bn_b, bn_consts, bn_rstd, bn_scale, bn_shift, bn_rm, bn_rv, bn_nbt,
@@ -216,14 +213,10 @@ def _conv_dgrad_kernel(
     tile = tile0 + tl.program_id(0)                           # this phase's tiles follow the earlier phases'
     tl.store(psum_ptr + tile * C_in + rn, tl.sum(dz, axis=0), mask=n_ok)
     tl.store(psum_ptr + (tiles + tile) * C_in + rn, tl.sum(dz * xhat, axis=0), mask=n_ok)
-    if FINISH:  # the column block's last tile of all phase launches runs the BN backward's step 2 (docs/kernels.md)
-        if last_program(count_ptr + tl.program_id(1), tiles):
-            tl.debug_barrier()
-            sum_dz, sum_dz_xhat = sum_partials(psum_ptr, C_in, tiles, rn, GROUPS, ROWS,
-                                               tl.zeros([BLOCK_N], dtype=tl.float32))
-            store_bn_backward(sum_dz, sum_dz_xhat, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C_in,
-                              M_BN, rn, TRAINING)
-            release_counter(count_ptr + tl.program_id(1))
+    if FINISH:  # the BN backward's step 2 by the last tiles of the column block's groups, over all phase launches
+        finish_bn_backward(psum_ptr, count_ptr, scale_ptr, rstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr, coef_ptr, C_in,
+                           tiles, M_BN, tile, tl.program_id(1), tl.num_programs(1), GROUPS, ROWS, rn,
+                           tl.zeros([BLOCK_N], dtype=tl.float32), TRAINING)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_split", "GROUPS", "ROWS", "ROW_BLOCKS"])
@@ -233,7 +226,7 @@ def _conv_wgrad_kernel(
     dy_ptr,                     # [N, C_out, Ho, Wo] output gradient, strides sdn, sdc, sdh, sdw
     part_ptr,                   # [SPLITS, C_out, KH, KW, C_in] fp32 out: this split's share of dW
     dw_ptr,                     # FINISH: [C_out, KH, KW, C_in] out, the weight's dtype: dW, the splits' sum
-    count_ptr,                  # FINISH: int32 [grid0·grid1] launch counters, zero before and after the launch
+    count_ptr,                  # FINISH: int32 [grid0·grid1·(GROUPS + 1)] launch counters (`finish_counters`)
     M, C_in, H, W, C_out, Ho, Wo, rows_per_split, GROUPS, ROWS,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -280,22 +273,39 @@ def _conv_wgrad_kernel(
     numel = C_out * KH * KW * C_in
     tl.store(part_ptr + split * numel + off, acc, mask=ok)
     if FINISH:
-        # the last of this dW tile's splits to finish sums its partials (docs/kernels.md); loads bypass L1 (.cg)
-        counter = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        if last_program(counter, tl.num_programs(2)):
+        # `kernels.stats.sum_rows`' order finished in two levels (docs/kernels.md): the last split of each group of
+        # ROWS splits of this dW tile sums the group into the group's first split, the last group sums the groups
+        splits = tl.num_programs(2)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        counter = group_counter(count_ptr, split, tile, GROUPS, ROWS)
+        if last_program(counter, group_size(split, splits, ROWS)):
             tl.debug_barrier()
-            # `kernels.stats.sum_rows`' order: groups of ROWS splits, each summed in order, then the groups in order
-            total = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
-            left = tl.full([BLOCK_CO, BLOCK_CI], tl.num_programs(2), tl.int32)
-            for g in range(GROUPS):
-                group = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
-                for i in range(ROWS):
-                    row = g * ROWS + i
-                    group += tl.load(part_ptr + row * numel + off, mask=ok & (left > row), other=0.0,
-                                     cache_modifier=".cg")
-                total += group
-            tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
+            first = (split // ROWS) * ROWS
+            total = _sum_splits(part_ptr, off, ok, numel, splits, first, ROWS, 1)
             release_counter(counter)
+            if GROUPS == 1:
+                tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
+            else:
+                tl.store(part_ptr + first * numel + off, total, mask=ok)
+                top = top_counter(count_ptr, tile, tl.num_programs(0) * tl.num_programs(1), GROUPS)
+                if last_program(top, GROUPS):
+                    tl.debug_barrier()
+                    total = _sum_splits(part_ptr, off, ok, numel, splits, 0, GROUPS, ROWS)
+                    tl.store(dw_ptr + off, total.to(dw_ptr.dtype.element_ty), mask=ok)
+                    release_counter(top)
+
+
+@triton.jit
+def _sum_splits(part_ptr, off, ok, numel, splits, first, ROWS, step):
+    """Σ, in order from 0, of the split partials first, first + step, … (ROWS of them, those < splits) of part
+    [splits, numel] at offsets off (mask ok), in fp32. Loads bypass L1 (.cg): a finishing program reads what other
+    programs wrote (docs/kernels.md)."""
+    total = tl.zeros(off.shape, dtype=tl.float32)
+    left = tl.zeros(off.shape, dtype=tl.int32) + splits  # a tensor: the interpreter's masks
+    for i in range(ROWS):
+        row = first + i * step
+        total += tl.load(part_ptr + row * numel + off, mask=ok & (left > row), other=0.0, cache_modifier=".cg")
+    return total
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------
@@ -503,7 +513,7 @@ def conv_forward(
     _conv_fwd_kernel[(tiles, n_blocks)](
         x, *((scale, shift) + (scale,) * 11 if affine is None else (affine.scale, affine.shift) + affine.kernel_args()),
         _weight_ohwi(weight), residual if residual is not None else y, y, part,
-        *(fin[:4] if fin else (part,) * 4), m, c_in, h, w, c_out, ho, wo, fin.groups if fin else 1,
+        *(fin[:3] if fin else (part,) * 3), m, c_in, h, w, c_out, ho, wo, fin.groups if fin else 1,
         fin.rows if fin else 1, *x.stride(), *y.stride(),
         STRIDE=stride, PAD=padding, KH=k, KW=k, HAS_RES=residual is not None, STATS=stats,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -600,11 +610,11 @@ def conv_backward(
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=dev, memory_format=torch.channels_last)
         dw_flat = dweight.permute(0, 2, 3, 1).view(1, -1)
         grid = (k * k * triton.cdiv(c_in, cfg.block_k), triton.cdiv(c_out, cfg.block_n), splits)
-        finish = last_program_merge() and splits <= FINISH_MAX_ROWS  # more: the separate sum (a serial walk)
-        group_rows = merge_rows(splits)
+        finish = last_program_merge()
+        counters, groups, group_rows = finish_counters(splits, grid[0] * grid[1], dev) if finish else (part, 1, 1)
         _conv_wgrad_kernel[grid](
-            x, scale, shift, dy, part, dw_flat, launch_counters(grid[0] * grid[1], dev) if finish else part,
-            n * ho * wo, c_in, h, w, c_out, ho, wo, rows, triton.cdiv(splits, group_rows), group_rows,
+            x, scale, shift, dy, part, dw_flat, counters, n * ho * wo, c_in, h, w, c_out, ho, wo, rows, groups,
+            group_rows,
             *x.stride(), *dy.stride(), STRIDE=stride, PAD=padding, KH=k, KW=k, DOT_DTYPE=dot_dtype,
             PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_CO=cfg.block_n, BLOCK_CI=cfg.block_k,
             ROW_BLOCKS=rows // cfg.block_m, FINISH=finish, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

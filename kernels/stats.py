@@ -207,7 +207,7 @@ def _stats_partial_kernel(
     b_ptr,     # ADD only: [N, C, H, W], same layout as x: second addend
     y_ptr,     # ADD only: [N, C, H, W], same layout as x, x's dtype: y = x + b, rounded once
     part_ptr,  # [4, T, C] ACC: per-tile (count, mean, M2) of x − K (ADD: of the rounded y − K), and K
-    count_ptr, level1_ptr, mean_ptr, var_ptr,  # FINISH only: `StatsFinish` (counters, [4, GROUPS, C], [C], [C])
+    count_ptr, mean_ptr, var_ptr,  # FINISH only: `StatsFinish` (counters, [C], [C])
     M, C, HW, T, ITERS, GROUPS, ROWS,
     ACC: tl.constexpr, ADD: tl.constexpr, NHWC: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FINISH: tl.constexpr,
@@ -218,10 +218,9 @@ def _stats_partial_kernel(
                                       BLOCK_M, BLOCK_C)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     store_partial(part_ptr, pid_t, T, C, cols, count, mean, m2, k)
-    if FINISH:  # the channel block's last program merges its T partials (docs/kernels.md)
-        if last_program(count_ptr + pid_c, T):
-            finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols)
-            release_counter(count_ptr + pid_c)
+    if FINISH:  # the channel block's partials merged by the last programs of its groups (docs/kernels.md)
+        finish_stats(part_ptr, count_ptr, mean_ptr, var_ptr, C, T, pid_t, pid_c, tl.num_programs(1), GROUPS, ROWS,
+                     cols)
 
 
 @triton.jit
@@ -258,20 +257,21 @@ def tile_partial(x_ptr, b_ptr, y_ptr, pid_t, pid_c, M, C, HW, ITERS, ACC: tl.con
 
 
 @triton.jit
-def merge_tiles(part_ptr, C, T, cols, first, ROWS):
-    """Chan merge, in row order, of the partial rows [first, min(first + ROWS, T)) of part [4, T, C]
-    (`store_partial`'s format) for the channels cols, each row's mean re-centred on row `first`'s pivot K_0 (K_t −
-    K_0 = 0 when all rows share the pivot): (count, mean, M2, K_0) [len(cols)]. Loads bypass L1 (.cg): a finishing
-    program reads what other programs wrote (docs/kernels.md)."""
+def merge_tiles(part_ptr, C, T, cols, first, ROWS, step):
+    """Chan merge, in row order, of the partial rows first, first + step, … (ROWS of them, those < T) of part
+    [4, T, C] (`store_partial`'s format) for the channels cols, each row's mean re-centred on row `first`'s pivot
+    K_0 (K_t − K_0 = 0 when all rows share the pivot): (count, mean, M2, K_0) [len(cols)]. Loads bypass L1 (.cg): a
+    finishing program reads what other programs wrote (docs/kernels.md)."""
     cmask = cols < C
     k0 = tl.load(part_ptr + (3 * T + first) * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
     count = tl.zeros_like(k0)
     mean = tl.zeros_like(k0)
     m2 = tl.zeros_like(k0)
-    left = tl.zeros_like(cols) + (T - first)  # rows from `first` on (a vector: the interpreter's masks)
+    left = tl.zeros_like(cols) + T  # a vector: the interpreter's masks
     for i in range(ROWS):
-        ok = cmask & (left > i)  # past the last row: count 0, a neutral summary
-        base = part_ptr + (first + i) * C + cols
+        row = first + i * step
+        ok = cmask & (left > row)  # past the last row: count 0, a neutral summary
+        base = part_ptr + row * C + cols
         n_b = tl.load(base, mask=ok, other=0.0, cache_modifier=".cg")
         mean_b = (tl.load(base + T * C, mask=ok, other=0.0, cache_modifier=".cg")
                   + (tl.load(base + 3 * T * C, mask=ok, other=0.0, cache_modifier=".cg") - k0))
@@ -305,20 +305,47 @@ def release_counter(counter):
 
 
 @triton.jit
-def finish_stats(part_ptr, level1_ptr, mean_ptr, var_ptr, C, T, GROUPS, ROWS, cols):
-    """`merge_partials` by one program for the channels cols (the same merges in the same order: the same bits):
-    the T partial rows in GROUPS groups of ROWS rows (stored to level1 [4, GROUPS, C]), then the groups; one group:
-    the rows directly. Run by the last program of a statistics launch, after `last_program`."""
-    tl.debug_barrier()
-    if GROUPS > 1:
-        for g in range(GROUPS):
-            count, mean, m2, k = merge_tiles(part_ptr, C, T, cols, g * ROWS, ROWS)
-            store_partial(level1_ptr, g, GROUPS, C, cols, count, mean, m2, k)
+def group_counter(count_ptr, row, block, GROUPS, ROWS):
+    """The level-1 counter of partial row `row` of column block `block`: one per group of ROWS consecutive rows,
+    [blocks, GROUPS] at count_ptr (docs/kernels.md, "Merges finished by the last program")."""
+    return count_ptr + block * GROUPS + row // ROWS
+
+
+@triton.jit
+def group_size(row, T, ROWS):
+    """The rows of `row`'s group of ROWS consecutive rows among T: ROWS, fewer for the last group."""
+    return tl.minimum(ROWS, T - (row // ROWS) * ROWS)
+
+
+@triton.jit
+def top_counter(count_ptr, block, blocks, GROUPS):
+    """The level-2 counter of column block `block`, after the [blocks, GROUPS] level-1 counters."""
+    return count_ptr + blocks * GROUPS + block
+
+
+@triton.jit
+def finish_stats(part_ptr, count_ptr, mean_ptr, var_ptr, C, T, row, block, blocks, GROUPS, ROWS, cols):
+    """`merge_partials` finished inside the launch, for the channels cols of column block `block` by the program that
+    wrote partial row `row` (the same merges in the same order: the same bits). Level 1: the last program of each
+    group of ROWS rows merges its group and stores the result over the group's first row; level 2: the last group
+    merges the GROUPS group results (rows 0, ROWS, 2·ROWS, …) into (mean, var). One group: its last program merges
+    the rows into (mean, var) directly. Counters: `group_counter`, `top_counter`, left at zero."""
+    counter = group_counter(count_ptr, row, block, GROUPS, ROWS)
+    if last_program(counter, group_size(row, T, ROWS)):
         tl.debug_barrier()
-        count, mean, m2, k0 = merge_tiles(level1_ptr, C, GROUPS, cols, 0, GROUPS)
-    else:
-        count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T)
-    store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0)
+        first = (row // ROWS) * ROWS
+        count, mean, m2, k = merge_tiles(part_ptr, C, T, cols, first, ROWS, 1)
+        release_counter(counter)
+        if GROUPS == 1:
+            store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k)
+        else:
+            store_partial(part_ptr, first, T, C, cols, count, mean, m2, k)
+            top = top_counter(count_ptr, block, blocks, GROUPS)
+            if last_program(top, GROUPS):
+                tl.debug_barrier()
+                count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, GROUPS, ROWS)
+                store_stats(mean_ptr, var_ptr, C, cols, count, mean, m2, k0)
+                release_counter(top)
 
 
 @triton.jit
@@ -331,10 +358,10 @@ def merge_stats(part_ptr, C, T, cols, GROUPS, ROWS):
         mean = tl.zeros_like(k0)
         m2 = tl.zeros_like(k0)
         for g in range(GROUPS):  # `merge_tiles` over the group results, in registers
-            n_b, mean_b, m2_b, k_b = merge_tiles(part_ptr, C, T, cols, g * ROWS, ROWS)
+            n_b, mean_b, m2_b, k_b = merge_tiles(part_ptr, C, T, cols, g * ROWS, ROWS, 1)
             count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b + (k_b - k0), m2_b)
     else:
-        count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T)
+        count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, 0, T, 1)
     return k0 + mean, m2 / tl.maximum(count, 1.0)
 
 
@@ -378,7 +405,7 @@ def _stats_merge_kernel(
 ):
     # program (channel block, group g): tiles [g·ROWS, min((g+1)·ROWS, T)) folded in tile order (deterministic)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, tl.program_id(1) * ROWS, ROWS)
+    count, mean, m2, k0 = merge_tiles(part_ptr, C, T, cols, tl.program_id(1) * ROWS, ROWS, 1)
     if FINAL:
         store_stats(out_ptr, var_ptr, C, cols, count, mean, m2, k0)
     else:
@@ -515,7 +542,7 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
     c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
     fin = stats_finish(t, c, c_blocks, part.dtype, x.device)
     _stats_partial_kernel[(t, c_blocks)](
-        x, b if add else x, y if add else x, part, *(fin[:4] if fin else (part,) * 4), cfg["M"], c, cfg["HW"], t,
+        x, b if add else x, y if add else x, part, *(fin[:3] if fin else (part,) * 3), cfg["M"], c, cfg["HW"], t,
         cfg["ITERS"], fin.groups if fin else 1, fin.rows if fin else 1, ACC=tl_dtype(part.dtype), ADD=add,
         NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], FINISH=fin is not None,
         num_warps=cfg["NUM_WARPS"])
@@ -571,33 +598,34 @@ def merge_partials(part: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-# Most partial rows the last program of a statistics launch merges itself: its serial walk is T rows plus
-# ⌈T / ⌈√T⌉⌉ group results, at most 72 (benchmarks/static_sm90.py's LOOP_BOUND); more rows take the separate
-# merge launches of `merge_partials`, whose programs walk ⌈√T⌉ rows each (the same merges: the same bits).
-FINISH_MAX_ROWS = 64
-
-
 class StatsFinish(NamedTuple):
-    """What a statistics launch whose last program per channel block merges the partials needs
-    (`finish_stats`): the counters (one per channel block), the level-1 scratch, the outputs, the merge shape."""
+    """What a statistics launch whose last programs merge the partials needs (`finish_stats`): the counters
+    (`finish_counters`), the outputs, the merge shape (`merge_rows`)."""
     counters: Tensor
-    level1: Tensor
     mean: Tensor
     var: Tensor
     groups: int
     rows: int
 
 
+def finish_counters(t: int, blocks: int, device: torch.device) -> Tuple[Tensor, int, int]:
+    """(counters, groups, rows) of a launch whose last programs finish a reduction over t partial rows per column
+    block in two levels (docs/kernels.md): `merge_rows(t)` rows per group, groups = ⌈t / rows⌉, the counters
+    [blocks, groups] of level 1 and [blocks] of level 2."""
+    rows = merge_rows(t)
+    groups = triton.cdiv(t, rows)
+    return launch_counters(blocks * (groups + 1), device), groups, rows
+
+
 def stats_finish(t: int, c: int, channel_blocks: int, dtype: torch.dtype,
                  device: torch.device) -> Optional[StatsFinish]:
     """A `StatsFinish` for partials [4, t, c] of dtype written by t programs per channel block, or None where the
-    separate merge runs instead (FASTRESNET_LAST_PROGRAM_MERGE=0, or more than FINISH_MAX_ROWS rows)."""
-    if t > FINISH_MAX_ROWS or not last_program_merge():
+    separate merge runs instead (FASTRESNET_LAST_PROGRAM_MERGE=0)."""
+    if not last_program_merge():
         return None
-    rows = merge_rows(t)
-    groups = triton.cdiv(t, rows)
+    counters, groups, rows = finish_counters(t, channel_blocks, device)
     new = functools.partial(torch.empty, dtype=dtype, device=device)
-    return StatsFinish(launch_counters(channel_blocks, device), new((4, groups, c)), new(c), new(c), groups, rows)
+    return StatsFinish(counters, new(c), new(c), groups, rows)
 
 
 class BNAffine(NamedTuple):

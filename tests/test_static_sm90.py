@@ -103,10 +103,11 @@ def test_sm90_gate_cifar_subset(tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kernels = {r["kernel"] for r in rows}
-    # every kernel of the tier-A primitives and the tier-B conv is launched by a training step of the net
-    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "sum_groups_kernel",
-            "_stats_partial_kernel", "_stats_merge_kernel", "_bn_relu_fwd_kernel", "_bn_relu_bwd_partial_kernel",
-            "_bn_relu_bwd_merge_kernel", "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
+    # every kernel of the tier-A primitives and the tier-B conv is launched by a training step of the net; the
+    # merges are finished inside the launches that write the partials (no separate merge launch at batch 128)
+    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_stats_partial_kernel",
+            "_bn_relu_fwd_kernel", "_bn_relu_bwd_partial_kernel", "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
+    assert not kernels & {"sum_groups_kernel", "_stats_merge_kernel", "_bn_relu_bwd_merge_kernel"}, kernels
     # the launches are the GPU's: tensor-core bf16 dots on 64- or 128-row tiles, 132-SM grids (--check: every launch
     # but the merges has at least one program per SM, stage 3, 8×8 at batch 128, included), specialised arguments
     bf16_convs = [r for r in rows if r["dtype"] == "bf16" and r["kernel"].startswith("_conv_")]
@@ -116,6 +117,29 @@ def test_sm90_gate_cifar_subset(tmp_path):
     assert stage3 and all(r["programs"] >= gate.SMS for r in stage3)
     assert all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in rows)
     assert all(r["floor_us"] > 0 for r in rows)
+
+
+_GPU_BATCH_COUNT = """
+import json
+from benchmarks import kernel_count_sm90 as k
+shallow, deep = (k.count_step(name, "fp32") for name in k.CI_PAIR)
+print(json.dumps(k.eager_marginal(shallow, deep)))
+"""
+
+
+@pytest.mark.skipif(_offline_compiler_missing() is not None, reason=str(_offline_compiler_missing()))
+def test_triton_conv_launches_per_layer_at_gpu_batch_within_gate():
+    """`triton_conv`'s Triton launches per BN-ReLU-conv layer of an eager training step at GPU batch (128, 32×32: the
+    launchers' GPU tiles, row tiles and splits, benchmarks/kernel_count_sm90.py) stay at most the gate: every merge
+    finished in the launch that writes the partials. Records preact_resnet20 and 32 (no compile, about 15 s)."""
+    run = subprocess.run([sys.executable, "-c", _GPU_BATCH_COUNT], cwd=ROOT, env=_compiled_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = json.loads(run.stdout.strip().splitlines()[-1])
+    from benchmarks.kernel_count_sm90 import GATE
+    # the marginal of whole-step counts is a ratio of integer differences: rounded as the gate is written
+    assert round(m["eager_per_layer"], 2) <= GATE["triton_conv"], m["by_op_per_layer"]
+    assert m["by_op_per_layer"].get("_conv_fwd_kernel") == 1.0 and m["eager_per_layer"] > 0
 
 
 _NEW_BATCH = """

@@ -385,6 +385,30 @@ def test_last_program_finish_equals_separate_merge_bitwise(monkeypatch, splits):
     assert not kstats.launch_counters(1, x.device).any()
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_two_level_finish_over_phase_launches_equals_separate_merge(monkeypatch, training):
+    # a 3×3 stride-2 dgrad of an 18×18 input (four phase launches of 6 row tiles: 24 tiles of BN-backward partials
+    # in groups of merge_rows(24) = 5 that span phase launches, the last group of 4) and wgrad's 162 rows in 6 splits
+    # (groups of 3) finished in two levels inside the launches: bitwise the separate merges, the counters left at
+    # zero, and close to the float64 composition
+    from fastresnet.kernels import stats as kstats
+    from fastresnet.kernels.conv import conv_backward, gemm_tiles, wgrad_tiles
+    x, mean, rstd, scale, shift, weight = _inputs(2, 8, 18, 18, 8, 3, 2, True)
+    dy = torch.randn(2, 8, 9, 9, device=DEV).contiguous(memory_format=torch.channels_last)
+    assert gemm_tiles(2 * 81, 8, 8, 4, 4, x.device).block_m == 32  # 6 tiles per phase
+    assert wgrad_tiles(162, 8, 8, 9, 4, 4, x.device, 6)[2] == 6
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", flag)
+        out[flag] = conv_backward(dy, x, scale, shift, mean, rstd, weight, 2, 1, training, wgrad_splits=6)
+    for a, b in zip(out["1"], out["0"]):
+        assert torch.equal(a, b)
+    assert not kstats.launch_counters(1, x.device).any()
+    ref = _ref_backward(*(t.double() for t in (dy, x, scale, shift, mean, rstd, weight)), 2, 1, training)
+    for got, want in zip(out["1"], ref):
+        torch.testing.assert_close(got.double(), want, **TOL32)
+
+
 def test_last_program_merge_switch_rejects_bad_values(monkeypatch):
     from fastresnet.kernels import last_program_merge
     monkeypatch.setenv("FASTRESNET_LAST_PROGRAM_MERGE", "maybe")
