@@ -530,6 +530,11 @@ def tile_config(x: Tensor, block_m: Optional[int] = None, tiles: Optional[int] =
                 INT64=x.numel() > _INT32_LIMIT, NUM_WARPS=4 if block_m * block_c <= 2048 else 8)
 
 
+# registers a program of the statistics pass may use: without a bound, ptxas (triton 3.6) holds the 16-bit 32×64
+# tile with the two-level finish in 72 registers and spills; the bound changes the allocation, not the arithmetic
+STATS_MAXNREG = 128
+
+
 def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool, block_m: Optional[int] = None,
                  tiles: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Run both passes over x (or over y = x + b when b and y are given); returns (mean, biased var) in ACC."""
@@ -545,7 +550,7 @@ def launch_stats(x: Tensor, b: Optional[Tensor], y: Optional[Tensor], nhwc: bool
         x, b if add else x, y if add else x, part, *(fin[:3] if fin else (part,) * 3), cfg["M"], c, cfg["HW"], t,
         cfg["ITERS"], fin.groups if fin else 1, fin.rows if fin else 1, ACC=tl_dtype(part.dtype), ADD=add,
         NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], FINISH=fin is not None,
-        num_warps=cfg["NUM_WARPS"])
+        num_warps=cfg["NUM_WARPS"], maxnreg=STATS_MAXNREG)
     return (fin.mean, fin.var) if fin else merge_partials(part)
 
 
