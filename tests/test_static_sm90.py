@@ -103,10 +103,12 @@ def test_sm90_gate_cifar_subset(tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kernels = {r["kernel"] for r in rows}
-    # every kernel of the tier-A primitives and the tier-B conv is launched by a training step of the net; the
-    # merges are finished inside the launches that write the partials (no separate merge launch at batch 128)
+    # every kernel of the tier-A primitives and the tier-B conv is launched by a training step of the net (tier A's
+    # training BN backward as its grid-barrier launch, replayed with tier A's two barrier kernels); the merges are
+    # finished inside the launches that write the partials (no separate merge launch at batch 128)
     assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_stats_partial_kernel",
-            "_bn_relu_fwd_kernel", "_bn_relu_bwd_partial_kernel", "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
+            "_bn_relu_fwd_kernel", "_stats_bn_relu_fwd_kernel", "_bn_relu_bwd_fused_kernel",
+            "_bn_relu_bwd_dx_kernel"} <= kernels, kernels
     assert not kernels & {"sum_groups_kernel", "_stats_merge_kernel", "_bn_relu_bwd_merge_kernel"}, kernels
     # the launches are the GPU's: tensor-core bf16 dots on 64- or 128-row tiles, 132-SM grids (--check: every launch
     # but the merges has at least one program per SM, stage 3, 8×8 at batch 128, included), specialised arguments
