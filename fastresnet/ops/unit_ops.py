@@ -19,7 +19,7 @@ from fastresnet import reference
 from fastresnet.backends import get_backend_impl
 from fastresnet.backends.base import layout
 from fastresnet.ops.bn_ops import (FusedOp, affine_grads, _bn_relu_conv_backward, _empty_as, _profiler_range,
-                                   _stats_fake, conv_out_shape, traced)
+                                   _stats_fake, conv_out_shape, stat_dtype, traced)
 
 
 def _bn_relu_conv_stats_body(
@@ -140,8 +140,7 @@ def _unit_forward(x: Tensor, x_mean: Tensor, x_var: Tensor, weights: List[Tensor
         r = running[i] if running else None
         spec = None
         if mean is None:
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            mean, var = (torch.empty(x.shape[1], dtype=dtype, device=x.device) for _ in range(2))
+            mean, var = (torch.empty(x.shape[1], dtype=stat_dtype(x), device=x.device) for _ in range(2))
             spec = impl.bn_affine(mean, var, eps[i], bn_weights[i], bn_biases[i], r, from_input=True)
             if spec is None:
                 mean, var = impl.batch_stats(x)
