@@ -41,8 +41,13 @@ Shape = Tuple[Tuple[int, ...], Tuple[int, ...], int, int]   # (x shape, weight s
 def conv_shapes(model_name: str, batch: int, image_size: int) -> List[Shape]:
     """The distinct (x shape, weight shape, stride, padding) of the fused convs of one training forward, in order of
     first use (found on the meta device: no memory, no compute)."""
-    # layer by layer, so every PreActConv2d's forward (and hook) runs
-    model = run_per_layer(create_model(model_name, backend="torch").to("meta").train())
+    with torch.device("meta"):
+        model = create_model(model_name, backend="torch").train()
+    # a stage's units after its second are built as the second (stride 1, as many channels in as out) and get the
+    # shape it outputs, which is its input's: the first two units of each stage make all the stage's shapes
+    for stage in model.stages:
+        del stage[2:]
+    model = run_per_layer(model)  # layer by layer, so every PreActConv2d's forward (and hook) runs
     seen: Dict[Shape, None] = {}
 
     def hook(mod, args):

@@ -75,7 +75,7 @@ NETS = (("preact_resnet56", 128, 32), ("preact_resnet110", 128, 32), ("preact_re
 # row names that are a zoo model built with keywords: name -> (zoo model, keywords)
 VARIANTS = {"preact_resnet164_3x3": ("preact_resnet164", {"stride_on": "3x3"})}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SUBSET = {"nets": ("preact_resnet164",), "dtypes": ("bf16", "fp32")}  # CI: CIFAR bf16 (the gated config) + fp32
+SUBSET = {"nets": ("preact_resnet164",), "dtypes": ("bf16",)}  # CI: CIFAR bf16, where no spill is allowed
 
 # Longest serial loop allowed per program (trip count). The longest today is the conv K loop of ImageNet's 512→512
 # 3×3 layers (one loop over 9 taps × 8 channel blocks of 64); wgrad walks at most 64 row blocks per split

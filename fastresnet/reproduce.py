@@ -197,7 +197,7 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
 # pipeline runs on a CPU in seconds to a minute: 4×4 images (the three stages run at 4×4, 2×2 and 1×1, every layer
 # of every net still runs), 2 iterations, evaluation at the end, no per-run curves.png (the experiment's figures are
 # still drawn). The test set is one batch of synthetic images, so the evaluation costs no more than an iteration.
-SMOKE = dict(image_size=4, batch_size=64, iterations=2)
+SMOKE = dict(image_size=4, batch_size=16, iterations=2)
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
+import importlib.util
+
 import pytest
 import torch
 
+from fastresnet.kernels import interpreting
 from threads import one_torch_thread
 
 
@@ -76,6 +79,21 @@ def _group_shared_fixtures(items):
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d[-1].scope in ("module", "session") and d[-1].baseid for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+# Modules that run the Triton kernels with the interpreter's 32-bit integer overflow checks
+# (tests/triton_interpreter.py). Together they launch every kernel of kernels/, the conv kernels at each GPU tile
+# class of the zoo: the largest indices the suite makes. The other tests run the same kernels at smaller indices,
+# without the checks.
+OVERFLOW_CHECKED = {"test_triton_kernels.py", "test_grid_barrier.py", "test_triton_gpu_tiles.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before the item's fixtures, which may launch kernels
+def pytest_runtest_setup(item):
+    if interpreting() and importlib.util.find_spec("triton") is not None:
+        import triton_interpreter
+        triton_interpreter.skip_repeated_language_patches()
+        triton_interpreter.overflow_checks(item.path.name in OVERFLOW_CHECKED)
 
 
 @pytest.fixture(autouse=True)

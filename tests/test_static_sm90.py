@@ -4,8 +4,8 @@ use tensor cores for bf16/fp16 dots, keep every program's serial loop bounded an
 program (all kernels but the merges of partials).
 
 Cost: `test_gate_rules` is instant; `test_replay_is_channels_last` traces and replays preact_resnet164 at batch 8
-(no compile, a few seconds); `test_sm90_gate_cifar_subset` traces preact_resnet164 at batch 128 (bf16 and
-fp32) on the meta device and compiles its ~110 distinct launches for sm_90: about 1.5 minutes on 2 cores;
+(no compile, a few seconds); `test_sm90_gate_cifar_subset` traces preact_resnet164 at batch 128 (bf16) on the
+meta device and compiles its 64 distinct launches for sm_90: under a minute on 2 cores;
 `test_another_batch_compiles_nothing_new` records preact_resnet20's launches at two batch sizes (no compile, about
 20 s). The whole set (six nets × three dtypes, ~520 compiles, about 10–12 minutes on 2 busy cores) is
 `python benchmarks/static_sm90.py --check`.

@@ -396,3 +396,53 @@ def test_stats_last_program_finish_equals_separate_merge_bitwise(monkeypatch, dt
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out["1"][2].double(), mean64, **tol)
     torch.testing.assert_close(out["1"][3].double(), var, **tol)
+
+
+# ---- the interpreter as the suite runs it (tests/triton_interpreter.py) ---------------------------------------------
+if INTERPRET:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+
+    @triton.jit
+    def _add_one_kernel(out_ptr, base):
+        tl.store(out_ptr + tl.program_id(0), base + 1)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a setting of the Triton interpreter")
+def test_interpreter_checks_int32_overflow_here():
+    import triton_interpreter
+    assert triton_interpreter.overflow_checks_on()  # this module is one of conftest's OVERFLOW_CHECKED
+    out = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    _add_one_kernel[(2,)](out, 2**31 - 2)
+    assert out.tolist() == [2**31 - 1] * 2
+    with pytest.raises(Exception, match="int32 overflow"):
+        _add_one_kernel[(1,)](out, 2**31 - 1)
+    try:  # the setting whole-net tests run under: the same add wraps around unchecked
+        triton_interpreter.overflow_checks(False)
+        _add_one_kernel[(1,)](out, 2**31 - 1)
+    finally:
+        triton_interpreter.overflow_checks(True)
+    assert out[0].item() == -2**31
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a setting of the Triton interpreter")
+def test_interpreter_language_patch_skip_changes_nothing(monkeypatch):
+    # a statistics launch calls @triton.jit helpers (the Chan merge, the last-program finish, tl.sum) many times;
+    # with the skip the interpreter walks triton.language's members for the launch and for each language module a
+    # helper adds (tl.sum's triton.language.core), not on every helper call
+    from triton.runtime import interpreter
+    import triton_interpreter
+    assert triton_interpreter.skip_repeated_language_patches()
+    skip, patch = interpreter._patch_lang, interpreter._patch_lang.__wrapped__
+    x = make((2, 24, 7, 7), torch.float32, "nhwc", "shifted")
+    walks, walk = [], interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: walks.append(1) or walk(*a))
+    out = {}
+    for name, patch_lang in (("skip", skip), ("every call", patch)):
+        walks.clear()
+        monkeypatch.setattr(interpreter, "_patch_lang", patch_lang)
+        out[name] = kstats.batch_stats(x, block_m=16, tiles=3), len(walks)
+    monkeypatch.setattr(interpreter, "_patch_lang", skip)
+    assert all(torch.equal(a, b) for a, b in zip(out["skip"][0], out["every call"][0]))
+    assert out["skip"][1] * 5 < out["every call"][1], (out["skip"][1], out["every call"][1])
+    assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)  # restored after the launch
