@@ -61,6 +61,10 @@ def _discard(tmp: str) -> None:
 def _keep_as(path: str, previous: str) -> None:
     """Make the current `path` also `previous` (atomically replacing it), leaving `path` in place: a hard link, or
     where the file system has none, a complete copy."""
+    if os.path.exists(previous) and os.path.samefile(path, previous):
+        # already one file (a writer killed after this step and before its new `path` was in place): rename(2)
+        # between two links of one file does nothing, which would leave the temporary link behind
+        return
     tmp = _temporary(previous)
     try:
         os.unlink(tmp)                                   # os.link needs a free name; mkstemp's stays unique

@@ -135,6 +135,17 @@ def test_truncated_checkpoint_is_refused_and_good_one_survives(tmp_path, monkeyp
     assert checkpoint.load(str(tmp_path / "run" / "prev.pt"))["iteration"] == 2
 
 
+def test_save_after_a_kill_between_keeping_prev_and_replacing_last(tmp_path):
+    # a writer killed after keeping last.pt as prev.pt (a hard link) and before moving its new file onto last.pt
+    # leaves prev.pt and last.pt one file; the next save keeps it as prev.pt and leaves no temporary behind
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    checkpoint.save({"iteration": 1, "model": {}}, str(last))
+    os.link(last, prev)
+    checkpoint.save({"iteration": 2, "model": {}}, str(last), previous=str(prev))
+    assert checkpoint.load(str(last))["iteration"] == 2 and checkpoint.load(str(prev))["iteration"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "prev.pt"]
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
