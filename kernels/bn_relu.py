@@ -401,17 +401,23 @@ def bn_relu_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     _bn_relu_fwd_kernel[_elementwise_grid(cfg)](
         x, a, scale if affine is None else affine.scale, shift if affine is None else affine.shift, *bn, cfg["M"],
         cfg["C"], cfg["HW"], ACC=tl_dtype(acc_dtype(x.dtype)), NHWC=nhwc, INT64=cfg["INT64"], BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_C=cfg["BLOCK_C"], AFFINE=affine is not None, C_BLOCKS=triton.cdiv(cfg["C"], cfg["BLOCK_C"]) if affine is not None else 1,
+        BLOCK_C=cfg["BLOCK_C"], AFFINE=affine is not None,
+        C_BLOCKS=triton.cdiv(cfg["C"], cfg["BLOCK_C"]) if affine is not None else 1,
         num_warps=cfg["NUM_WARPS"], **flags)
     return a
 
 
-def _activation(x: Tensor, nhwc: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
-    """An empty activation of x's shape and layout in out_dtype (default x.dtype)."""
+def _out_dtype(x: Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The activation's dtype: out_dtype (checked), default x.dtype."""
     out_dtype = out_dtype or x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected float16, bfloat16, float32 or float64, got {out_dtype}")
-    return torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=memory_format(nhwc))
+    return out_dtype
+
+
+def _activation(x: Tensor, nhwc: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
+    """An empty activation of x's shape and layout in out_dtype (default x.dtype)."""
+    return torch.empty(x.shape, dtype=_out_dtype(x, out_dtype), device=x.device, memory_format=memory_format(nhwc))
 
 
 # the most programs per channel block of a launch with a grid barrier, and the most chunks one of them walks
@@ -462,19 +468,20 @@ def stats_bn_relu_forward(x: Tensor, affine: BNAffine, out_dtype: Optional[torch
     if affine.mean.dtype != acc_dtype(x.dtype):
         raise TypeError(f"affine.mean: expected {acc_dtype(x.dtype)} statistics of a {x.dtype} x, got "
                         f"{affine.mean.dtype}")
-    a = _activation(x, nhwc, out_dtype)
+    out_dtype = _out_dtype(x, out_dtype)
     if x.numel() == 0:
         mean, var = no_value_stats(x.shape[1], affine.mean.dtype, x.device)
         affine.mean.copy_(mean)
         affine.var.copy_(var)
         finalize_affine(affine)
-        return a
+        return _activation(x, nhwc, out_dtype)
     cfg = persistent_config(x, block_m, programs)
     if cfg is None:
         mean, var = launch_stats(x, None, None, nhwc, block_m)
         affine.mean.copy_(mean)
         affine.var.copy_(var)
         return bn_relu_forward(x, None, None, out_dtype, affine._replace(from_input=False))
+    a = _activation(x, nhwc, out_dtype)
     p, c = cfg["T"], cfg["C"]
     c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
     rows = merge_rows(p)
